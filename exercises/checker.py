@@ -1,0 +1,499 @@
+"""Stage 4, checker: data-quality checks on cleaned_data, with a report and an exit code.
+
+Reads ``cleaned_data`` (and ``unknown_series`` from the cleaner), runs the checks below and writes
+``reports/check_report.json``: a list of {name, severity, passed, observed, threshold, series}
+(series is null for global checks). Prints the same as a table. Exit code 1 when a check of
+severity ``error`` fails, else 0 (2 when the input is missing).
+
+Checks (severity): schema, keys_not_null, expected_series_present (error); per series
+unique_slots, regular_grid, value_not_negative, value_within_bounds, filled_share (error);
+longest_filled_run, missing_slots, report_before_measurement, report_delay, flat_line, spikes
+(warn); unknown_series (warn). Thresholds are options; the defaults pass on a healthy feed and
+fail on broken data. t_report is compared with the slot start (cleaned t_measurement).
+
+Usage:
+    python exercises/checker.py --datastore DIR
+    spark-submit exercises/checker.py --datastore DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+from common import config
+from common import message as m
+from common.spark import (
+    CLEANED_SCHEMA,
+    QUALITY,
+    UNKNOWN_SERIES_SCHEMA,
+    StageInputError,
+    build_session,
+    path_exists,
+    recover_output,
+    write_text,
+)
+from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+STAGE = "checker"
+log = config.get_logger(STAGE)
+
+ERROR = "error"
+WARN = "warn"
+SEVERITIES = (ERROR, WARN)
+REPORT_FILE = "check_report.json"
+MEASURED, MISSING = "measured", "missing"
+
+
+@dataclass(frozen=True)
+class CheckerConfig:
+    """Thresholds of the checks.
+
+    Attributes:
+        expected_series: (device_id, signal_name) that must be present; None skips that check.
+        slot_seconds: the grid's slot length.
+        bounds: plausible (low, high) values by signal name or by ``device/signal``; the series wins.
+        default_bounds: bounds for a series that ``bounds`` does not name.
+        max_filled_share: the largest share of filled slots in a series (error).
+        max_filled_run: the longest run of consecutive filled slots (warn).
+        max_missing_slots: the most slots flagged missing (warn).
+        max_report_before_share: the largest share of measurements reported before their slot (warn).
+        max_report_delay_seconds: the longest time from slot start to report (warn).
+        max_flat_slots: the longest run of one unchanged value (warn).
+        spike_window: how many previous slots a value is compared with.
+        spike_sigmas: how many standard deviations from their mean make a spike.
+        spike_min_deviation: a deviation smaller than this is never a spike.
+        spike_min_relative: nor is one smaller than this share of the recent mean (after a flat
+            stretch the spread is 0, and a small step is a change, not a spike).
+        max_spikes: the most spikes per series (warn).
+        max_series_in_report: per-series entries are listed for at most this many series (the
+            worst first); every series still counts toward pass/fail.
+    """
+
+    expected_series: tuple[tuple[str, str], ...] | None = m.EXPECTED_SERIES
+    slot_seconds: int = 10
+    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    default_bounds: tuple[float, float] = (0.0, 1000.0)
+    max_filled_share: float = 0.7
+    max_filled_run: int = 30
+    max_missing_slots: int = 0
+    max_report_before_share: float = 0.0
+    max_report_delay_seconds: float = 3600.0
+    max_flat_slots: int = 60
+    spike_window: int = 30
+    spike_sigmas: float = 6.0
+    spike_min_deviation: float = 1.0
+    spike_min_relative: float = 0.5
+    max_spikes: int = 0
+    max_series_in_report: int = 100
+
+
+@dataclass(frozen=True)
+class Check:
+    """One per-series check: its metric column, how it passes, and its severity."""
+
+    name: str
+    severity: str
+    metric: str
+    threshold: object
+    passes: Column
+
+
+@dataclass
+class Result:
+    """One line of the report."""
+
+    name: str
+    severity: str
+    passed: bool
+    observed: object
+    threshold: object
+    series: str | None = None
+
+
+# --- transforms ----------------------------------------------------------------------------------
+
+
+def _bounds_column(config_: CheckerConfig, index: int) -> Column:
+    """The low (index 0) or high (index 1) plausible bound of each row's series."""
+    series = F.concat_ws(m.SERIES_SEPARATOR, m.DEVICE_ID, m.SIGNAL_NAME)
+    by_series = {k: v[index] for k, v in config_.bounds.items() if m.SERIES_SEPARATOR in k}
+    by_signal = {k: v[index] for k, v in config_.bounds.items() if m.SERIES_SEPARATOR not in k}
+    lookups = [
+        F.try_element_at(F.create_map(*[F.lit(x) for pair in mapping.items() for x in pair]), key)
+        for mapping, key in ((by_series, series), (by_signal, F.col(m.SIGNAL_NAME)))
+        if mapping
+    ]
+    return F.coalesce(*lookups, F.lit(float(config_.default_bounds[index])))
+
+
+def series_metrics(config_: CheckerConfig):
+    """Return a transform: cleaned_data -> one row of metrics per series.
+
+    One window per series ordered by slot gives each row its predecessor, the length of the
+    filled run and of the flat run it ends, and the mean and spread of the previous values; one
+    aggregation sums them up per series.
+    """
+    step_micros = config_.slot_seconds * 1_000_000
+
+    def transform(cleaned: DataFrame) -> DataFrame:
+        ordered = Window.partitionBy(m.DEVICE_ID, m.SIGNAL_NAME).orderBy(m.T_MEASUREMENT)
+        so_far = ordered.rowsBetween(Window.unboundedPreceding, Window.currentRow)
+        recent = ordered.rowsBetween(-config_.spike_window, -1)
+        slot = F.unix_micros(m.T_MEASUREMENT)
+        value = F.col(m.VALUE)
+        is_filled = ~F.col(QUALITY).isin(MEASURED, MISSING)
+        index = F.row_number().over(ordered)
+        with_context = cleaned.select(
+            "*",
+            index.alias("_index"),
+            (slot - F.lag(slot).over(ordered)).alias("_spacing"),
+            F.lag(value).over(ordered).alias("_previous_value"),
+            F.avg(value).over(recent).alias("_recent_mean"),
+            F.stddev_pop(value).over(recent).alias("_recent_spread"),
+            F.count(value).over(recent).alias("_recent_values"),
+        )
+        run_break = F.when(~is_filled, F.col("_index")).otherwise(0)
+        value_change = F.when(~value.eqNullSafe(F.col("_previous_value")), F.col("_index"))
+        deviation = F.abs(value - F.col("_recent_mean"))
+        # Only against a full window of recent values: the first few values of a series say little.
+        is_spike = (F.col("_recent_values") >= config_.spike_window) & (
+            deviation
+            > F.greatest(
+                F.col("_recent_spread") * config_.spike_sigmas,
+                F.abs(F.col("_recent_mean")) * config_.spike_min_relative,
+                F.lit(config_.spike_min_deviation),
+            )
+        )
+        with_runs = with_context.select(
+            "*",
+            (F.col("_index") - F.max(run_break).over(so_far)).alias("_filled_run"),
+            (F.col("_index") - F.max(value_change).over(so_far) + 1).alias("_flat_run"),
+            F.coalesce(is_spike, F.lit(False)).alias("_spike"),
+        )
+        measured = F.col(QUALITY) == MEASURED
+        report_lag = F.unix_micros(m.T_REPORT) - slot
+        return (
+            with_runs.groupBy(m.DEVICE_ID, m.SIGNAL_NAME)
+            .agg(
+                F.count(F.lit(1)).alias("slots"),
+                F.count_if(measured).alias("measured"),
+                F.count_if(is_filled).alias("filled"),
+                F.count_if(F.col(QUALITY) == MISSING).alias("missing_slots"),
+                F.count_if(F.col("_spacing") == 0).alias("duplicate_slots"),
+                # A repeated slot (spacing 0) is unique_slots' finding, not a hole in the grid.
+                F.count_if(
+                    (F.col("_spacing") != step_micros) & (F.col("_spacing") != 0)
+                    | (F.pmod(slot, F.lit(step_micros)) != 0)
+                ).alias("irregular_steps"),
+                F.count_if(value < 0).alias("negative_values"),
+                F.count_if((value < _bounds_column(config_, 0)) | (value > _bounds_column(config_, 1))).alias(
+                    "out_of_bounds"
+                ),
+                (F.count_if(measured & (report_lag < 0)) / F.greatest(F.count_if(measured), F.lit(1))).alias(
+                    "report_before_share"
+                ),
+                F.coalesce(F.max(F.when(measured, report_lag)) / 1e6, F.lit(0.0)).alias("report_delay_seconds"),
+                F.coalesce(F.max("_filled_run"), F.lit(0)).alias("longest_filled_run"),
+                F.coalesce(F.max(F.when(value.isNotNull(), F.col("_flat_run"))), F.lit(0)).alias("longest_flat_run"),
+                F.count_if("_spike").alias("spikes"),
+            )
+            .withColumn("filled_share", F.col("filled") / F.col("slots"))
+        )
+
+    return transform
+
+
+def series_checks(config_: CheckerConfig) -> list[Check]:
+    """Return the per-series checks on the columns of ``series_metrics``."""
+    c = config_
+    return [
+        Check("unique_slots", ERROR, "duplicate_slots", 0, F.col("duplicate_slots") == 0),
+        Check("regular_grid", ERROR, "irregular_steps", 0, F.col("irregular_steps") == 0),
+        Check("value_not_negative", ERROR, "negative_values", 0, F.col("negative_values") == 0),
+        Check("value_within_bounds", ERROR, "out_of_bounds", 0, F.col("out_of_bounds") == 0),
+        Check("filled_share", ERROR, "filled_share", c.max_filled_share, F.col("filled_share") <= c.max_filled_share),
+        Check(
+            "longest_filled_run",
+            WARN,
+            "longest_filled_run",
+            c.max_filled_run,
+            F.col("longest_filled_run") <= c.max_filled_run,
+        ),
+        Check(
+            "missing_slots", WARN, "missing_slots", c.max_missing_slots, F.col("missing_slots") <= c.max_missing_slots
+        ),
+        Check(
+            "report_before_measurement",
+            WARN,
+            "report_before_share",
+            c.max_report_before_share,
+            F.col("report_before_share") <= c.max_report_before_share,
+        ),
+        Check(
+            "report_delay",
+            WARN,
+            "report_delay_seconds",
+            c.max_report_delay_seconds,
+            F.col("report_delay_seconds") <= c.max_report_delay_seconds,
+        ),
+        Check("flat_line", WARN, "longest_flat_run", c.max_flat_slots, F.col("longest_flat_run") <= c.max_flat_slots),
+        Check("spikes", WARN, "spikes", c.max_spikes, F.col("spikes") <= c.max_spikes),
+    ]
+
+
+def schema_problems(cleaned: DataFrame) -> list[str]:
+    """Return how a DataFrame's columns differ from the cleaned_data contract (empty when equal)."""
+    expected = {f.name: f.dataType.simpleString() for f in CLEANED_SCHEMA.fields}
+    actual = {f.name: f.dataType.simpleString() for f in cleaned.schema.fields}
+    problems = [f"missing column {name}" for name in expected if name not in actual]
+    problems += [f"unexpected column {name}" for name in actual if name not in expected]
+    problems += [
+        f"{name} is {actual[name]}, expected {kind}"
+        for name, kind in expected.items()
+        if name in actual and actual[name] != kind
+    ]
+    return problems
+
+
+# --- running the checks --------------------------------------------------------------------------
+
+
+def _round(value):
+    return round(value, 4) if isinstance(value, float) else value
+
+
+def check_cleaned(cleaned: DataFrame, unknown: DataFrame | None, config_: CheckerConfig) -> list[Result]:
+    """Run every check; return the report's results (global ones first)."""
+    problems = schema_problems(cleaned)
+    results = [Result("schema", ERROR, not problems, problems or "as declared", "cleaned_data contract")]
+    if problems:
+        return results
+    checks = series_checks(config_)
+    metrics = (
+        cleaned.transform(series_metrics(config_))
+        .select(
+            "*",
+            *[check.passes.alias(f"_pass_{check.name}") for check in checks],
+            sum(F.when(check.passes, 0).otherwise(1) for check in checks).alias("_failures"),
+        )
+        .persist()
+    )
+    try:
+        keys = (m.T_MEASUREMENT, m.DEVICE_ID, m.SIGNAL_NAME, QUALITY)
+        totals = (
+            cleaned.agg(F.count_if(F.greatest(*[F.col(k).isNull() for k in keys])).alias("null_keys"))
+            .crossJoin(
+                metrics.agg(
+                    F.count(F.lit(1)).alias("series"),
+                    *[F.count_if(~F.col(f"_pass_{c.name}")).alias(c.name) for c in checks],
+                )
+            )
+            .first()
+        )
+        results.append(Result("keys_not_null", ERROR, totals["null_keys"] == 0, totals["null_keys"], 0))
+        results.append(_expected_series_result(metrics, config_))
+        listed = metrics.orderBy(F.desc("_failures"), m.DEVICE_ID, m.SIGNAL_NAME).take(config_.max_series_in_report)
+    finally:
+        metrics.unpersist()
+    for check in checks:
+        if totals["series"] > len(listed):
+            results.append(
+                Result(
+                    check.name,
+                    check.severity,
+                    totals[check.name] == 0,
+                    {"failing_series": totals[check.name], "series": totals["series"]},
+                    check.threshold,
+                )
+            )
+        for row in listed:
+            results.append(
+                Result(
+                    check.name,
+                    check.severity,
+                    bool(row[f"_pass_{check.name}"]),
+                    _round(row[check.metric]),
+                    check.threshold,
+                    m.series_name(row[m.DEVICE_ID], row[m.SIGNAL_NAME]),
+                )
+            )
+    results.append(_unknown_series_result(unknown))
+    return results
+
+
+def _expected_series_result(metrics: DataFrame, config_: CheckerConfig) -> Result:
+    if config_.expected_series is None:
+        return Result("expected_series_present", ERROR, True, "not checked (all series accepted)", None)
+    expected = metrics.sparkSession.createDataFrame(list(config_.expected_series), [m.DEVICE_ID, m.SIGNAL_NAME])
+    absent = expected.join(metrics, on=[m.DEVICE_ID, m.SIGNAL_NAME], how="left_anti").take(1000)
+    names = sorted(m.series_name(r[m.DEVICE_ID], r[m.SIGNAL_NAME]) for r in absent)
+    return Result(
+        "expected_series_present",
+        ERROR,
+        not names,
+        {"absent": names},
+        f"{len(config_.expected_series)} expected series",
+    )
+
+
+def _unknown_series_result(unknown: DataFrame | None) -> Result:
+    if unknown is None:
+        return Result("unknown_series", WARN, True, "no unknown_series output from the cleaner", 0)
+    top = unknown.orderBy(F.desc("rows"), m.DEVICE_ID, m.SIGNAL_NAME).take(20)
+    count = unknown.count() if len(top) == 20 else len(top)
+    observed = {"series": count, "rows": {m.series_name(r[m.DEVICE_ID], r[m.SIGNAL_NAME]): r["rows"] for r in top}}
+    return Result("unknown_series", WARN, count == 0, observed, 0)
+
+
+def format_table(results: list[Result]) -> str:
+    """Return the results as a fixed-width table."""
+    header = ("check", "severity", "series", "result", "observed", "threshold")
+    rows = [
+        (
+            r.name,
+            r.severity,
+            r.series or "-",
+            "pass" if r.passed else "FAIL",
+            json.dumps(r.observed, default=str)[:60],
+            json.dumps(r.threshold, default=str)[:30],
+        )
+        for r in results
+    ]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]
+    )
+
+
+def exit_code(results: list[Result]) -> int:
+    """Return 1 when an error-severity check failed, else 0."""
+    return 1 if any(not r.passed and r.severity == ERROR for r in results) else 0
+
+
+def run(spark: SparkSession, paths: config.Paths, config_: CheckerConfig) -> list[Result]:
+    """Check cleaned_data, print the table, write the JSON report; return the results."""
+    started = time.monotonic()
+    recover_output(spark, paths.cleaned_data, log)
+    if not path_exists(spark, paths.cleaned_data):
+        raise StageInputError(f"{paths.cleaned_data} does not exist: run the cleaner first")
+    # Read with the schema stored in the files, so that the schema check sees what is there.
+    cleaned = spark.read.parquet(paths.cleaned_data)
+    unknown = (
+        spark.read.schema(UNKNOWN_SERIES_SCHEMA).parquet(paths.unknown_series)
+        if path_exists(spark, paths.unknown_series)
+        else None
+    )
+    results = check_cleaned(cleaned, unknown, config_)
+    report_path = config.join_path(paths.reports, REPORT_FILE)
+    write_text(spark, report_path, json.dumps([asdict(r) for r in results], indent=2, default=str))
+    print(format_table(results))
+    failed = [r for r in results if not r.passed]
+    log.info(
+        "%d checks: %d passed, %d failed (%d errors); report %s (%.1f s)",
+        len(results),
+        len(results) - len(failed),
+        len(failed),
+        sum(r.severity == ERROR for r in failed),
+        report_path,
+        time.monotonic() - started,
+    )
+    return results
+
+
+def _parse_bounds(items: list[str] | None) -> dict[str, tuple[float, float]]:
+    bounds = {}
+    for item in items or []:
+        name, sep, limits = item.partition("=")
+        low, sep2, high = limits.partition(":")
+        if not sep or not sep2:
+            raise ValueError(f"--bounds {item!r} is not of the form NAME=LOW:HIGH")
+        bounds[name.strip()] = (float(low), float(high))
+    return bounds
+
+
+def parse_args(argv: list[str] | None):
+    """Parse the command line into (args, paths, checker configuration)."""
+    parser = config.make_parser(__doc__)
+    config.add_datastore_options(parser, ("cleaned_data", "unknown_series", "reports"))
+    defaults = CheckerConfig()
+    group = parser.add_argument_group("thresholds")
+    group.add_argument(
+        "--expected-series",
+        help="comma-separated device/signal series that must be present, or "
+        "'all' to skip that check (default: the four series of device1 and device2)",
+    )
+    group.add_argument("--slot-seconds", type=int, default=defaults.slot_seconds, help="grid slot length")
+    group.add_argument(
+        "--bounds",
+        action="append",
+        metavar="NAME=LOW:HIGH",
+        help="plausible values for a signal name or device/signal series; repeatable "
+        f"(default {defaults.default_bounds[0]}:{defaults.default_bounds[1]} for every series)",
+    )
+    for name, kind, text in (
+        ("max_filled_share", float, "largest share of filled slots per series (error)"),
+        ("max_filled_run", int, "longest run of filled slots (warn)"),
+        ("max_missing_slots", int, "most slots flagged missing per series (warn)"),
+        ("max_report_before_share", float, "largest share of measurements reported before their slot (warn)"),
+        ("max_report_delay_seconds", float, "longest delay from slot start to report (warn)"),
+        ("max_flat_slots", int, "longest run of one unchanged value (warn)"),
+        ("spike_window", int, "previous slots a value is compared with"),
+        ("spike_sigmas", float, "standard deviations from their mean that make a spike"),
+        ("spike_min_deviation", float, "smallest deviation that can be a spike"),
+        ("spike_min_relative", float, "smallest deviation, as a share of the recent mean, that can be a spike"),
+        ("max_spikes", int, "most spikes per series (warn)"),
+        ("max_series_in_report", int, "per-series entries listed for at most this many series"),
+    ):
+        group.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name), help=text)
+    args = parser.parse_args(argv)
+    try:
+        expected = defaults.expected_series
+        if args.expected_series == "all":
+            expected = None
+        elif args.expected_series:
+            expected = tuple(m.parse_series_name(n) for n in args.expected_series.split(","))
+        checker_config = CheckerConfig(
+            expected_series=expected,
+            slot_seconds=args.slot_seconds,
+            bounds=_parse_bounds(args.bounds),
+            **{
+                name: getattr(args, name)
+                for name in (
+                    "max_filled_share",
+                    "max_filled_run",
+                    "max_missing_slots",
+                    "max_report_before_share",
+                    "max_report_delay_seconds",
+                    "max_flat_slots",
+                    "spike_window",
+                    "spike_sigmas",
+                    "spike_min_deviation",
+                    "spike_min_relative",
+                    "max_spikes",
+                    "max_series_in_report",
+                )
+            },
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    return args, config.paths_from_args(args), checker_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the checker from the command line; return the exit code."""
+    args, paths, checker_config = parse_args(argv)
+    spark = build_session("meter-stream checker", verbose=args.verbose)
+    try:
+        results = run(spark, paths, checker_config)
+    except StageInputError as error:
+        log.error("%s", error)
+        return 2
+    return exit_code(results)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

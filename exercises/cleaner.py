@@ -1,0 +1,354 @@
+"""Stage 3, cleaner: put every expected series on a regular grid, holes filled and flagged.
+
+Reads ``processed_data`` and replaces ``cleaned_data``: one row per series and slot, from the
+series' first to its last slot. Slots are aligned to the wall clock (slot start =
+floor(epoch / slot) * slot, UTC; 10 s by default). A slot with a measurement keeps it unchanged
+(two in one slot: the earliest is kept); a slot without one is filled by the series' fill method
+and flagged; a hole longer than ``--max-gap`` is left null and flagged ``missing``. Series outside
+the expected catalog are left out, logged, and written to ``unknown_series`` for the checker.
+
+Fill methods: linear (default), forward_fill, backward_fill, nearest, zero. Choose them per
+signal name or per series with ``--fill``, or in a JSON ``--config`` file:
+    {"fill": {"energy import": "linear", "device2/energy export": "forward_fill"},
+     "expected_series": ["device1/energy import", ...] or "all",
+     "slot_seconds": 10, "max_gap_seconds": 3600}
+
+Usage:
+    python exercises/cleaner.py --datastore DIR [--fill "device1/energy import=nearest"]
+    spark-submit exercises/cleaner.py --datastore DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+from common import config
+from common import message as m
+from common.spark import (
+    CLEANED_SCHEMA,
+    PROCESSED_SCHEMA,
+    QUALITY,
+    UNKNOWN_SERIES_SCHEMA,
+    StageInputError,
+    build_session,
+    read_output,
+    replace_output,
+)
+from pyspark.sql import Column, DataFrame, Observation, SparkSession, Window
+from pyspark.sql import functions as F
+
+STAGE = "cleaner"
+log = config.get_logger(STAGE)
+
+LINEAR = "linear"
+FORWARD_FILL = "forward_fill"
+BACKWARD_FILL = "backward_fill"
+NEAREST = "nearest"
+ZERO = "zero"
+FILL_METHODS = (LINEAR, FORWARD_FILL, BACKWARD_FILL, NEAREST, ZERO)
+
+MEASURED = "measured"
+MISSING = "missing"
+#: The quality flag of a slot filled by each method.
+FILLED_FLAG = {
+    LINEAR: "interpolated",
+    FORWARD_FILL: "forward_filled",
+    BACKWARD_FILL: "backward_filled",
+    NEAREST: "nearest_filled",
+    ZERO: "zero_filled",
+}
+QUALITY_FLAGS = (MEASURED, *FILLED_FLAG.values(), MISSING)
+
+ALL_SERIES = "all"
+DEFAULT_SLOT_SECONDS = 10
+DEFAULT_MAX_GAP_SECONDS = 3600
+DEFAULT_FILL = {m.SIGNAL_IMPORT: LINEAR, m.SIGNAL_EXPORT: LINEAR}
+
+
+@dataclass(frozen=True)
+class CleanerConfig:
+    """How the cleaner builds the grid.
+
+    Attributes:
+        fill: fill method by signal name or by series name (``device/signal``); the series wins.
+        default_fill: the method for a series that ``fill`` does not name.
+        expected_series: the catalog of (device_id, signal_name), or None to keep every series.
+        slot_seconds: the grid's slot length.
+        max_gap_seconds: the longest hole that is filled; longer ones are flagged missing.
+    """
+
+    fill: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_FILL))
+    default_fill: str = LINEAR
+    expected_series: tuple[tuple[str, str], ...] | None = m.EXPECTED_SERIES
+    slot_seconds: int = DEFAULT_SLOT_SECONDS
+    max_gap_seconds: int = DEFAULT_MAX_GAP_SECONDS
+
+    def __post_init__(self) -> None:
+        for method in (self.default_fill, *self.fill.values()):
+            if method not in FILL_METHODS:
+                raise ValueError(f"unknown fill method {method!r}; allowed: {', '.join(FILL_METHODS)}")
+        if self.slot_seconds <= 0 or self.max_gap_seconds < 0:
+            raise ValueError("slot_seconds must be > 0 and max_gap_seconds >= 0")
+
+    def method_for(self, device_id: str, signal_name: str) -> str:
+        """Return the fill method of one series."""
+        series = m.series_name(device_id, signal_name)
+        return self.fill.get(series) or self.fill.get(signal_name) or self.default_fill
+
+
+# --- transforms ----------------------------------------------------------------------------------
+
+
+def split_catalog(processed: DataFrame, catalog: DataFrame | None) -> tuple[DataFrame, DataFrame]:
+    """Split measurements into (expected, unknown-series summary).
+
+    Args:
+        processed: rows of ``PROCESSED_SCHEMA``.
+        catalog: expected (device_id, signal_name) rows, or None to accept every series.
+
+    Returns:
+        The expected series' rows, and one ``UNKNOWN_SERIES_SCHEMA`` row per other series.
+    """
+    keys = [m.DEVICE_ID, m.SIGNAL_NAME]
+    if catalog is None:
+        return processed, processed.sparkSession.createDataFrame([], UNKNOWN_SERIES_SCHEMA)
+    catalog = F.broadcast(catalog.select(*keys))
+    expected = processed.join(catalog, on=keys, how="left_semi")
+    unknown = processed.join(catalog, on=keys, how="left_anti").groupBy(*keys).agg(F.count(F.lit(1)).alias("rows"))
+    return expected, unknown
+
+
+def _slot_start(t_measurement: Column, slot_micros: int) -> Column:
+    """The start of the wall-clock slot that holds a timestamp, as epoch microseconds."""
+    micros = F.unix_micros(t_measurement)
+    return micros - F.pmod(micros, F.lit(slot_micros))
+
+
+def _fill_value(method: Column, previous: Column, following: Column, step: Column, steps: Column) -> Column:
+    """The value of a slot ``step`` slots after a measurement and ``steps - step`` before the next."""
+    return (
+        F.when(method == LINEAR, previous + (following - previous) * step / steps)
+        .when(method == FORWARD_FILL, previous)
+        .when(method == BACKWARD_FILL, following)
+        # Ties go to the earlier measurement.
+        .when(method == NEAREST, F.when(step * 2 <= steps, previous).otherwise(following))
+        .when(method == ZERO, F.lit(0.0))
+    )
+
+
+def align_to_grid(config_: CleanerConfig):
+    """Return a transform: measurements with a ``fill_method`` column -> the cleaned grid.
+
+    One window per series ordered by slot (one shuffle): two measurements in one slot keep the
+    earliest; each kept measurement spans the slots up to the next one, and the slots in between
+    are generated with ``sequence`` and filled from the two measurements around them.
+    """
+    slot_micros = config_.slot_seconds * 1_000_000
+    max_gap_slots = config_.max_gap_seconds // config_.slot_seconds
+
+    def transform(measured: DataFrame) -> DataFrame:
+        by_series = Window.partitionBy(m.DEVICE_ID, m.SIGNAL_NAME).orderBy("slot", m.T_MEASUREMENT, m.T_REPORT)
+        slotted = measured.withColumn("slot", _slot_start(F.col(m.T_MEASUREMENT), slot_micros))
+        first_in_slot = (
+            slotted.withColumn("previous_slot", F.lag("slot").over(by_series))
+            .where(F.col("previous_slot").isNull() | (F.col("previous_slot") != F.col("slot")))
+            .withColumn("next_slot", F.lead("slot").over(by_series))
+            .withColumn("next_value", F.lead(m.VALUE).over(by_series))
+        )
+        steps = F.coalesce((F.col("next_slot") - F.col("slot")) / F.lit(slot_micros), F.lit(1)).cast("int")
+        spanned = first_in_slot.select(
+            "*", F.posexplode(F.sequence(F.lit(0), steps - 1)).alias("step", "_ignored")
+        ).withColumn("steps", steps)
+        return spanned.select(*_grid_columns(slot_micros, max_gap_slots))
+
+    return transform
+
+
+def _grid_columns(slot_micros: int, max_gap_slots: int) -> list[Column]:
+    """The cleaned_data columns of one generated slot (see ``align_to_grid``)."""
+    step, steps = F.col("step"), F.col("steps")
+    is_measured = step == 0
+    hole_too_long = (steps - 1) > max_gap_slots
+    filled = _fill_value(F.col("fill_method"), F.col(m.VALUE), F.col("next_value"), step, steps)
+    flag = F.when(is_measured, MEASURED).when(hole_too_long, MISSING)
+    for method, filled_flag in FILLED_FLAG.items():
+        flag = flag.when(F.col("fill_method") == method, filled_flag)
+    value = F.when(is_measured, F.col(m.VALUE)).when(~hole_too_long, filled)
+    return [
+        F.timestamp_micros(F.col("slot") + step * slot_micros).alias(m.T_MEASUREMENT),
+        F.when(is_measured, F.col(m.T_REPORT)).alias(m.T_REPORT),
+        F.col(m.DEVICE_ID),
+        F.col(m.SIGNAL_NAME),
+        value.cast("double").alias(m.VALUE),
+        flag.alias(QUALITY),
+    ]
+
+
+def assign_fill_methods(config_: CleanerConfig):
+    """Return a transform that adds each series' ``fill_method`` from the configuration.
+
+    Series overrides and signal-name defaults are resolved with two lookups on the small
+    configuration (literal maps), not per series in Python.
+    """
+    by_series = {name: method for name, method in config_.fill.items() if m.SERIES_SEPARATOR in name}
+    by_signal = {name: method for name, method in config_.fill.items() if m.SERIES_SEPARATOR not in name}
+
+    def lookup(mapping: dict[str, str], key: Column) -> Column:
+        if not mapping:
+            return F.lit(None).cast("string")
+        literal_map = F.create_map(*[F.lit(x) for pair in mapping.items() for x in pair])
+        return F.try_element_at(literal_map, key)
+
+    def transform(measured: DataFrame) -> DataFrame:
+        series = F.concat_ws(m.SERIES_SEPARATOR, m.DEVICE_ID, m.SIGNAL_NAME)
+        method = F.coalesce(
+            lookup(by_series, series), lookup(by_signal, F.col(m.SIGNAL_NAME)), F.lit(config_.default_fill)
+        )
+        return measured.withColumn("fill_method", method)
+
+    return transform
+
+
+def clean(processed: DataFrame, config_: CleanerConfig, catalog: DataFrame | None) -> tuple[DataFrame, DataFrame]:
+    """Return (cleaned_data, unknown series) for processed measurements."""
+    expected, unknown = split_catalog(processed, catalog)
+    cleaned = expected.transform(assign_fill_methods(config_)).transform(align_to_grid(config_))
+    return cleaned.select(*[F.col(f.name).cast(f.dataType) for f in CLEANED_SCHEMA.fields]), unknown
+
+
+# --- I/O -----------------------------------------------------------------------------------------
+
+
+def run(spark: SparkSession, paths: config.Paths, config_: CleanerConfig) -> dict[str, int]:
+    """Read processed_data, write cleaned_data and unknown_series; return counts by quality flag."""
+    started = time.monotonic()
+    processed = read_output(spark, paths.processed_data, PROCESSED_SCHEMA, log, "processor")
+    catalog = (
+        None
+        if config_.expected_series is None
+        else spark.createDataFrame(list(config_.expected_series), [m.DEVICE_ID, m.SIGNAL_NAME])
+    )
+    cleaned, unknown = clean(processed, config_, catalog)
+    flags = Observation("flags")
+    cleaned = cleaned.observe(
+        flags,
+        F.approx_count_distinct(F.concat_ws(m.SERIES_SEPARATOR, m.DEVICE_ID, m.SIGNAL_NAME)).alias("series"),
+        *[F.count_if(F.col(QUALITY) == flag).alias(flag) for flag in QUALITY_FLAGS],
+    )
+    replace_output(cleaned, paths.cleaned_data, log)
+    unknown_counts = Observation("unknown")
+    replace_output(
+        unknown.observe(unknown_counts, F.count(F.lit(1)).alias("series"), F.sum("rows").alias("rows")),
+        paths.unknown_series,
+        log,
+    )
+    counts = {flag: flags.get[flag] for flag in QUALITY_FLAGS}
+    filled = sum(counts[flag] for flag in FILLED_FLAG.values())
+    log.info(
+        "%d series on a %d-s grid: %d slots, %d measured, %d filled, %d missing (%.1f s)",
+        flags.get["series"],
+        config_.slot_seconds,
+        sum(counts.values()),
+        counts[MEASURED],
+        filled,
+        counts[MISSING],
+        time.monotonic() - started,
+    )
+    if unknown_counts.get["series"]:
+        log.warning(
+            "%d series outside the expected catalog left out (%d rows); see %s",
+            unknown_counts.get["series"],
+            unknown_counts.get["rows"],
+            paths.unknown_series,
+        )
+        for row in spark.read.parquet(paths.unknown_series).orderBy(F.desc("rows")).take(20):
+            log.warning("  unknown series %s: %d rows", m.series_name(row.device_id, row.signal_name), row.rows)
+    return counts
+
+
+def load_config(args) -> CleanerConfig:
+    """Build the cleaner's configuration from ``--config`` and the command-line overrides.
+
+    Raises:
+        ValueError: on an unknown fill method, a malformed ``--fill`` or series name.
+    """
+    settings: dict = {}
+    if args.config:
+        with open(args.config, encoding="utf-8") as handle:
+            settings = json.load(handle)
+    fill = dict(DEFAULT_FILL)
+    fill.update(settings.get("fill", {}))
+    for item in args.fill or []:
+        name, sep, method = item.partition("=")
+        if not sep:
+            raise ValueError(f"--fill {item!r} is not of the form NAME=METHOD")
+        fill[name.strip()] = method.strip()
+    expected = args.expected_series or settings.get("expected_series")
+    if expected is None:
+        catalog = m.EXPECTED_SERIES
+    elif expected == ALL_SERIES:
+        catalog = None
+    else:
+        names = expected.split(",") if isinstance(expected, str) else expected
+        catalog = tuple(m.parse_series_name(name) for name in names)
+    return CleanerConfig(
+        fill=fill,
+        default_fill=args.default_fill or settings.get("default_fill", LINEAR),
+        expected_series=catalog,
+        slot_seconds=int(args.slot_seconds or settings.get("slot_seconds", DEFAULT_SLOT_SECONDS)),
+        max_gap_seconds=int(args.max_gap_seconds or settings.get("max_gap_seconds", DEFAULT_MAX_GAP_SECONDS)),
+    )
+
+
+def parse_args(argv: list[str] | None):
+    """Parse the command line into (args, paths, cleaner configuration)."""
+    parser = config.make_parser(__doc__)
+    config.add_datastore_options(parser, ("processed_data", "cleaned_data", "unknown_series"))
+    group = parser.add_argument_group("grid and fill")
+    group.add_argument(
+        "--config",
+        default=config.env_default("METER_CLEANER_CONFIG", None),
+        help="JSON file with fill, expected_series, slot_seconds, max_gap_seconds [env METER_CLEANER_CONFIG]",
+    )
+    group.add_argument(
+        "--fill",
+        action="append",
+        metavar="NAME=METHOD",
+        help=f"fill method for a signal name or a device/signal series; repeatable; methods: {', '.join(FILL_METHODS)}",
+    )
+    group.add_argument("--default-fill", choices=FILL_METHODS, help="method for series no rule names (linear)")
+    group.add_argument(
+        "--expected-series",
+        help="comma-separated device/signal catalog, or 'all' (default: the four series of device1 and device2)",
+    )
+    group.add_argument("--slot-seconds", type=int, help=f"slot length ({DEFAULT_SLOT_SECONDS})")
+    group.add_argument(
+        "--max-gap-seconds",
+        type=int,
+        help=f"longest hole that is filled; longer ones are missing ({DEFAULT_MAX_GAP_SECONDS})",
+    )
+    args = parser.parse_args(argv)
+    try:
+        cleaner_config = load_config(args)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
+    return args, config.paths_from_args(args), cleaner_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the cleaner from the command line; return the exit code."""
+    args, paths, cleaner_config = parse_args(argv)
+    spark = build_session("meter-stream cleaner", verbose=args.verbose)
+    try:
+        run(spark, paths, cleaner_config)
+    except StageInputError as error:
+        log.error("%s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

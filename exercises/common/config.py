@@ -1,0 +1,116 @@
+"""Datastore layout and command-line options shared by the stages (pure Python, no Spark).
+
+Every option that differs between a laptop and production has a command-line flag and an
+environment-variable fallback; ``--help`` names both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import dataclass, fields
+
+ENV_DATASTORE = "METER_DATASTORE"
+DEFAULT_DATASTORE = "./datastore"
+
+#: Standard folders under the datastore root: field name -> (folder, what it holds).
+FOLDERS = {
+    "consumer_data": ("consumer_data", "raw Kafka rows written by the consumer"),
+    "checkpoint_consumer": ("checkpoint_consumer", "the consumer's streaming checkpoint"),
+    "processed_data": ("processed_data", "typed, deduplicated measurements"),
+    "quarantine_data": ("quarantine_data", "raw records the processor rejected, with a reason"),
+    "cleaned_data": ("cleaned_data", "the regular grid per series, holes filled and flagged"),
+    "unknown_series": ("unknown_series", "series outside the expected catalog, seen by the cleaner"),
+    "reports": ("reports", "the checker's report and chart"),
+}
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Resolved locations of every stage folder (local paths or Hadoop URIs such as s3a://)."""
+
+    consumer_data: str
+    checkpoint_consumer: str
+    processed_data: str
+    quarantine_data: str
+    cleaned_data: str
+    unknown_series: str
+    reports: str
+
+    @classmethod
+    def under(cls, root: str, **overrides: str | None) -> Paths:
+        """Return the standard layout under ``root``, with any folder overridden on its own."""
+        values = {}
+        for field in fields(cls):
+            override = overrides.get(field.name)
+            values[field.name] = override or join_path(root, FOLDERS[field.name][0])
+        return cls(**values)
+
+
+def join_path(root: str, name: str) -> str:
+    """Join a folder name to a root that may be a local path or a URI."""
+    return f"{root.rstrip('/')}/{name}"
+
+
+def env_var_for(folder: str) -> str:
+    """Return the environment variable that overrides one stage folder, e.g. METER_CLEANED_DATA."""
+    return f"METER_{folder.upper()}"
+
+
+def env_default(env_var: str, default: str | None) -> str | None:
+    """Return the environment variable's value when it is set and not empty, else ``default``."""
+    value = os.environ.get(env_var, "")
+    return value if value.strip() else default
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults and keep the module docstring's line breaks in ``--help``."""
+
+
+def make_parser(description: str) -> argparse.ArgumentParser:
+    """Return an argument parser whose help starts with a stage's docstring."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Spark's own INFO logging (otherwise WARN and above)",
+    )
+    return parser
+
+
+def add_datastore_options(parser: argparse.ArgumentParser, folders: tuple[str, ...]) -> None:
+    """Add ``--datastore`` and one override flag per folder a stage uses."""
+    group = parser.add_argument_group("datastore")
+    group.add_argument(
+        "--datastore",
+        default=env_default(ENV_DATASTORE, DEFAULT_DATASTORE),
+        help=f"root folder or URI of the datastore [env {ENV_DATASTORE}]",
+    )
+    for folder in folders:
+        env_var = env_var_for(folder)
+        group.add_argument(
+            "--" + folder.replace("_", "-"),
+            dest=folder,
+            default=env_default(env_var, None),
+            help=f"{FOLDERS[folder][1]}; default DATASTORE/{FOLDERS[folder][0]} [env {env_var}]",
+        )
+
+
+def paths_from_args(args: argparse.Namespace) -> Paths:
+    """Return the stage folders named by parsed ``add_datastore_options`` arguments."""
+    overrides = {name: getattr(args, name, None) for name in FOLDERS}
+    return Paths.under(args.datastore, **overrides)
+
+
+def get_logger(stage: str) -> logging.Logger:
+    """Return the stage's logger, printing ``time stage level message`` lines to stderr."""
+    logger = logging.getLogger(f"meter_stream.{stage}")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger

@@ -1,0 +1,297 @@
+"""Schemas, the SparkSession builder and safe stage I/O shared by the stages."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+
+from pyspark import SparkConf
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import types as T
+
+from common import message as m
+
+# --- schemas -------------------------------------------------------------------------------------
+
+#: Rows as the Kafka source delivers them; consumer_data keeps exactly these.
+RAW_SCHEMA = T.StructType(
+    [
+        T.StructField("key", T.BinaryType()),
+        T.StructField("value", T.BinaryType()),
+        T.StructField("topic", T.StringType()),
+        T.StructField("partition", T.IntegerType()),
+        T.StructField("offset", T.LongType()),
+        T.StructField("timestamp", T.TimestampType()),
+        T.StructField("timestampType", T.IntegerType()),
+    ]
+)
+
+#: processed_data: one typed row per measurement.
+PROCESSED_SCHEMA = T.StructType(
+    [
+        T.StructField(m.T_MEASUREMENT, T.TimestampType()),
+        T.StructField(m.T_REPORT, T.TimestampType()),
+        T.StructField(m.DEVICE_ID, T.StringType()),
+        T.StructField(m.SIGNAL_NAME, T.StringType()),
+        T.StructField(m.VALUE, T.DoubleType()),
+    ]
+)
+
+#: quarantine_data: a rejected raw record, why, and where it came from.
+QUARANTINE_SCHEMA = T.StructType(
+    [
+        T.StructField("raw_value", T.StringType()),
+        T.StructField("reason", T.StringType()),
+        T.StructField("topic", T.StringType()),
+        T.StructField("partition", T.IntegerType()),
+        T.StructField("offset", T.LongType()),
+    ]
+)
+
+QUALITY = "quality"
+
+#: cleaned_data: one row per series and slot; t_measurement is the slot's start.
+CLEANED_SCHEMA = T.StructType(
+    [
+        T.StructField(m.T_MEASUREMENT, T.TimestampType()),
+        T.StructField(m.T_REPORT, T.TimestampType()),
+        T.StructField(m.DEVICE_ID, T.StringType()),
+        T.StructField(m.SIGNAL_NAME, T.StringType()),
+        T.StructField(m.VALUE, T.DoubleType()),
+        T.StructField(QUALITY, T.StringType()),
+    ]
+)
+
+#: unknown_series: series outside the expected catalog, as the cleaner saw them.
+UNKNOWN_SERIES_SCHEMA = T.StructType(
+    [
+        T.StructField(m.DEVICE_ID, T.StringType()),
+        T.StructField(m.SIGNAL_NAME, T.StringType()),
+        T.StructField("rows", T.LongType()),
+    ]
+)
+
+# --- session -------------------------------------------------------------------------------------
+
+ENV_JAR_CACHE = "METER_JAR_CACHE"
+DEFAULT_JAR_CACHE = os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "jars")
+
+
+def build_session(app_name: str, verbose: bool = False, jars: list[str] | None = None) -> SparkSession:
+    """Return the SparkSession for a stage: UTC, quiet, and ``local[*]`` only as a fallback.
+
+    A master given by ``spark-submit --master`` (or spark-defaults) always wins.
+
+    Args:
+        app_name: the Spark application name.
+        verbose: keep Spark's INFO logging instead of WARN.
+        jars: extra local jar files to put on the classpath (the Kafka connector).
+    """
+    builder = (
+        SparkSession.builder.appName(app_name)
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.log.structuredLogging.enabled", "false")
+    )
+    if not SparkConf().contains("spark.master"):
+        builder = builder.config("spark.master", "local[*]")
+    if jars:
+        builder = builder.config("spark.jars", ",".join(jars))
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("INFO" if verbose else "WARN")
+    return spark
+
+
+def kafka_connector_jars(spark_version: str) -> list[str]:
+    """Return the cached jars of Spark's Kafka connector for ``spark_version``.
+
+    ``scripts/fetch-jars`` puts them in ``.cache/jars/spark-kafka-VERSION`` (or under
+    ``$METER_JAR_CACHE``).
+
+    Raises:
+        FileNotFoundError: when the connector has not been fetched.
+    """
+    root = os.environ.get(ENV_JAR_CACHE) or DEFAULT_JAR_CACHE
+    folder = os.path.abspath(os.path.join(root, f"spark-kafka-{spark_version}"))
+    jars = sorted(glob.glob(os.path.join(folder, "*.jar")))
+    if not any(os.path.basename(jar).startswith("spark-sql-kafka") for jar in jars):
+        raise FileNotFoundError(
+            f"Spark's Kafka connector {spark_version} is not in {folder}; "
+            "run `make setup` (or scripts/fetch-jars) once with access to Maven Central"
+        )
+    return jars
+
+
+# --- stage I/O -----------------------------------------------------------------------------------
+
+STAGING_SUFFIX = ".staging"
+PREVIOUS_SUFFIX = ".previous"
+SINK_LOG = "_spark_metadata"
+
+
+class StageInputError(Exception):
+    """A stage's input is missing or unusable; the message says what to do."""
+
+
+def _fs_path(spark: SparkSession, path: str):
+    """Return (Hadoop FileSystem, Hadoop Path) for a local path or URI."""
+    jvm = spark.sparkContext._jvm
+    hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
+    return hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), hadoop_path
+
+
+def path_exists(spark: SparkSession, path: str) -> bool:
+    """Return whether a file or folder exists (any Hadoop file system)."""
+    fs, hadoop_path = _fs_path(spark, path)
+    return bool(fs.exists(hadoop_path))
+
+
+def _delete(spark: SparkSession, path: str) -> None:
+    fs, hadoop_path = _fs_path(spark, path)
+    if fs.exists(hadoop_path):
+        fs.delete(hadoop_path, True)
+
+
+def _rename(spark: SparkSession, source: str, target: str) -> None:
+    fs, source_path = _fs_path(spark, source)
+    if not fs.rename(source_path, _fs_path(spark, target)[1]):
+        raise OSError(f"could not rename {source} to {target}")
+
+
+def recover_output(spark: SparkSession, path: str, log: logging.Logger) -> None:
+    """Finish or undo a replacement that a crash interrupted (see ``replace_output``)."""
+    previous = path + PREVIOUS_SUFFIX
+    if not path_exists(spark, previous):
+        return
+    if path_exists(spark, path):
+        _delete(spark, previous)
+    else:
+        log.warning("restoring %s from %s left by an interrupted run", path, previous)
+        _rename(spark, previous, path)
+
+
+def replace_output(df: DataFrame, path: str, log: logging.Logger) -> None:
+    """Write ``df`` as parquet to ``path``, replacing what was there only once it is complete.
+
+    The data is written to ``PATH.staging`` and swapped in by two renames, so readers see either
+    the previous complete output or the new one; ``recover_output`` repairs a crash between the
+    renames. On object stores without atomic rename the swap is a copy and not atomic.
+    """
+    spark = df.sparkSession
+    staging, previous = path + STAGING_SUFFIX, path + PREVIOUS_SUFFIX
+    recover_output(spark, path, log)
+    _delete(spark, staging)
+    df.write.mode("overwrite").parquet(staging)
+    if path_exists(spark, path):
+        _rename(spark, path, previous)
+    _rename(spark, staging, path)
+    _delete(spark, previous)
+
+
+def read_output(spark: SparkSession, path: str, schema: T.StructType, log: logging.Logger, producer: str) -> DataFrame:
+    """Read a previous stage's parquet output with its declared schema.
+
+    Raises:
+        StageInputError: when the output does not exist, naming the stage that makes it.
+    """
+    recover_output(spark, path, log)
+    if not path_exists(spark, path):
+        raise StageInputError(f"{path} does not exist: run the {producer} first")
+    return spark.read.schema(schema).parquet(path)
+
+
+def _local_form(path: str) -> str:
+    """A file URI in one spelling (``file:///x`` and ``file:/x`` are the same file)."""
+    return re.sub(r"^file:/+", "/", path)
+
+
+def read_raw(spark: SparkSession, path: str, log: logging.Logger) -> DataFrame:
+    """Read consumer_data, robust to a ``_spark_metadata`` log written on another machine.
+
+    With a file-sink log, Spark reads only the files the log names: right on the machine that wrote
+    them (files of failed batches are left out), but a copied folder's log names absolute paths that
+    do not exist here, and Spark then reads nothing at all. So: when every file the log names is
+    present, Spark reads through the log; otherwise the files present whose names the log lists are
+    read (with a warning), and when the log lists none of them, every parquet file present.
+
+    Raises:
+        StageInputError: when the folder does not exist.
+    """
+    if not path_exists(spark, path):
+        raise StageInputError(f"{path} does not exist: run the consumer first (or point --consumer-data at raw data)")
+    reader = spark.read.schema(RAW_SCHEMA)
+    sink_log = f"{path.rstrip('/')}/{SINK_LOG}"
+    if not path_exists(spark, sink_log):
+        return reader.parquet(path)
+    logged = {_local_form(name) for name in _sink_log_files(spark, sink_log)}
+    # A glob is not a folder, so Spark lists the files instead of reading the log.
+    glob_path = f"{path.rstrip('/')}/*.parquet"
+    present = {_local_form(f): f for f in _list_files(spark, glob_path)}
+    if logged <= present.keys():
+        return reader.parquet(path)
+    logged_names = {name.rsplit("/", 1)[-1] for name in logged}
+    matched = [f for local, f in present.items() if local.rsplit("/", 1)[-1] in logged_names]
+    log.warning(
+        "%s: %d of the %d files named by its %s log are not there (was the folder copied from "
+        "another machine?); reading the %d files present%s",
+        path,
+        len(logged - present.keys()),
+        len(logged),
+        SINK_LOG,
+        len(matched) or len(present),
+        " that the log names" if matched else "",
+    )
+    if not present:
+        return spark.createDataFrame([], RAW_SCHEMA)
+    return reader.parquet(*(matched or present.values()))
+
+
+def _sink_log_files(spark: SparkSession, sink_log: str) -> set[str]:
+    """The files a file-sink log adds: JSON lines after a version line, in batch and compact files.
+
+    Read in the driver through Hadoop: the log is metadata (a line per file written), and Spark's
+    own readers skip folders whose names start with an underscore.
+    """
+    jvm = spark.sparkContext._jvm
+    files: set[str] = set()
+    for log_file in _list_files(spark, f"{sink_log}/*"):
+        if not re.fullmatch(r"\d+(\.compact)?", log_file.rsplit("/", 1)[-1]):
+            continue
+        fs, hadoop_path = _fs_path(spark, log_file)
+        reader = jvm.java.io.BufferedReader(jvm.java.io.InputStreamReader(fs.open(hadoop_path), "UTF-8"))
+        try:
+            line = reader.readLine()
+            while line is not None:
+                if line.startswith("{"):
+                    entry = json.loads(line)
+                    if entry.get("action") == "add" and entry.get("path"):
+                        files.add(entry["path"])
+                line = reader.readLine()
+        finally:
+            reader.close()
+    return files
+
+
+def _list_files(spark: SparkSession, glob_path: str) -> list[str]:
+    """The files a glob matches (none when it matches nothing)."""
+    fs, hadoop_path = _fs_path(spark, glob_path)
+    statuses = fs.globStatus(hadoop_path) or []
+    return [str(status.getPath().toString()) for status in statuses if status.isFile()]
+
+
+def write_text(spark: SparkSession, path: str, text: str) -> None:
+    """Write a small text file (a report) through Hadoop, replacing the old one by a rename."""
+    fs, target = _fs_path(spark, path)
+    staging = _fs_path(spark, path + STAGING_SUFFIX)[1]
+    stream = fs.create(staging, True)
+    try:
+        stream.write(bytearray(text.encode("utf-8")))
+    finally:
+        stream.close()
+    if fs.exists(target):
+        fs.delete(target, False)
+    if not fs.rename(staging, target):
+        raise OSError(f"could not write {path}")

@@ -1,0 +1,232 @@
+"""Stage 2, processor: parse raw Kafka rows into typed measurements.
+
+Reads ``consumer_data`` (raw Kafka rows), parses each message value with an explicit schema,
+flattens it to t_measurement, t_report (UTC timestamps), device_id, signal_name and value (double),
+collapses replays of a measurement to the one with the latest t_report, and replaces
+``processed_data``. Records that cannot be used go to ``quarantine_data`` with the raw value as
+text, a reason and their Kafka topic/partition/offset. One log line accounts for every raw row:
+raw = processed + quarantined + duplicates collapsed.
+
+Usage:
+    python exercises/processor.py --datastore DIR
+    spark-submit exercises/processor.py --datastore DIR
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+from common import config
+from common import message as m
+from common.spark import (
+    PROCESSED_SCHEMA,
+    QUARANTINE_SCHEMA,
+    StageInputError,
+    build_session,
+    read_raw,
+    replace_output,
+)
+from pyspark.sql import Column, DataFrame, Observation, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+STAGE = "processor"
+log = config.get_logger(STAGE)
+
+# Quarantine reasons, in the order they are tested: a record gets the first that applies.
+REASON_EMPTY = "empty_value"
+REASON_MALFORMED = "malformed_json"
+REASON_NOT_OBJECT = "not_a_json_object"
+REASON_MISSING = "missing_field:"  # followed by the field's name
+REASON_BAD_TIMESTAMP = "unparseable_timestamp:"  # followed by the field's name
+REASON_IMPLAUSIBLE_TIMESTAMP = "implausible_timestamp:"  # followed by the field's name
+REASON_NON_NUMERIC = "non_numeric_value"
+REASON_NON_FINITE = "non_finite_value"
+
+#: Plausible measurement times, in epoch seconds: 2000-01-01 to 2100-01-01 (UTC). Milliseconds or
+#: microseconds sent as seconds land far beyond the upper bound.
+PLAUSIBLE_EPOCH_SECONDS = (946_684_800, 4_102_444_800)
+
+_CORRUPT = "_corrupt_record"
+# Every field is read as text: producers send numbers, the brief's example file has strings, and
+# the text is converted below with tolerant casts (Spark 4's ANSI mode makes plain casts raise).
+MESSAGE_SCHEMA = T.StructType(
+    [T.StructField(name, T.StringType()) for name in m.FIELDS] + [T.StructField(_CORRUPT, T.StringType())]
+)
+_EPOCH_DECIMAL = T.DecimalType(38, 6)
+_NON_FINITE_TEXT = ("NAN", "INFINITY", "+INFINITY", "-INFINITY", "INF", "+INF", "-INF")
+
+
+@dataclass(frozen=True)
+class Accounting:
+    """Where the raw rows went."""
+
+    raw: int
+    processed: int
+    quarantined: int
+    duplicates: int
+
+    def balanced(self) -> bool:
+        """Return whether every raw row is accounted for."""
+        return self.raw == self.processed + self.quarantined + self.duplicates
+
+
+def _epoch_text_to_timestamp(text: Column) -> tuple[Column, Column]:
+    """Return (timestamp, plausible) for epoch-seconds text; timestamp is null when unparseable."""
+    seconds = F.btrim(text, F.lit('"')).try_cast(_EPOCH_DECIMAL)
+    low, high = PLAUSIBLE_EPOCH_SECONDS
+    plausible = seconds.between(low, high)
+    micros = (seconds * 1_000_000).try_cast(T.LongType())
+    return F.timestamp_micros(F.when(plausible, micros)), plausible
+
+
+def parse_measurements(raw: DataFrame) -> DataFrame:
+    """Parse raw Kafka rows into typed columns plus a quarantine ``reason`` (null when usable).
+
+    Args:
+        raw: rows of ``RAW_SCHEMA``.
+
+    Returns:
+        The processed columns, ``reason``, ``raw_value`` (the value as text) and the Kafka
+        topic, partition and offset; one row per raw row.
+    """
+    text = F.col("value").cast(T.StringType())
+    parsed = raw.select(
+        text.alias("raw_value"),
+        "topic",
+        "partition",
+        "offset",
+        F.from_json(text, MESSAGE_SCHEMA, {"columnNameOfCorruptRecord": _CORRUPT}).alias("msg"),
+    )
+    t_measurement, t_measurement_plausible = _epoch_text_to_timestamp(F.col(f"msg.{m.T_MEASUREMENT}"))
+    t_report, t_report_plausible = _epoch_text_to_timestamp(F.col(f"msg.{m.T_REPORT}"))
+    value_text = F.btrim(F.col(f"msg.{m.VALUE}"), F.lit('"'))
+    value = value_text.try_cast(T.DoubleType())
+    non_finite = (
+        F.upper(F.trim(value_text)).isin(*_NON_FINITE_TEXT) | F.isnan(value) | F.abs(value).eqNullSafe(float("inf"))
+    )
+
+    reason = F.when(F.col("raw_value").isNull() | (F.trim("raw_value") == ""), REASON_EMPTY)
+    reason = reason.when(
+        F.col(f"msg.{_CORRUPT}").isNotNull(),
+        F.when(F.try_parse_json("raw_value").isNull(), REASON_MALFORMED).otherwise(REASON_NOT_OBJECT),
+    )
+    for field in m.FIELDS:
+        field_text = F.trim(F.col(f"msg.{field}"))
+        missing = field_text.isNull() | (field_text == "") | (field_text == "null")
+        reason = reason.when(missing, REASON_MISSING + field)
+    for field, timestamp, plausible in (
+        (m.T_MEASUREMENT, t_measurement, t_measurement_plausible),
+        (m.T_REPORT, t_report, t_report_plausible),
+    ):
+        reason = reason.when(plausible.isNull(), REASON_BAD_TIMESTAMP + field)
+        reason = reason.when(~plausible | timestamp.isNull(), REASON_IMPLAUSIBLE_TIMESTAMP + field)
+    reason = reason.when(non_finite, REASON_NON_FINITE).when(value.isNull(), REASON_NON_NUMERIC)
+
+    return parsed.select(
+        t_measurement.alias(m.T_MEASUREMENT),
+        t_report.alias(m.T_REPORT),
+        F.col(f"msg.{m.DEVICE_ID}").alias(m.DEVICE_ID),
+        F.col(f"msg.{m.SIGNAL_NAME}").alias(m.SIGNAL_NAME),
+        value.alias(m.VALUE),
+        reason.alias("reason"),
+        "raw_value",
+        "topic",
+        "partition",
+        "offset",
+    )
+
+
+def select_quarantine(parsed: DataFrame) -> DataFrame:
+    """Return the rejected rows of ``parse_measurements`` in the quarantine_data contract."""
+    return parsed.where(F.col("reason").isNotNull()).select(
+        *[F.col(field.name).cast(field.dataType) for field in QUARANTINE_SCHEMA.fields]
+    )
+
+
+def collapse_replays(parsed: DataFrame) -> DataFrame:
+    """Keep one row per measurement (device_id, signal_name, t_measurement): the latest report.
+
+    Kafka delivers at least once and producers resend corrections, so the same measurement can
+    arrive several times; the one with the latest t_report wins (a later report is a correction),
+    and among equal reports the one latest in Kafka (partition, offset) wins, so the choice is
+    deterministic. Returns the processed_data contract.
+    """
+    latest_first = Window.partitionBy(m.DEVICE_ID, m.SIGNAL_NAME, m.T_MEASUREMENT).orderBy(
+        F.col(m.T_REPORT).desc(), F.col("topic").desc(), F.col("partition").desc(), F.col("offset").desc()
+    )
+    return (
+        parsed.where(F.col("reason").isNull())
+        .withColumn("_rank", F.row_number().over(latest_first))
+        .where(F.col("_rank") == 1)
+        .select(*[F.col(field.name).cast(field.dataType) for field in PROCESSED_SCHEMA.fields])
+    )
+
+
+def run(spark: SparkSession, paths: config.Paths) -> Accounting:
+    """Read consumer_data, write processed_data and quarantine_data, and account for every row."""
+    started = time.monotonic()
+    raw = read_raw(spark, paths.consumer_data, log)
+    parse_counts = Observation("parse")
+    parsed = (
+        parse_measurements(raw)
+        .observe(
+            parse_counts,
+            F.count(F.lit(1)).alias("raw"),
+            F.count_if(F.col("reason").isNull()).alias("valid"),
+            F.count_if(F.col("reason").isNotNull()).alias("quarantined"),
+        )
+        .persist()
+    )
+    try:
+        output_counts = Observation("output")
+        processed = collapse_replays(parsed).observe(output_counts, F.count(F.lit(1)).alias("processed"))
+        replace_output(processed, paths.processed_data, log)
+        replace_output(select_quarantine(parsed), paths.quarantine_data, log)
+    finally:
+        parsed.unpersist()
+    counts = parse_counts.get
+    accounting = Accounting(
+        raw=counts["raw"],
+        processed=output_counts.get["processed"],
+        quarantined=counts["quarantined"],
+        duplicates=counts["valid"] - output_counts.get["processed"],
+    )
+    log.info(
+        "raw rows %d = processed %d + quarantined %d + duplicates collapsed %d%s (%.1f s)",
+        accounting.raw,
+        accounting.processed,
+        accounting.quarantined,
+        accounting.duplicates,
+        "" if accounting.balanced() else "  MISMATCH",
+        time.monotonic() - started,
+    )
+    if accounting.quarantined:
+        log.warning("%d raw rows quarantined in %s", accounting.quarantined, paths.quarantine_data)
+    return accounting
+
+
+def parse_args(argv: list[str] | None) -> tuple:
+    """Parse the command line into (args, paths)."""
+    parser = config.make_parser(__doc__)
+    config.add_datastore_options(parser, ("consumer_data", "processed_data", "quarantine_data"))
+    args = parser.parse_args(argv)
+    return args, config.paths_from_args(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the processor from the command line; return the exit code."""
+    args, paths = parse_args(argv)
+    spark = build_session("meter-stream processor", verbose=args.verbose)
+    try:
+        accounting = run(spark, paths)
+    except StageInputError as error:
+        log.error("%s", error)
+        return 2
+    return 0 if accounting.balanced() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Small inputs for the tests: timestamps, messages, raw consumer rows."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+from common.spark import RAW_SCHEMA
+from make_sample_data import raw_rows
+from pyspark.sql import DataFrame, SparkSession
+
+
+def utc(text: str) -> datetime:
+    """A naive UTC datetime from ``YYYY-mm-dd HH:MM:SS[.ffffff]`` (Spark's TimestampType in UTC)."""
+    return datetime.fromisoformat(text).replace(tzinfo=None)
+
+
+def epoch(text: str) -> float:
+    """Epoch seconds of a UTC ``YYYY-mm-dd HH:MM:SS[.ffffff]`` text."""
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+def message(t_measurement, t_report, device_id="device1", signal_name="energy import", value=12) -> bytes:
+    """A message value as the producer sends it."""
+    return json.dumps(
+        {
+            "t_measurement": t_measurement,
+            "t_report": t_report,
+            "device_id": device_id,
+            "signal_name": signal_name,
+            "value": value,
+        }
+    ).encode()
+
+
+def raw_frame(spark: SparkSession, payloads: list[bytes | None]) -> DataFrame:
+    """Raw consumer rows (topic mytopic, partition 0, offsets 0..n-1) for message values."""
+    return spark.createDataFrame(raw_rows(payloads), RAW_SCHEMA)

@@ -1,0 +1,225 @@
+"""checker: every check passing on a healthy grid and failing on data broken its way."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+
+import pytest
+from checker import CheckerConfig, check_cleaned, exit_code, format_table, run
+from common import message as m
+from common.spark import CLEANED_SCHEMA, UNKNOWN_SERIES_SCHEMA
+
+START = datetime(2024, 5, 22, 9, 0, 0)
+RANGES = {
+    ("device1", "energy export"): (50, 70),
+    ("device1", "energy import"): (10, 20),
+    ("device2", "energy export"): (80, 90),
+    ("device2", "energy import"): (0, 10),
+}
+
+
+def healthy_rows(slots: int = 120) -> list[list]:
+    """Four series on a complete 10-s grid; every third slot interpolated; reports 1 s after the slot."""
+    rows = []
+    for (device, signal), (low, high) in RANGES.items():
+        for i in range(slots):
+            slot = START + timedelta(seconds=10 * i)
+            filled = i % 3 == 1
+            value = float(low + (i * 7) % (high - low + 1))
+            rows.append(
+                [
+                    slot,
+                    None if filled else slot + timedelta(seconds=1),
+                    device,
+                    signal,
+                    value,
+                    "interpolated" if filled else "measured",
+                ]
+            )
+    return rows
+
+
+def results_of(spark, rows, unknown=None, **settings):
+    frame = spark.createDataFrame([tuple(r) for r in rows], CLEANED_SCHEMA)
+    return check_cleaned(frame, unknown, CheckerConfig(**settings))
+
+
+def failing(results):
+    return {(r.name, r.series): r.observed for r in results if not r.passed}
+
+
+def edit(rows, device, signal, index, **changes):
+    """Change the index-th row of one series in place."""
+    columns = [f.name for f in CLEANED_SCHEMA.fields]
+    row = [r for r in rows if r[2] == device and r[3] == signal][index]
+    for name, value in changes.items():
+        row[columns.index(name)] = value
+    return rows
+
+
+def test_healthy_grid_passes_every_check(spark):
+    results = results_of(spark, healthy_rows())
+    assert failing(results) == {}
+    assert exit_code(results) == 0
+    names = {r.name for r in results}
+    assert names == {
+        "schema",
+        "keys_not_null",
+        "expected_series_present",
+        "unique_slots",
+        "regular_grid",
+        "value_not_negative",
+        "value_within_bounds",
+        "filled_share",
+        "longest_filled_run",
+        "missing_slots",
+        "report_before_measurement",
+        "report_delay",
+        "flat_line",
+        "spikes",
+        "unknown_series",
+    }
+    assert len([r for r in results if r.name == "spikes"]) == 4
+
+
+def test_wrong_schema_fails_alone(spark):
+    frame = spark.createDataFrame([tuple(r) for r in healthy_rows(3)], CLEANED_SCHEMA).drop("quality")
+    results = check_cleaned(frame, None, CheckerConfig())
+    assert [(r.name, r.passed, r.observed) for r in results] == [("schema", False, ["missing column quality"])]
+    assert exit_code(results) == 1
+
+
+def test_null_key_fails(spark):
+    results = results_of(spark, edit(healthy_rows(), "device1", "energy import", 5, quality=None))
+    assert failing(results) == {("keys_not_null", None): 1}
+
+
+def test_absent_expected_series_fails(spark):
+    rows = [r for r in healthy_rows() if (r[2], r[3]) != ("device2", "energy export")]
+    results = results_of(spark, rows)
+    assert failing(results) == {("expected_series_present", None): {"absent": ["device2/energy export"]}}
+    assert exit_code(results) == 1
+
+
+def test_duplicate_slot_fails(spark):
+    rows = healthy_rows()
+    rows.append(list(rows[10]))
+    assert failing(results_of(spark, rows)) == {("unique_slots", "device1/energy export"): 1}
+
+
+def test_hole_in_grid_fails(spark):
+    rows = healthy_rows()
+    del rows[10]
+    assert failing(results_of(spark, rows)) == {("regular_grid", "device1/energy export"): 1}
+
+
+def test_negative_value_fails_sign_and_bounds(spark):
+    results = results_of(spark, edit(healthy_rows(), "device2", "energy import", 9, value=-1.0))
+    assert failing(results) == {
+        ("value_not_negative", "device2/energy import"): 1,
+        ("value_within_bounds", "device2/energy import"): 1,
+    }
+
+
+def test_value_beyond_configured_bounds_fails(spark):
+    rows = edit(healthy_rows(), "device1", "energy import", 9, value=25.0)
+    assert failing(results_of(spark, rows)) == {}
+    results = results_of(spark, rows, bounds={"device1/energy import": (0.0, 21.0)})
+    assert failing(results) == {("value_within_bounds", "device1/energy import"): 1}
+
+
+def test_high_filled_share_fails(spark):
+    rows = healthy_rows()
+    for i in range(0, 120):
+        if i % 10 and i < 119:
+            edit(rows, "device1", "energy export", i, quality="interpolated", t_report=None)
+    results = results_of(spark, rows, max_filled_run=1000)
+    observed = failing(results)
+    assert list(observed) == [("filled_share", "device1/energy export")]
+    assert observed[("filled_share", "device1/energy export")] == pytest.approx(
+        111 / 120, abs=1e-4
+    )  # 107 edited + 4 already filled
+
+
+def test_long_filled_run_is_a_warning(spark):
+    rows = healthy_rows()
+    for i in range(21, 54):  # slots 20 and 54 stay measured
+        edit(rows, "device1", "energy import", i, quality="forward_filled", t_report=None)
+    results = results_of(spark, rows)
+    assert failing(results) == {("longest_filled_run", "device1/energy import"): 33}
+    assert exit_code(results) == 0
+
+
+def test_missing_slots_are_a_warning(spark):
+    rows = edit(healthy_rows(), "device2", "energy export", 4, quality="missing", value=None, t_report=None)
+    results = results_of(spark, rows)
+    assert failing(results) == {("missing_slots", "device2/energy export"): 1}
+    assert exit_code(results) == 0
+
+
+def test_reports_before_the_measurement_are_a_warning(spark):
+    rows = healthy_rows()
+    for row in rows:
+        if row[1] is not None:
+            row[1] = row[0] - timedelta(seconds=9.5)  # the producer quirk
+    results = results_of(spark, rows)
+    assert set(failing(results)) == {("report_before_measurement", f"{d}/{s}") for d, s in RANGES}
+    assert failing(results)[("report_before_measurement", "device1/energy export")] == 1.0
+    assert exit_code(results) == 0
+
+
+def test_late_report_is_a_warning(spark):
+    rows = edit(healthy_rows(), "device1", "energy export", 0, t_report=START + timedelta(hours=2))
+    assert failing(results_of(spark, rows)) == {("report_delay", "device1/energy export"): 7200.0}
+
+
+def test_flat_line_is_a_warning(spark):
+    rows = healthy_rows()
+    for i in range(30, 100):  # the values at 29 and 100 are 85 and 87
+        edit(rows, "device2", "energy export", i, value=86.0)
+    assert failing(results_of(spark, rows)) == {("flat_line", "device2/energy export"): 70}
+
+
+def test_spike_is_a_warning(spark):
+    rows = edit(healthy_rows(), "device1", "energy import", 60, value=400.0)
+    assert failing(results_of(spark, rows)) == {("spikes", "device1/energy import"): 1}
+
+
+def test_unknown_series_from_the_cleaner_is_a_warning(spark):
+    unknown = spark.createDataFrame([("test-device", "energy import", 366)], UNKNOWN_SERIES_SCHEMA)
+    results = results_of(spark, healthy_rows(), unknown=unknown)
+    assert failing(results) == {("unknown_series", None): {"series": 1, "rows": {"test-device/energy import": 366}}}
+
+
+def test_many_series_are_summarised_and_all_count(spark):
+    rows = edit(healthy_rows(), "device2", "energy import", 9, value=-1.0)
+    results = results_of(spark, rows, max_series_in_report=1)
+    summary = [r for r in results if r.name == "value_not_negative" and r.series is None]
+    assert [(s.passed, s.observed) for s in summary] == [(False, {"failing_series": 1, "series": 4})]
+    listed = [r.series for r in results if r.name == "value_not_negative" and r.series]
+    assert listed == ["device2/energy import"]
+
+
+def test_run_writes_the_json_report_and_prints_a_table(spark, paths, capsys):
+    spark.createDataFrame([tuple(r) for r in healthy_rows(30)], CLEANED_SCHEMA).write.parquet(paths.cleaned_data)
+    results = run(spark, paths, CheckerConfig())
+    with open(f"{paths.reports}/check_report.json") as handle:
+        report = json.load(handle)
+    assert len(report) == len(results)
+    assert set(report[0]) == {"name", "severity", "passed", "observed", "threshold", "series"}
+    assert report[0]["series"] is None and report[0]["name"] == "schema"
+    assert "expected_series_present" in capsys.readouterr().out
+    assert format_table(results).splitlines()[0].split() == [
+        "check",
+        "severity",
+        "series",
+        "result",
+        "observed",
+        "threshold",
+    ]
+
+
+def test_expected_catalog_is_configurable(spark):
+    rows = [r for r in healthy_rows() if r[2] == "device1"]
+    assert failing(results_of(spark, rows, expected_series=(("device1", m.SIGNAL_EXPORT),))) == {}

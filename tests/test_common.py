@@ -1,0 +1,60 @@
+"""The shared module: layout, options, series names, safe output replacement."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from common import config
+from common import message as m
+from common.spark import PREVIOUS_SUFFIX, RAW_SCHEMA, StageInputError, read_output, replace_output
+
+log = logging.getLogger("test")
+
+
+def test_paths_use_standard_folders_under_the_datastore():
+    paths = config.Paths.under("s3a://bucket/meters/", cleaned_data="/elsewhere/cleaned")
+    assert paths.consumer_data == "s3a://bucket/meters/consumer_data"
+    assert paths.checkpoint_consumer == "s3a://bucket/meters/checkpoint_consumer"
+    assert paths.quarantine_data == "s3a://bucket/meters/quarantine_data"
+    assert paths.cleaned_data == "/elsewhere/cleaned"
+    assert paths.reports == "s3a://bucket/meters/reports"
+
+
+def test_datastore_option_falls_back_to_environment(monkeypatch):
+    monkeypatch.setenv("METER_DATASTORE", "/data/meters")
+    monkeypatch.setenv("METER_PROCESSED_DATA", "/fast/processed")
+    parser = config.make_parser("test")
+    config.add_datastore_options(parser, ("processed_data", "cleaned_data"))
+    paths = config.paths_from_args(parser.parse_args([]))
+    assert (paths.processed_data, paths.cleaned_data) == ("/fast/processed", "/data/meters/cleaned_data")
+    explicit = config.paths_from_args(parser.parse_args(["--datastore", "/x", "--processed-data", "/y"]))
+    assert (explicit.processed_data, explicit.cleaned_data) == ("/y", "/x/cleaned_data")
+
+
+def test_series_names_round_trip_and_reject_malformed():
+    assert m.parse_series_name(m.series_name("device1", "energy import")) == ("device1", "energy import")
+    with pytest.raises(ValueError, match="device_id/signal_name"):
+        m.parse_series_name("device1")
+
+
+def test_replace_output_swaps_in_complete_data(spark, tmp_path):
+    target = str(tmp_path / "out")
+    replace_output(spark.createDataFrame([(None, b"1", "t", 0, 1, None, 0)], RAW_SCHEMA), target, log)
+    replace_output(spark.createDataFrame([(None, b"2", "t", 0, 2, None, 0)], RAW_SCHEMA), target, log)
+    values = [bytes(r.value) for r in read_output(spark, target, RAW_SCHEMA, log, "test").collect()]
+    assert values == [b"2"]
+    assert not (tmp_path / "out.staging").exists() and not (tmp_path / "out.previous").exists()
+
+
+def test_read_output_restores_previous_output_after_interrupted_swap(spark, tmp_path):
+    target = str(tmp_path / "out")
+    replace_output(spark.createDataFrame([(None, b"1", "t", 0, 1, None, 0)], RAW_SCHEMA), target, log)
+    (tmp_path / "out").rename(tmp_path / ("out" + PREVIOUS_SUFFIX))  # as a crash between the renames leaves it
+    rows = read_output(spark, target, RAW_SCHEMA, log, "test").collect()
+    assert [bytes(r.value) for r in rows] == [b"1"]
+
+
+def test_read_output_names_the_stage_to_run_when_missing(spark, tmp_path):
+    with pytest.raises(StageInputError, match="run the processor first"):
+        read_output(spark, str(tmp_path / "nothing"), RAW_SCHEMA, log, "processor")

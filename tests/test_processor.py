@@ -1,0 +1,208 @@
+"""processor: parsing, quarantine, replay collapse, accounting, robust raw reads."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+from chispa import assert_df_equality
+from common.spark import PROCESSED_SCHEMA, QUARANTINE_SCHEMA, RAW_SCHEMA, read_raw
+from processor import (
+    Accounting,
+    collapse_replays,
+    parse_measurements,
+    run,
+    select_quarantine,
+)
+
+from tests.helpers import message, raw_frame, utc
+
+T = 1716369246.734911
+GOOD = message(T, T - 10)
+
+
+def quarantine_of(spark, payloads):
+    return select_quarantine(parse_measurements(raw_frame(spark, payloads)))
+
+
+def processed_of(spark, payloads):
+    return collapse_replays(parse_measurements(raw_frame(spark, payloads)))
+
+
+def test_numbers_and_numeric_strings_parse_to_exact_typed_columns(spark):
+    payloads = [
+        message(T, T - 10, "device1", "energy import", 12),
+        message(str(T), str(T - 10), "device2", "energy export", "84.5"),
+    ]
+    expected = spark.createDataFrame(
+        [
+            (utc("2024-05-22 09:14:06.734911"), utc("2024-05-22 09:13:56.734911"), "device1", "energy import", 12.0),
+            (utc("2024-05-22 09:14:06.734911"), utc("2024-05-22 09:13:56.734911"), "device2", "energy export", 84.5),
+        ],
+        PROCESSED_SCHEMA,
+    )
+    assert_df_equality(processed_of(spark, payloads), expected, ignore_row_order=True)
+
+
+def test_example_file_parses_to_the_four_expected_series(spark):
+    with open(os.path.join(os.path.dirname(__file__), "..", "example_data", "measurement_values.json")) as handle:
+        payloads = [json.dumps(item).encode() for item in json.load(handle)]
+    processed = processed_of(spark, payloads)
+    assert sorted((r.device_id, r.signal_name) for r in processed.collect()) == [
+        ("device1", "energy export"),
+        ("device1", "energy import"),
+        ("device2", "energy export"),
+        ("device2", "energy import"),
+    ]
+    assert quarantine_of(spark, payloads).count() == 0
+
+
+BAD_RECORDS = [
+    (None, "empty_value"),
+    (b"", "empty_value"),
+    (b"   ", "empty_value"),
+    (b"not json", "malformed_json"),
+    (b'{"t_measurement": 17163', "malformed_json"),
+    (b"[1, 2]", "not_a_json_object"),
+    (b"42", "not_a_json_object"),
+    (b'"text"', "not_a_json_object"),
+    (b'{"t_report": 1716369236.7, "device_id": "d", "signal_name": "s", "value": 1}', "missing_field:t_measurement"),
+    (b'{"t_measurement": 1716369246.7, "device_id": "d", "signal_name": "s", "value": 1}', "missing_field:t_report"),
+    (
+        b'{"t_measurement": 1716369246.7, "t_report": 1716369236.7, "signal_name": "s", "value": 1}',
+        "missing_field:device_id",
+    ),
+    (
+        b'{"t_measurement": 1716369246.7, "t_report": 1716369236.7, "device_id": "", "signal_name": "s", "value": 1}',
+        "missing_field:device_id",
+    ),
+    (
+        b'{"t_measurement": 1716369246.7, "t_report": 1716369236.7, "device_id": "d", "value": 1}',
+        "missing_field:signal_name",
+    ),
+    (
+        b'{"t_measurement": 1716369246.7, "t_report": 1716369236.7, "device_id": "d", "signal_name": "s"}',
+        "missing_field:value",
+    ),
+    (
+        b'{"t_measurement": null, "t_report": 1716369236.7, "device_id": "d", "signal_name": "s", "value": 1}',
+        "missing_field:t_measurement",
+    ),
+    (message("yesterday", T), "unparseable_timestamp:t_measurement"),
+    (message(T, [1]), "unparseable_timestamp:t_report"),
+    (message(T * 1000, T), "implausible_timestamp:t_measurement"),
+    (message(T * 1_000_000, T), "implausible_timestamp:t_measurement"),
+    (message(T, 0), "implausible_timestamp:t_report"),
+    (message(T, -T), "implausible_timestamp:t_report"),
+    (message(T, T, value="twelve"), "non_numeric_value"),
+    (message(T, T, value=True), "non_numeric_value"),
+    (message(T, T, value={"kWh": 1}), "non_numeric_value"),
+    (message(T, T, value="NaN"), "non_finite_value"),
+    (message(T, T, value="-Infinity"), "non_finite_value"),
+    (GOOD.replace(b'"value": 12', b'"value": NaN'), "non_finite_value"),
+    (GOOD.replace(b'"value": 12', b'"value": 1e400'), "non_finite_value"),
+]
+
+
+@pytest.mark.parametrize(("payload", "reason"), BAD_RECORDS, ids=[r for _, r in BAD_RECORDS])
+def test_bad_record_is_quarantined_with_reason_and_kafka_coordinates(spark, payload, reason):
+    quarantine = quarantine_of(spark, [GOOD, payload])
+    raw_text = None if payload is None else payload.decode()
+    expected = spark.createDataFrame([(raw_text, reason, "mytopic", 0, 1)], QUARANTINE_SCHEMA)
+    assert_df_equality(quarantine, expected)
+    assert processed_of(spark, [GOOD, payload]).count() == 1
+
+
+def test_replays_collapse_to_the_latest_report(spark):
+    payloads = [
+        message(T, T - 10, value=12),
+        message(T, T - 10, value=12),  # at-least-once delivery: the same message again
+        message(T, T - 5, value=13),  # a correction, reported later
+        message(T + 10, T, value=14),
+    ]
+    expected = spark.createDataFrame(
+        [
+            (utc("2024-05-22 09:14:06.734911"), utc("2024-05-22 09:14:01.734911"), "device1", "energy import", 13.0),
+            (utc("2024-05-22 09:14:16.734911"), utc("2024-05-22 09:14:06.734911"), "device1", "energy import", 14.0),
+        ],
+        PROCESSED_SCHEMA,
+    )
+    assert_df_equality(processed_of(spark, payloads), expected, ignore_row_order=True)
+
+
+def test_same_time_on_another_series_is_not_a_replay(spark):
+    payloads = [
+        message(T, T - 10, "device1"),
+        message(T, T - 10, "device2"),
+        message(T, T - 10, "device1", "energy export"),
+    ]
+    assert processed_of(spark, payloads).count() == 3
+
+
+def test_run_accounts_for_every_raw_row(spark, paths):
+    payloads = [GOOD, GOOD, message(T + 10, T), b"not json", None, message(T + 20, T + 10, value="x")]
+    raw_frame(spark, payloads).write.parquet(paths.consumer_data)
+    accounting = run(spark, paths)
+    assert accounting == Accounting(raw=6, processed=2, quarantined=3, duplicates=1)
+    assert spark.read.parquet(paths.processed_data).count() == 2
+    assert spark.read.parquet(paths.quarantine_data).count() == 3
+
+
+def test_run_on_empty_consumer_data_writes_empty_outputs(spark, paths):
+    spark.createDataFrame([], RAW_SCHEMA).write.parquet(paths.consumer_data)
+    assert run(spark, paths) == Accounting(raw=0, processed=0, quarantined=0, duplicates=0)
+    assert spark.read.schema(PROCESSED_SCHEMA).parquet(paths.processed_data).count() == 0
+
+
+def _write_sink_log(folder, files, logged_root):
+    """A file-sink log as Spark writes it, naming files under ``logged_root``."""
+    os.makedirs(folder / "_spark_metadata")
+    lines = ["v1"] + [
+        json.dumps(
+            {
+                "path": f"file://{logged_root}/{name}",
+                "size": os.path.getsize(folder / name),
+                "isDir": False,
+                "modificationTime": 0,
+                "blockReplication": 1,
+                "blockSize": 33554432,
+                "action": "add",
+            }
+        )
+        for name in files
+    ]
+    (folder / "_spark_metadata" / "0").write_text("\n".join(lines))
+
+
+def test_copied_consumer_data_with_foreign_sink_log_reads_the_files_present(spark, tmp_path, caplog):
+    folder = tmp_path / "consumer_data"
+    raw_frame(spark, [GOOD, message(T + 10, T)]).coalesce(1).write.parquet(str(folder))
+    files = [f for f in os.listdir(folder) if f.endswith(".parquet")]
+    _write_sink_log(folder, files, "/machine/that/wrote/it/consumer_data")
+    log = logging.getLogger("test.read_raw")
+    with caplog.at_level(logging.WARNING, logger="test.read_raw"):
+        rows = read_raw(spark, str(folder), log).collect()
+    assert sorted(r.offset for r in rows) == [0, 1]
+    assert "not there" in caplog.text
+
+
+def test_sink_log_that_matches_is_used_and_leaves_out_uncommitted_files(spark, tmp_path):
+    folder = tmp_path / "consumer_data"
+    raw_frame(spark, [GOOD]).coalesce(1).write.parquet(str(folder))
+    committed = [f for f in os.listdir(folder) if f.endswith(".parquet")]
+    _write_sink_log(folder, committed, str(folder))
+    raw_frame(spark, [message(T + 10, T)]).coalesce(1).write.mode("append").parquet(str(folder))  # a failed batch
+    rows = read_raw(spark, str(folder), logging.getLogger("test")).collect()
+    assert [r.offset for r in rows] == [0]
+
+
+def test_copied_folder_reads_only_the_files_its_log_names(spark, tmp_path):
+    folder = tmp_path / "consumer_data"
+    raw_frame(spark, [GOOD]).coalesce(1).write.parquet(str(folder))
+    committed = [f for f in os.listdir(folder) if f.endswith(".parquet")]
+    _write_sink_log(folder, committed, "/machine/that/wrote/it/consumer_data")
+    raw_frame(spark, [message(T + 10, T)]).coalesce(1).write.mode("append").parquet(str(folder))  # a failed batch
+    rows = read_raw(spark, str(folder), logging.getLogger("test")).collect()
+    assert [r.offset for r in rows] == [0]
