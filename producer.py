@@ -31,6 +31,7 @@ from collections.abc import Iterator
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "exercises"))
 
+from common import config  # noqa: E402
 from common import message as m  # noqa: E402
 
 #: Value range of each simulated series, as in the original feed.
@@ -126,17 +127,7 @@ def parse_duration(text: str) -> float:
 
 def kafka_client_config(bootstrap_servers: str) -> dict:
     """Return the confluent-kafka configuration, with security options from the environment."""
-    conf = {"bootstrap.servers": bootstrap_servers}
-    for env_var, key in (
-        ("KAFKA_SECURITY_PROTOCOL", "security.protocol"),
-        ("KAFKA_SASL_MECHANISM", "sasl.mechanism"),
-        ("KAFKA_SASL_USERNAME", "sasl.username"),
-        ("KAFKA_SASL_PASSWORD", "sasl.password"),
-        ("KAFKA_SSL_CA_LOCATION", "ssl.ca.location"),
-    ):
-        if os.environ.get(env_var):
-            conf[key] = os.environ[env_var]
-    return conf
+    return {"bootstrap.servers": bootstrap_servers, **config.kafka_security_from_env()}
 
 
 class Sender:
@@ -226,12 +217,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--bootstrap-servers",
-        default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or m.DEFAULT_BOOTSTRAP_SERVERS,
+        default=config.env_default(config.ENV_BOOTSTRAP_SERVERS, m.DEFAULT_BOOTSTRAP_SERVERS),
         help="Kafka brokers [env KAFKA_BOOTSTRAP_SERVERS] (default %(default)s)",
     )
     parser.add_argument(
         "--topic",
-        default=os.environ.get("KAFKA_TOPIC") or m.DEFAULT_TOPIC,
+        default=config.env_default(config.ENV_TOPIC, m.DEFAULT_TOPIC),
         help="topic [env KAFKA_TOPIC] (default %(default)s)",
     )
     parser.add_argument(

@@ -23,6 +23,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
 from common import config
 from common import message as m
 from common.spark import (
@@ -35,8 +38,6 @@ from common.spark import (
     recover_output,
     write_text,
 )
-from pyspark.sql import Column, DataFrame, SparkSession, Window
-from pyspark.sql import functions as F
 
 STAGE = "checker"
 log = config.get_logger(STAGE)

@@ -25,6 +25,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from pyspark.sql import Column, DataFrame, Observation, SparkSession, Window
+from pyspark.sql import functions as F
+
 from common import config
 from common import message as m
 from common.spark import (
@@ -37,8 +40,6 @@ from common.spark import (
     read_output,
     replace_output,
 )
-from pyspark.sql import Column, DataFrame, Observation, SparkSession, Window
-from pyspark.sql import functions as F
 
 STAGE = "cleaner"
 log = config.get_logger(STAGE)

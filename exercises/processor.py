@@ -18,6 +18,10 @@ import sys
 import time
 from dataclasses import dataclass
 
+from pyspark.sql import Column, DataFrame, Observation, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
 from common import config
 from common import message as m
 from common.spark import (
@@ -28,9 +32,6 @@ from common.spark import (
     read_raw,
     replace_output,
 )
-from pyspark.sql import Column, DataFrame, Observation, SparkSession, Window
-from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
 STAGE = "processor"
 log = config.get_logger(STAGE)

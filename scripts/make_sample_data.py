@@ -19,9 +19,8 @@ from datetime import UTC, datetime
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "exercises")]
 
-from common import message as m  # noqa: E402
-
 import producer  # noqa: E402
+from common import message as m  # noqa: E402
 
 #: 2024-05-22 09:00:00 UTC, the day of the original feed.
 SAMPLE_START = 1716368400.123456

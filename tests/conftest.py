@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+
+import pyspark
 import pytest
-from common import config
 from pyspark.sql import SparkSession
+
+from common import config
+from common.spark import kafka_connector_jars
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +27,7 @@ def spark() -> SparkSession:
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.log.structuredLogging.enabled", "false")
+        .config("spark.jars", ",".join(kafka_connector_jars(pyspark.__version__)))
         .getOrCreate()
     )
     session.sparkContext.setLogLevel("ERROR")
@@ -29,3 +39,28 @@ def spark() -> SparkSession:
 def paths(tmp_path) -> config.Paths:
     """The standard datastore layout in a fresh temporary folder."""
     return config.Paths.under(str(tmp_path / "datastore"))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory) -> str:
+    """A real local Kafka broker for the test session; yields its bootstrap servers."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "KAFKA_PORT": str(port),
+        "KAFKA_CONTROLLER_PORT": str(free_port()),
+        "KAFKA_DATA_DIR": str(tmp_path_factory.mktemp("kafka")),
+    }
+    script = os.path.join(ROOT, "scripts", "kafka-local")
+    subprocess.run([script, "start"], env=env, check=True, timeout=180)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([script, "stop"], env=env, check=False, timeout=120)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+from pyspark.sql import DataFrame, SparkSession
+
 from common.spark import RAW_SCHEMA
 from make_sample_data import raw_rows
-from pyspark.sql import DataFrame, SparkSession
 
 
 def utc(text: str) -> datetime:

@@ -6,6 +6,7 @@ import json
 from datetime import datetime, timedelta
 
 import pytest
+
 from checker import CheckerConfig, check_cleaned, exit_code, format_table, run
 from common import message as m
 from common.spark import CLEANED_SCHEMA, UNKNOWN_SERIES_SCHEMA

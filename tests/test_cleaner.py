@@ -6,9 +6,9 @@ from datetime import timedelta
 
 import pytest
 from chispa import assert_approx_df_equality, assert_df_equality
+
 from cleaner import CleanerConfig, clean, parse_args, run
 from common.spark import CLEANED_SCHEMA, PROCESSED_SCHEMA
-
 from tests.helpers import utc
 
 IMPORT = ("device1", "energy import")

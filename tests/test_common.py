@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+
 from common import config
 from common import message as m
 from common.spark import PREVIOUS_SUFFIX, RAW_SCHEMA, StageInputError, read_output, replace_output

@@ -7,12 +7,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import checker
 import cleaner
 import processor
-import pytest
 from make_sample_data import UNKNOWN_SERIES, sample_payloads
-
 from producer import MALFORMED_PAYLOADS
 from tests.helpers import raw_frame
 

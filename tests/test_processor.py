@@ -8,6 +8,7 @@ import os
 
 import pytest
 from chispa import assert_df_equality
+
 from common.spark import PROCESSED_SCHEMA, QUARANTINE_SCHEMA, RAW_SCHEMA, read_raw
 from processor import (
     Accounting,
@@ -16,7 +17,6 @@ from processor import (
     run,
     select_quarantine,
 )
-
 from tests.helpers import message, raw_frame, utc
 
 T = 1716369246.734911

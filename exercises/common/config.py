@@ -114,3 +114,54 @@ def get_logger(stage: str) -> logging.Logger:
         logger.setLevel(logging.INFO)
         logger.propagate = False
     return logger
+
+
+# --- Kafka ---------------------------------------------------------------------------------------
+
+ENV_BOOTSTRAP_SERVERS = "KAFKA_BOOTSTRAP_SERVERS"
+ENV_TOPIC = "KAFKA_TOPIC"
+ENV_PROPERTIES_FILE = "KAFKA_PROPERTIES_FILE"
+
+#: Environment variables with Kafka client security settings, and the client property each sets.
+#: The same variables serve the producer, the reader (librdkafka) and the consumer (Java client).
+KAFKA_SECURITY_ENV = {
+    "KAFKA_SECURITY_PROTOCOL": "security.protocol",
+    "KAFKA_SASL_MECHANISM": "sasl.mechanism",
+    "KAFKA_SASL_USERNAME": "sasl.username",
+    "KAFKA_SASL_PASSWORD": "sasl.password",
+    "KAFKA_SSL_CA_LOCATION": "ssl.ca.location",
+}
+
+#: Words that mark a client property's value as secret: it is never printed.
+SECRET_WORDS = ("password", "jaas", "secret", "token", "key")
+
+
+def kafka_security_from_env() -> dict[str, str]:
+    """Return the security properties set in the environment (librdkafka names)."""
+    return {key: os.environ[env] for env, key in KAFKA_SECURITY_ENV.items() if os.environ.get(env, "").strip()}
+
+
+def redact(properties: dict[str, str]) -> dict[str, str]:
+    """Return client properties fit to print: secret values replaced by ``***``."""
+    return {
+        key: "***" if any(word in key.lower() for word in SECRET_WORDS) else value for key, value in properties.items()
+    }
+
+
+def read_properties(path: str) -> dict[str, str]:
+    """Read a Java-style ``key=value`` properties file (``#`` and ``!`` start comments).
+
+    Raises:
+        ValueError: on a line without ``=`` or ``:``.
+    """
+    properties = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            line = line.strip()
+            if not line or line[0] in "#!":
+                continue
+            separator = min((i for i in (line.find("="), line.find(":")) if i > 0), default=-1)
+            if separator < 0:
+                raise ValueError(f"{path}:{number}: not a key=value line")
+            properties[line[:separator].strip()] = line[separator + 1 :].strip()
+    return properties

@@ -229,7 +229,7 @@ def read_raw(spark: SparkSession, path: str, log: logging.Logger) -> DataFrame:
     logged = {_local_form(name) for name in _sink_log_files(spark, sink_log)}
     # A glob is not a folder, so Spark lists the files instead of reading the log.
     glob_path = f"{path.rstrip('/')}/*.parquet"
-    present = {_local_form(f): f for f in _list_files(spark, glob_path)}
+    present = {_local_form(f): f for f in list_files(spark, glob_path)}
     if logged <= present.keys():
         return reader.parquet(path)
     logged_names = {name.rsplit("/", 1)[-1] for name in logged}
@@ -257,7 +257,7 @@ def _sink_log_files(spark: SparkSession, sink_log: str) -> set[str]:
     """
     jvm = spark.sparkContext._jvm
     files: set[str] = set()
-    for log_file in _list_files(spark, f"{sink_log}/*"):
+    for log_file in list_files(spark, f"{sink_log}/*"):
         if not re.fullmatch(r"\d+(\.compact)?", log_file.rsplit("/", 1)[-1]):
             continue
         fs, hadoop_path = _fs_path(spark, log_file)
@@ -275,7 +275,7 @@ def _sink_log_files(spark: SparkSession, sink_log: str) -> set[str]:
     return files
 
 
-def _list_files(spark: SparkSession, glob_path: str) -> list[str]:
+def list_files(spark: SparkSession, glob_path: str) -> list[str]:
     """The files a glob matches (none when it matches nothing)."""
     fs, hadoop_path = _fs_path(spark, glob_path)
     statuses = fs.globStatus(hadoop_path) or []

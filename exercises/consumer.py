@@ -1,0 +1,303 @@
+"""Stage 1, consumer: copy the Kafka topic into consumer_data, exactly once.
+
+Reads the topic with Spark Structured Streaming (startingOffsets earliest, failOnDataLoss false) and
+appends the rows unchanged (key, value, topic, partition, offset, timestamp, timestampType; value
+stays binary) to ``consumer_data`` as parquet, with its checkpoint in ``checkpoint_consumer``. The
+trigger is availableNow: it takes what the topic holds now, in micro-batches of at most
+``--max-offsets-per-trigger``, and stops. The checkpoint makes each offset land exactly once, also
+across crashes and reruns.
+
+Kafka client options (security) come from the environment (KAFKA_SECURITY_PROTOCOL,
+KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD, KAFKA_SSL_CA_LOCATION) or a Java-style
+properties file (``--kafka-properties``, env KAFKA_PROPERTIES_FILE, keys such as security.protocol,
+sasl.jaas.config, ssl.truststore.location). Their values are never printed.
+
+Usage:
+    python exercises/consumer.py [--bootstrap-servers HOST:PORT] [--topic mytopic] [--datastore DIR]
+    spark-submit --packages org.apache.spark:spark-sql-kafka-0-10_2.13:<spark version> \\
+        exercises/consumer.py --bootstrap-servers HOST:PORT
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+import pyspark
+from pyspark.errors import StreamingQueryException
+from pyspark.sql import SparkSession
+
+from common import config
+from common import message as m
+from common.spark import (
+    RAW_SCHEMA,
+    SINK_LOG,
+    build_session,
+    kafka_connector_jars,
+    list_files,
+)
+
+STAGE = "consumer"
+log = config.get_logger(STAGE)
+
+#: Client timeouts that make an unreachable broker fail the run within about a minute (the
+#: client defaults wait several minutes).
+TIMEOUT_OPTIONS = {
+    "kafka.request.timeout.ms": "15000",
+    "kafka.default.api.timeout.ms": "30000",
+    "kafka.socket.connection.setup.timeout.ms": "5000",
+    "kafka.socket.connection.setup.timeout.max.ms": "10000",
+    "fetchOffset.numRetries": "2",
+    "fetchOffset.retryIntervalMs": "1000",
+}
+REACHABLE_WAIT_SECONDS = 15.0
+_JAAS_MODULES = {
+    "PLAIN": "org.apache.kafka.common.security.plain.PlainLoginModule",
+    "SCRAM-SHA-256": "org.apache.kafka.common.security.scram.ScramLoginModule",
+    "SCRAM-SHA-512": "org.apache.kafka.common.security.scram.ScramLoginModule",
+}
+
+
+class ConsumerError(Exception):
+    """The run cannot go on; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What one run wrote."""
+
+    batches: int
+    rows: int
+    end_offsets: dict[str, dict[str, int]]
+
+
+def client_options(env_security: dict[str, str], properties: dict[str, str]) -> dict[str, str]:
+    """Return the Spark Kafka source's ``kafka.*`` client options for the security settings.
+
+    Args:
+        env_security: librdkafka-style settings from the environment (``sasl.username`` ...).
+        properties: Java client properties from a file; they win over the environment.
+
+    Raises:
+        ConsumerError: when a username is given without a password or with an unknown mechanism.
+    """
+    options = {}
+    for key in ("security.protocol", "sasl.mechanism"):
+        if key in env_security:
+            options[f"kafka.{key}"] = env_security[key]
+    if "ssl.ca.location" in env_security:
+        options["kafka.ssl.truststore.type"] = "PEM"
+        options["kafka.ssl.truststore.location"] = env_security["ssl.ca.location"]
+    if "sasl.username" in env_security:
+        mechanism = env_security.get("sasl.mechanism", "PLAIN").upper()
+        if mechanism not in _JAAS_MODULES or "sasl.password" not in env_security:
+            raise ConsumerError(
+                f"KAFKA_SASL_USERNAME needs KAFKA_SASL_PASSWORD and a mechanism of {', '.join(_JAAS_MODULES)}"
+            )
+        user = json.dumps(env_security["sasl.username"])
+        password = json.dumps(env_security["sasl.password"])
+        options["kafka.sasl.jaas.config"] = f"{_JAAS_MODULES[mechanism]} required username={user} password={password};"
+    for key, value in properties.items():
+        options[key if key.startswith("kafka.") else f"kafka.{key}"] = value
+    return options
+
+
+def wait_until_reachable(bootstrap_servers: str, wait_seconds: float = REACHABLE_WAIT_SECONDS) -> None:
+    """Return once one bootstrap server accepts TCP connections.
+
+    Raises:
+        ConsumerError: when none does within ``wait_seconds``.
+    """
+    servers = [s.strip() for s in bootstrap_servers.split(",") if s.strip()]
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        for server in servers:
+            host, _, port = server.rpartition(":")
+            try:
+                with socket.create_connection((host.strip("[]") or "localhost", int(port)), timeout=3):
+                    return
+            except (OSError, ValueError):
+                continue
+        if time.monotonic() >= deadline:
+            raise ConsumerError(
+                f"cannot reach the Kafka broker at {bootstrap_servers} (tried for {wait_seconds:.0f} s); "
+                "is it running? Locally: scripts/kafka-local start"
+            )
+        time.sleep(1)
+
+
+def _latest_batch(spark: SparkSession, folder: str) -> int:
+    """The highest batch id among a streaming log folder's files (``N`` or ``N.compact``); -1 if none."""
+    ids = [
+        int(match.group(1))
+        for name in list_files(spark, f"{folder}/*")
+        if (match := re.fullmatch(r"(\d+)(\.compact)?", name.rsplit("/", 1)[-1]))
+    ]
+    return max(ids, default=-1)
+
+
+def check_sink_matches_checkpoint(spark: SparkSession, paths: config.Paths) -> None:
+    """Refuse to run when the file sink would silently skip the next batches.
+
+    The parquet sink skips every batch whose id is not above the latest one in its
+    ``_spark_metadata`` log. When the log is ahead of the checkpoint's commits (the checkpoint was
+    deleted, or belongs to other output), new data would be dropped without a word.
+
+    Raises:
+        ConsumerError: naming both folders and how to fix it.
+    """
+    sink_batch = _latest_batch(spark, f"{paths.consumer_data.rstrip('/')}/{SINK_LOG}")
+    if sink_batch < 0:
+        return
+    committed = _latest_batch(spark, f"{paths.checkpoint_consumer.rstrip('/')}/commits")
+    if sink_batch > committed:
+        raise ConsumerError(
+            f"{paths.consumer_data} holds a {SINK_LOG} log up to batch {sink_batch}, but the checkpoint "
+            f"{paths.checkpoint_consumer} has committed only up to batch {committed} (missing, or made for "
+            "other output); Spark would silently skip the new batches. Restore the checkpoint that belongs "
+            "to this output, or move the output aside (or point --consumer-data and --checkpoint-consumer "
+            "at new folders) and consume again from the earliest offset."
+        )
+
+
+def run(
+    spark: SparkSession,
+    paths: config.Paths,
+    bootstrap_servers: str,
+    topic: str,
+    kafka_options: dict[str, str],
+    max_offsets_per_trigger: int | None = None,
+) -> IngestResult:
+    """Copy what the topic holds now into consumer_data; return what was written.
+
+    Raises:
+        ConsumerError: when the broker cannot be reached, the sink and checkpoint disagree, or
+            the query fails.
+    """
+    started = time.monotonic()
+    check_sink_matches_checkpoint(spark, paths)
+    wait_until_reachable(bootstrap_servers)
+    log.info(
+        "reading %s from %s%s",
+        topic,
+        bootstrap_servers,
+        f" with client options {sorted(config.redact(kafka_options).items())}" if kafka_options else "",
+    )
+    reader = (
+        spark.readStream.format("kafka")
+        .option("kafka.bootstrap.servers", bootstrap_servers)
+        .option("subscribe", topic)
+        .option("startingOffsets", "earliest")
+        .option("failOnDataLoss", "false")
+        .options(**TIMEOUT_OPTIONS)
+        .options(**kafka_options)
+    )
+    if max_offsets_per_trigger:
+        reader = reader.option("maxOffsetsPerTrigger", str(max_offsets_per_trigger))
+    # Keep every batch's progress for the summary, not only the last 100.
+    spark.conf.set("spark.sql.streaming.numRecentProgressUpdates", "100000")
+    query = (
+        reader.load()
+        .select(*RAW_SCHEMA.fieldNames())
+        .writeStream.format("parquet")
+        .option("path", paths.consumer_data)
+        .option("checkpointLocation", paths.checkpoint_consumer)
+        .outputMode("append")
+        .trigger(availableNow=True)
+        .queryName(f"consumer-{topic}")
+        .start()
+    )
+    try:
+        query.awaitTermination()
+    except StreamingQueryException as error:
+        raise ConsumerError(f"reading {topic} from {bootstrap_servers} failed: {_first_line(error)}") from error
+    result = summarize(query.recentProgress)
+    log.info(
+        "%d batches, %d rows written to %s; end offsets %s (%.1f s)",
+        result.batches,
+        result.rows,
+        paths.consumer_data,
+        json.dumps(result.end_offsets, sort_keys=True) if result.end_offsets else "unchanged",
+        time.monotonic() - started,
+    )
+    return result
+
+
+def _first_line(error: Exception) -> str:
+    text = str(getattr(error, "desc", None) or error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    causes = [line for line in lines if "Exception:" in line and "StreamingQueryException" not in line]
+    return (causes[-1] if causes else lines[0] if lines else type(error).__name__)[:500]
+
+
+def summarize(progress: list) -> IngestResult:
+    """Return batches, rows and end offsets from a query's progress reports."""
+    with_rows = [p for p in progress if p.numInputRows > 0]
+    end_offsets: dict[str, dict[str, int]] = {}
+    for report in progress:
+        for source in report.sources:
+            if source.endOffset:
+                offsets = json.loads(source.endOffset)
+                end_offsets = {t: {p: int(o) for p, o in parts.items()} for t, parts in offsets.items()}
+    return IngestResult(len(with_rows), sum(p.numInputRows for p in with_rows), end_offsets)
+
+
+def parse_args(argv: list[str] | None):
+    """Parse the command line into (args, paths)."""
+    parser = config.make_parser(__doc__)
+    group = parser.add_argument_group("kafka")
+    group.add_argument(
+        "--bootstrap-servers",
+        default=config.env_default(config.ENV_BOOTSTRAP_SERVERS, m.DEFAULT_BOOTSTRAP_SERVERS),
+        help=f"Kafka brokers, host:port[,host:port] [env {config.ENV_BOOTSTRAP_SERVERS}]",
+    )
+    group.add_argument(
+        "--topic", default=config.env_default(config.ENV_TOPIC, m.DEFAULT_TOPIC), help=f"topic [env {config.ENV_TOPIC}]"
+    )
+    group.add_argument(
+        "--max-offsets-per-trigger",
+        type=int,
+        default=config.env_default("METER_MAX_OFFSETS_PER_TRIGGER", None),
+        help="at most this many offsets per micro-batch (default: all at once) [env METER_MAX_OFFSETS_PER_TRIGGER]",
+    )
+    group.add_argument(
+        "--kafka-properties",
+        default=config.env_default(config.ENV_PROPERTIES_FILE, None),
+        help=f"Java-style properties file of Kafka client options (security) [env {config.ENV_PROPERTIES_FILE}]",
+    )
+    config.add_datastore_options(parser, ("consumer_data", "checkpoint_consumer"))
+    args = parser.parse_args(argv)
+    if args.max_offsets_per_trigger is not None and int(args.max_offsets_per_trigger) <= 0:
+        parser.error("--max-offsets-per-trigger must be positive")
+    return args, config.paths_from_args(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the consumer from the command line; return the exit code."""
+    args, paths = parse_args(argv)
+    try:
+        properties = config.read_properties(args.kafka_properties) if args.kafka_properties else {}
+        options = client_options(config.kafka_security_from_env(), properties)
+        spark = build_session(
+            "meter-stream consumer", verbose=args.verbose, jars=kafka_connector_jars(pyspark.__version__)
+        )
+        run(
+            spark,
+            paths,
+            args.bootstrap_servers,
+            args.topic,
+            options,
+            int(args.max_offsets_per_trigger) if args.max_offsets_per_trigger else None,
+        )
+    except (ConsumerError, FileNotFoundError, ValueError) as error:
+        log.error("%s", error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Check a Kafka broker: read the measurement topic and print each parsed message.
+
+Connects with confluent-kafka, reads from the earliest offset (new consumer group) and prints one
+line per message: partition, offset and the parsed measurement (or why it does not parse). Stops
+after ``--max-messages`` or when nothing arrives for ``--timeout`` seconds; Ctrl-C stops cleanly.
+Exit code 0 when it read something, 1 when it read nothing, 2 when the broker cannot be reached.
+
+Security options come from the environment: KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_MECHANISM,
+KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD, KAFKA_SSL_CA_LOCATION.
+
+Usage:
+    python test_your_docker_setup/reader.py [--bootstrap-servers 127.0.0.1:9093] [--topic mytopic]
+        [--max-messages 10] [--timeout 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "exercises"))
+
+from common import config  # noqa: E402
+from common import message as m  # noqa: E402
+
+BROKER_CHECK_SECONDS = 10.0
+
+
+def describe(value: bytes | None) -> str:
+    """Return a message value as one readable line."""
+    if value is None:
+        return "(null value)"
+    try:
+        parsed = json.loads(value)
+    except (UnicodeDecodeError, ValueError):
+        return f"not JSON: {value[:80]!r}"
+    if not isinstance(parsed, dict):
+        return f"not a JSON object: {value[:80]!r}"
+    return " ".join(f"{field}={parsed.get(field)!r}" for field in m.FIELDS)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--bootstrap-servers",
+        default=config.env_default(config.ENV_BOOTSTRAP_SERVERS, m.DEFAULT_BOOTSTRAP_SERVERS),
+        help=f"Kafka brokers [env {config.ENV_BOOTSTRAP_SERVERS}] (default %(default)s)",
+    )
+    parser.add_argument(
+        "--topic",
+        default=config.env_default(config.ENV_TOPIC, m.DEFAULT_TOPIC),
+        help=f"topic [env {config.ENV_TOPIC}] (default %(default)s)",
+    )
+    parser.add_argument("--group", default=None, help="consumer group (default: a new one, so it reads from the start)")
+    parser.add_argument("--max-messages", type=int, default=None, help="stop after this many messages")
+    parser.add_argument("--timeout", type=float, default=None, help="stop after this many seconds without a message")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Read and print messages; return the exit code."""
+    from confluent_kafka import Consumer, KafkaException
+
+    args = parse_args(argv)
+    consumer = Consumer(
+        {
+            "bootstrap.servers": args.bootstrap_servers,
+            "group.id": args.group or f"meter-stream-reader-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "logger": _quiet_logger(),
+            **config.kafka_security_from_env(),
+        }
+    )
+    try:
+        consumer.list_topics(timeout=BROKER_CHECK_SECONDS)
+    except KafkaException as error:
+        print(
+            f"reader: cannot reach the Kafka broker at {args.bootstrap_servers}: {error.args[0].str()}", file=sys.stderr
+        )
+        consumer.close()
+        return 2
+    consumer.subscribe([args.topic])
+    count, last_message = 0, time.monotonic()
+    try:
+        while args.max_messages is None or count < args.max_messages:
+            msg = consumer.poll(1.0)
+            if msg is None:
+                if args.timeout is not None and time.monotonic() - last_message >= args.timeout:
+                    break
+                continue
+            if msg.error():
+                print(f"reader: {msg.error().str()}", file=sys.stderr)
+                continue
+            count, last_message = count + 1, time.monotonic()
+            print(f"{msg.topic()}[{msg.partition()}]@{msg.offset()}: {describe(msg.value())}", flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
+    print(f"reader: {count} messages from {args.topic}", file=sys.stderr)
+    return 0 if count else 1
+
+
+def _quiet_logger():
+    """A logger that keeps librdkafka's connection retries off the screen."""
+    import logging
+
+    logger = logging.getLogger("meter_stream.reader.kafka")
+    logger.addHandler(logging.NullHandler())
+    logger.propagate = False
+    return logger
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""consumer: a real Kafka broker into consumer_data, exactly once; failures are clear and bounded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+import checker
+import cleaner
+import processor
+from common.spark import RAW_SCHEMA
+from consumer import ConsumerError, client_options, run
+
+pytestmark = pytest.mark.integration
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def new_topic(kafka: str, partitions: int = 1) -> str:
+    topic = f"test-{uuid.uuid4().hex[:10]}"
+    admin = AdminClient({"bootstrap.servers": kafka})  # keep it alive until the topic exists
+    admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result(timeout=30)
+    return topic
+
+
+def produce(kafka: str, topic: str, messages: list[dict]) -> None:
+    """Send messages (kwargs of Producer.produce) and wait until all are delivered."""
+    producer = Producer({"bootstrap.servers": kafka})
+    failures = []
+    for msg in messages:
+        producer.produce(topic, on_delivery=lambda err, _m: err and failures.append(err), **msg)
+    assert producer.flush(30) == 0 and not failures
+
+
+def consumed(spark, paths):
+    return spark.read.schema(RAW_SCHEMA).parquet(paths.consumer_data)
+
+
+def test_every_message_lands_once_with_the_kafka_schema(spark, kafka, paths):
+    topic = new_topic(kafka)
+    values = [f'{{"n": {i}}}'.encode() for i in range(50)]
+    produce(kafka, topic, [{"value": v} for v in values])
+
+    result = run(spark, paths, kafka, topic, {})
+
+    rows = consumed(spark, paths).collect()
+    assert result.rows == 50 and result.end_offsets == {topic: {"0": 50}}
+    assert spark.read.parquet(paths.consumer_data).schema == RAW_SCHEMA
+    assert sorted(bytes(r.value) for r in rows) == sorted(values)
+    assert sorted((r.partition, r.offset) for r in rows) == [(0, i) for i in range(50)]
+    assert {(r.topic, r.timestampType, r.key) for r in rows} == {(topic, 0, None)}
+
+
+def test_reruns_add_only_new_messages(spark, kafka, paths):
+    topic = new_topic(kafka)
+    produce(kafka, topic, [{"value": b"first-%d" % i} for i in range(30)])
+    run(spark, paths, kafka, topic, {})
+    produce(kafka, topic, [{"value": b"second-%d" % i} for i in range(20)])
+
+    second = run(spark, paths, kafka, topic, {})
+    files_after_second = sorted(os.listdir(paths.consumer_data))
+    third = run(spark, paths, kafka, topic, {})
+
+    offsets = [r.offset for r in consumed(spark, paths).collect()]
+    assert second.rows == 20 and third.rows == 0
+    assert sorted(offsets) == list(range(50))
+    assert sorted(os.listdir(paths.consumer_data)) == files_after_second
+
+
+def test_partitions_keys_headers_and_null_values(spark, kafka, paths):
+    topic = new_topic(kafka, partitions=3)
+    messages = [{"value": b"v%d" % i, "key": b"k%d" % i, "partition": i % 3} for i in range(12)]
+    messages += [
+        {"value": b"with-headers", "headers": [("source", b"test")], "partition": 1},
+        {"value": None, "key": b"tombstone", "partition": 2},
+    ]
+    produce(kafka, topic, messages)
+
+    run(spark, paths, kafka, topic, {})
+
+    rows = consumed(spark, paths).collect()
+    assert len(rows) == 14 and len({(r.partition, r.offset) for r in rows}) == 14
+    assert {r.partition for r in rows} == {0, 1, 2}
+    by_key = {None if r.key is None else bytes(r.key): r for r in rows}
+    assert bytes(by_key[b"k4"].value) == b"v4" and by_key[b"k4"].partition == 1
+    assert by_key[b"tombstone"].value is None
+    assert bytes(by_key[None].value) == b"with-headers"
+
+
+def test_small_triggers_make_several_batches(spark, kafka, paths):
+    topic = new_topic(kafka)
+    produce(kafka, topic, [{"value": b"%d" % i} for i in range(50)])
+    result = run(spark, paths, kafka, topic, {}, max_offsets_per_trigger=20)
+    assert (result.batches, result.rows) == (3, 50)
+    assert consumed(spark, paths).count() == 50
+
+
+def test_missing_checkpoint_beside_existing_output_is_refused(spark, kafka, paths):
+    topic = new_topic(kafka)
+    produce(kafka, topic, [{"value": b"x"}])
+    run(spark, paths, kafka, topic, {})
+    os.rename(paths.checkpoint_consumer, paths.checkpoint_consumer + ".lost")
+    produce(kafka, topic, [{"value": b"y"}])
+    with pytest.raises(ConsumerError, match="silently skip the new batches"):
+        run(spark, paths, kafka, topic, {})
+    assert consumed(spark, paths).count() == 1
+
+
+def test_unreachable_broker_fails_fast_with_a_clear_message(tmp_path):
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "exercises/consumer.py", "--bootstrap-servers", "127.0.0.1:9", "--datastore", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 1
+    assert "cannot reach the Kafka broker at 127.0.0.1:9" in result.stderr
+    assert time.monotonic() - started < 90
+
+
+def test_credentials_become_a_jaas_config_and_properties_win():
+    options = client_options(
+        {
+            "security.protocol": "SASL_PLAINTEXT",
+            "sasl.mechanism": "SCRAM-SHA-256",
+            "sasl.username": "meter",
+            "sasl.password": 's3cr"et',
+        },
+        {"ssl.endpoint.identification.algorithm": ""},
+    )
+    assert options == {
+        "kafka.security.protocol": "SASL_PLAINTEXT",
+        "kafka.sasl.mechanism": "SCRAM-SHA-256",
+        "kafka.sasl.jaas.config": "org.apache.kafka.common.security.scram.ScramLoginModule required "
+        'username="meter" password="s3cr\\"et";',
+        "kafka.ssl.endpoint.identification.algorithm": "",
+    }
+    with pytest.raises(ConsumerError, match="KAFKA_SASL_PASSWORD"):
+        client_options({"sasl.username": "meter"}, {})
+
+
+def test_producer_backfill_through_every_stage(spark, kafka, paths):
+    topic = new_topic(kafka)
+    produced = subprocess.run(
+        [
+            sys.executable,
+            "producer.py",
+            "--backfill",
+            "30m",
+            "--seed",
+            "2",
+            "--topic",
+            topic,
+            "--bootstrap-servers",
+            kafka,
+            "--quiet",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert produced.returncode == 0, produced.stderr
+    delivered = int(produced.stderr.split("producer: ")[1].split()[0])
+
+    ingest = run(spark, paths, kafka, topic, {})
+    accounting = processor.run(spark, paths)
+    cleaner.run(spark, paths, cleaner.CleanerConfig())
+    results = checker.run(spark, paths, checker.CheckerConfig())
+
+    assert ingest.rows == delivered == accounting.raw == accounting.processed
+    assert checker.exit_code(results) == 0
