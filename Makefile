@@ -8,13 +8,23 @@ export JAVA_HOME := $(shell scripts/java-home)
 export PATH := $(JAVA_HOME)/bin:$(PATH)
 export PYSPARK_PYTHON := $(abspath $(PY))
 
-.PHONY: setup test lint format clean-data help
+# make run knobs (see scripts/run-pipeline): BACKFILL=6h DATASTORE=./datastore KAFKA_PORT=9093
+# KAFKA_BOOTSTRAP_SERVERS=host:port (an existing broker instead of the local one) SEED=1
+BACKFILL ?= 6h
+DATASTORE ?= ./datastore
+KAFKA_PORT ?= 9093
+export BACKFILL DATASTORE KAFKA_PORT KAFKA_BOOTSTRAP_SERVERS SEED
+
+.PHONY: run setup test lint format clean-data help
 
 help:
 	@echo "make run     set up, start a local Kafka broker, backfill, run the four stages, stop it"
 	@echo "make test    set up and run the test suite"
 	@echo "make setup   create .venv, install requirements.txt, fetch the jars"
 	@echo "make lint    ruff check and format check"
+
+run: setup
+	scripts/run-pipeline
 
 setup: $(VENV)/.installed .cache/jars/.fetched
 
@@ -41,4 +51,4 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 
 clean-data:
-	rm -rf datastore/*/ datastore/*.staging datastore/*.previous
+	rm -rf $(DATASTORE)/*/ $(DATASTORE)/*.staging $(DATASTORE)/*.previous

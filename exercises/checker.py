@@ -22,6 +22,7 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -36,6 +37,7 @@ from common.spark import (
     build_session,
     path_exists,
     recover_output,
+    write_bytes,
     write_text,
 )
 
@@ -46,6 +48,10 @@ ERROR = "error"
 WARN = "warn"
 SEVERITIES = (ERROR, WARN)
 REPORT_FILE = "check_report.json"
+CHART_FILE = "cleaned_series.png"
+#: The chart shows at most this many series (by name) over the last CHART_HOURS of data.
+CHART_SERIES = 8
+CHART_HOURS = 24
 MEASURED, MISSING = "measured", "missing"
 
 
@@ -75,7 +81,7 @@ class CheckerConfig:
     """
 
     expected_series: tuple[tuple[str, str], ...] | None = m.EXPECTED_SERIES
-    slot_seconds: int = 10
+    slot_seconds: int = config.DEFAULT_SLOT_SECONDS
     bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
     default_bounds: tuple[float, float] = (0.0, 1000.0)
     max_filled_share: float = 0.7
@@ -269,10 +275,17 @@ def _round(value):
 
 def check_cleaned(cleaned: DataFrame, unknown: DataFrame | None, config_: CheckerConfig) -> list[Result]:
     """Run every check; return the report's results (global ones first)."""
+    return check_and_summarize(cleaned, unknown, config_)[0]
+
+
+def check_and_summarize(
+    cleaned: DataFrame, unknown: DataFrame | None, config_: CheckerConfig
+) -> tuple[list[Result], list]:
+    """Run every check; return the results and the metrics rows of the series listed in them."""
     problems = schema_problems(cleaned)
     results = [Result("schema", ERROR, not problems, problems or "as declared", "cleaned_data contract")]
     if problems:
-        return results
+        return results, []
     checks = series_checks(config_)
     metrics = (
         cleaned.transform(series_metrics(config_))
@@ -323,7 +336,7 @@ def check_cleaned(cleaned: DataFrame, unknown: DataFrame | None, config_: Checke
                 )
             )
     results.append(_unknown_series_result(unknown))
-    return results
+    return results, listed
 
 
 def _expected_series_result(metrics: DataFrame, config_: CheckerConfig) -> Result:
@@ -370,6 +383,105 @@ def format_table(results: list[Result]) -> str:
     )
 
 
+def format_summary(listed: list) -> str:
+    """Return the per-series summary (slots, measured, filled, missing, share filled) as a table."""
+    header = ("series", "slots", "measured", "filled", "missing", "filled share")
+    rows = [
+        (
+            m.series_name(r[m.DEVICE_ID], r[m.SIGNAL_NAME]),
+            r["slots"],
+            r["measured"],
+            r["filled"],
+            r["missing_slots"],
+            f"{r['filled_share']:.1%}",
+        )
+        for r in sorted(listed, key=lambda r: (r[m.DEVICE_ID], r[m.SIGNAL_NAME]))
+    ]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        for row in [header, *rows]
+    ]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def chart_points(cleaned: DataFrame, series: list[tuple[str, str]]) -> DataFrame:
+    """The rows the chart draws: the given series over the last CHART_HOURS of their data."""
+    catalog = cleaned.sparkSession.createDataFrame(series, [m.DEVICE_ID, m.SIGNAL_NAME])
+    chosen = cleaned.join(F.broadcast(catalog), on=[m.DEVICE_ID, m.SIGNAL_NAME], how="left_semi")
+    newest = chosen.agg(F.max(m.T_MEASUREMENT).alias("newest"))
+    return (
+        chosen.crossJoin(newest)
+        .where(F.col(m.T_MEASUREMENT) > F.col("newest") - F.expr(f"INTERVAL {CHART_HOURS} HOURS"))
+        .select(m.DEVICE_ID, m.SIGNAL_NAME, m.T_MEASUREMENT, m.VALUE, QUALITY)
+    )
+
+
+def draw_chart(points: list, png_path_writer) -> None:
+    """Draw one panel per series: measured dots, filled rings, missing stretches shaded.
+
+    Args:
+        points: rows of ``chart_points``, any order.
+        png_path_writer: called with the PNG bytes.
+    """
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.dates as mdates
+    import matplotlib.pyplot as plt
+
+    by_series: dict[str, list] = {}
+    for row in sorted(points, key=lambda r: (r[m.DEVICE_ID], r[m.SIGNAL_NAME], r[m.T_MEASUREMENT])):
+        by_series.setdefault(m.series_name(row[m.DEVICE_ID], row[m.SIGNAL_NAME]), []).append(row)
+    figure, axes = plt.subplots(
+        max(1, len(by_series)), 1, sharex=True, squeeze=False, figsize=(12, 2.2 * max(1, len(by_series)) + 0.8)
+    )
+    for axis, (name, rows) in zip(axes[:, 0], by_series.items(), strict=False):
+        times = [r[m.T_MEASUREMENT] for r in rows]
+        axis.plot(times, [r[m.VALUE] for r in rows], color="0.75", linewidth=0.6, zorder=1)
+        for flag, style in (
+            ("measured", dict(marker="o", s=6, color="tab:blue", label="measured")),
+            (
+                "filled",
+                dict(marker="o", s=10, facecolors="none", edgecolors="tab:orange", linewidths=0.7, label="filled"),
+            ),
+        ):
+            chosen = [r for r in rows if (r[QUALITY] == MEASURED) == (flag == "measured") and r[QUALITY] != MISSING]
+            axis.scatter([r[m.T_MEASUREMENT] for r in chosen], [r[m.VALUE] for r in chosen], zorder=2, **style)
+        missing = [r[m.T_MEASUREMENT] for r in rows if r[QUALITY] == MISSING]
+        for start, end in _stretches(missing):
+            axis.axvspan(start, end, color="tab:red", alpha=0.15, label="missing" if start == missing[0] else None)
+        filled_share = sum(r[QUALITY] not in (MEASURED, MISSING) for r in rows) / len(rows)
+        axis.set_title(
+            f"{name}: {len(rows)} slots, {filled_share:.0%} filled, {len(missing)} missing", loc="left", fontsize=9
+        )
+        axis.set_ylabel("value")
+        axis.grid(alpha=0.3)
+    axes[0, 0].legend(loc="upper right", fontsize=8, ncols=3)
+    axes[-1, 0].xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M"))
+    axes[-1, 0].set_xlabel("slot start (UTC)")
+    figure.suptitle("cleaned_data: measured and filled values per series", fontsize=11)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    png_path_writer(buffer.getvalue())
+
+
+def _stretches(times: list, gap: timedelta | None = None) -> list[tuple]:
+    """Group sorted slot times into (first, last) runs of consecutive slots."""
+    gap = gap or timedelta(seconds=60)
+    runs: list[list] = []
+    for t in times:
+        if runs and t - runs[-1][1] <= gap:
+            runs[-1][1] = t
+        else:
+            runs.append([t, t])
+    return [(a, b) for a, b in runs]
+
+
 def exit_code(results: list[Result]) -> int:
     """Return 1 when an error-severity check failed, else 0."""
     return 1 if any(not r.passed and r.severity == ERROR for r in results) else 0
@@ -388,9 +500,17 @@ def run(spark: SparkSession, paths: config.Paths, config_: CheckerConfig) -> lis
         if path_exists(spark, paths.unknown_series)
         else None
     )
-    results = check_cleaned(cleaned, unknown, config_)
+    results, listed = check_and_summarize(cleaned, unknown, config_)
     report_path = config.join_path(paths.reports, REPORT_FILE)
     write_text(spark, report_path, json.dumps([asdict(r) for r in results], indent=2, default=str))
+    if listed:
+        print(format_summary(listed) + "\n")
+        series = sorted((r[m.DEVICE_ID], r[m.SIGNAL_NAME]) for r in listed)[:CHART_SERIES]
+        # The chart needs its points in the driver: a few series over a bounded time span.
+        points = chart_points(cleaned, series).collect()
+        chart_path = config.join_path(paths.reports, CHART_FILE)
+        draw_chart(points, lambda png: write_bytes(spark, chart_path, png))
+        log.info("chart of %d series: %s", len(series), chart_path)
     print(format_table(results))
     failed = [r for r in results if not r.passed]
     log.info(
@@ -416,18 +536,27 @@ def _parse_bounds(items: list[str] | None) -> dict[str, tuple[float, float]]:
     return bounds
 
 
-def parse_args(argv: list[str] | None):
-    """Parse the command line into (args, paths, checker configuration)."""
-    parser = config.make_parser(__doc__)
-    config.add_datastore_options(parser, ("cleaned_data", "unknown_series", "reports"))
+#: Numeric thresholds settable on the command line: name, type, help.
+_THRESHOLD_OPTIONS = (
+    ("max_filled_share", float, "largest share of filled slots per series (error)"),
+    ("max_filled_run", int, "longest run of filled slots (warn)"),
+    ("max_missing_slots", int, "most slots flagged missing per series (warn)"),
+    ("max_report_before_share", float, "largest share of measurements reported before their slot (warn)"),
+    ("max_report_delay_seconds", float, "longest delay from slot start to report (warn)"),
+    ("max_flat_slots", int, "longest run of one unchanged value (warn)"),
+    ("spike_window", int, "previous slots a value is compared with"),
+    ("spike_sigmas", float, "standard deviations from their mean that make a spike"),
+    ("spike_min_deviation", float, "smallest deviation that can be a spike"),
+    ("spike_min_relative", float, "smallest deviation, as a share of the recent mean, that can be a spike"),
+    ("max_spikes", int, "most spikes per series (warn)"),
+    ("max_series_in_report", int, "per-series entries listed for at most this many series"),
+)
+
+
+def add_arguments(parser) -> None:
+    """Add the checker's thresholds (the series options come from the shared module)."""
     defaults = CheckerConfig()
     group = parser.add_argument_group("thresholds")
-    group.add_argument(
-        "--expected-series",
-        help="comma-separated device/signal series that must be present, or "
-        "'all' to skip that check (default: the four series of device1 and device2)",
-    )
-    group.add_argument("--slot-seconds", type=int, default=defaults.slot_seconds, help="grid slot length")
     group.add_argument(
         "--bounds",
         action="append",
@@ -435,50 +564,33 @@ def parse_args(argv: list[str] | None):
         help="plausible values for a signal name or device/signal series; repeatable "
         f"(default {defaults.default_bounds[0]}:{defaults.default_bounds[1]} for every series)",
     )
-    for name, kind, text in (
-        ("max_filled_share", float, "largest share of filled slots per series (error)"),
-        ("max_filled_run", int, "longest run of filled slots (warn)"),
-        ("max_missing_slots", int, "most slots flagged missing per series (warn)"),
-        ("max_report_before_share", float, "largest share of measurements reported before their slot (warn)"),
-        ("max_report_delay_seconds", float, "longest delay from slot start to report (warn)"),
-        ("max_flat_slots", int, "longest run of one unchanged value (warn)"),
-        ("spike_window", int, "previous slots a value is compared with"),
-        ("spike_sigmas", float, "standard deviations from their mean that make a spike"),
-        ("spike_min_deviation", float, "smallest deviation that can be a spike"),
-        ("spike_min_relative", float, "smallest deviation, as a share of the recent mean, that can be a spike"),
-        ("max_spikes", int, "most spikes per series (warn)"),
-        ("max_series_in_report", int, "per-series entries listed for at most this many series"),
-    ):
+    for name, kind, text in _THRESHOLD_OPTIONS:
         group.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name), help=text)
+
+
+def config_from_args(args) -> CheckerConfig:
+    """Build the checker's configuration from parsed arguments.
+
+    Raises:
+        ValueError: on a malformed ``--bounds`` or series name.
+    """
+    return CheckerConfig(
+        expected_series=config.parse_expected_series(args.expected_series, m.EXPECTED_SERIES),
+        slot_seconds=args.slot_seconds or config.DEFAULT_SLOT_SECONDS,
+        bounds=_parse_bounds(args.bounds),
+        **{name: getattr(args, name) for name, _kind, _text in _THRESHOLD_OPTIONS},
+    )
+
+
+def parse_args(argv: list[str] | None):
+    """Parse the command line into (args, paths, checker configuration)."""
+    parser = config.make_parser(__doc__)
+    config.add_datastore_options(parser, ("cleaned_data", "unknown_series", "reports"))
+    config.add_series_options(parser)
+    add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        expected = defaults.expected_series
-        if args.expected_series == "all":
-            expected = None
-        elif args.expected_series:
-            expected = tuple(m.parse_series_name(n) for n in args.expected_series.split(","))
-        checker_config = CheckerConfig(
-            expected_series=expected,
-            slot_seconds=args.slot_seconds,
-            bounds=_parse_bounds(args.bounds),
-            **{
-                name: getattr(args, name)
-                for name in (
-                    "max_filled_share",
-                    "max_filled_run",
-                    "max_missing_slots",
-                    "max_report_before_share",
-                    "max_report_delay_seconds",
-                    "max_flat_slots",
-                    "spike_window",
-                    "spike_sigmas",
-                    "spike_min_deviation",
-                    "spike_min_relative",
-                    "max_spikes",
-                    "max_series_in_report",
-                )
-            },
-        )
+        checker_config = config_from_args(args)
     except ValueError as error:
         parser.error(str(error))
     return args, config.paths_from_args(args), checker_config

@@ -63,8 +63,6 @@ FILLED_FLAG = {
 }
 QUALITY_FLAGS = (MEASURED, *FILLED_FLAG.values(), MISSING)
 
-ALL_SERIES = "all"
-DEFAULT_SLOT_SECONDS = 10
 DEFAULT_MAX_GAP_SECONDS = 3600
 DEFAULT_FILL = {m.SIGNAL_IMPORT: LINEAR, m.SIGNAL_EXPORT: LINEAR}
 
@@ -84,7 +82,7 @@ class CleanerConfig:
     fill: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_FILL))
     default_fill: str = LINEAR
     expected_series: tuple[tuple[str, str], ...] | None = m.EXPECTED_SERIES
-    slot_seconds: int = DEFAULT_SLOT_SECONDS
+    slot_seconds: int = config.DEFAULT_SLOT_SECONDS
     max_gap_seconds: int = DEFAULT_MAX_GAP_SECONDS
 
     def __post_init__(self) -> None:
@@ -271,10 +269,11 @@ def run(spark: SparkSession, paths: config.Paths, config_: CleanerConfig) -> dic
 
 
 def load_config(args) -> CleanerConfig:
-    """Build the cleaner's configuration from ``--config`` and the command-line overrides.
+    """Build the cleaner's configuration: command line over ``--config`` file over defaults.
 
     Raises:
         ValueError: on an unknown fill method, a malformed ``--fill`` or series name.
+        OSError: when the ``--config`` file cannot be read.
     """
     settings: dict = {}
     if args.config:
@@ -287,32 +286,24 @@ def load_config(args) -> CleanerConfig:
         if not sep:
             raise ValueError(f"--fill {item!r} is not of the form NAME=METHOD")
         fill[name.strip()] = method.strip()
-    expected = args.expected_series or settings.get("expected_series")
-    if expected is None:
-        catalog = m.EXPECTED_SERIES
-    elif expected == ALL_SERIES:
-        catalog = None
-    else:
-        names = expected.split(",") if isinstance(expected, str) else expected
-        catalog = tuple(m.parse_series_name(name) for name in names)
+    expected = args.expected_series if args.expected_series is not None else settings.get("expected_series")
     return CleanerConfig(
         fill=fill,
         default_fill=args.default_fill or settings.get("default_fill", LINEAR),
-        expected_series=catalog,
-        slot_seconds=int(args.slot_seconds or settings.get("slot_seconds", DEFAULT_SLOT_SECONDS)),
+        expected_series=config.parse_expected_series(expected, m.EXPECTED_SERIES),
+        slot_seconds=int(args.slot_seconds or settings.get("slot_seconds", config.DEFAULT_SLOT_SECONDS)),
         max_gap_seconds=int(args.max_gap_seconds or settings.get("max_gap_seconds", DEFAULT_MAX_GAP_SECONDS)),
     )
 
 
-def parse_args(argv: list[str] | None):
-    """Parse the command line into (args, paths, cleaner configuration)."""
-    parser = config.make_parser(__doc__)
-    config.add_datastore_options(parser, ("processed_data", "cleaned_data", "unknown_series"))
-    group = parser.add_argument_group("grid and fill")
+def add_arguments(parser) -> None:
+    """Add the cleaner's own options (the series options come from the shared module)."""
+    group = parser.add_argument_group("fill")
     group.add_argument(
         "--config",
         default=config.env_default("METER_CLEANER_CONFIG", None),
-        help="JSON file with fill, expected_series, slot_seconds, max_gap_seconds [env METER_CLEANER_CONFIG]",
+        help="JSON file with fill, default_fill, expected_series, slot_seconds, max_gap_seconds "
+        "[env METER_CLEANER_CONFIG]",
     )
     group.add_argument(
         "--fill",
@@ -322,15 +313,18 @@ def parse_args(argv: list[str] | None):
     )
     group.add_argument("--default-fill", choices=FILL_METHODS, help="method for series no rule names (linear)")
     group.add_argument(
-        "--expected-series",
-        help="comma-separated device/signal catalog, or 'all' (default: the four series of device1 and device2)",
-    )
-    group.add_argument("--slot-seconds", type=int, help=f"slot length ({DEFAULT_SLOT_SECONDS})")
-    group.add_argument(
         "--max-gap-seconds",
         type=int,
         help=f"longest hole that is filled; longer ones are missing ({DEFAULT_MAX_GAP_SECONDS})",
     )
+
+
+def parse_args(argv: list[str] | None):
+    """Parse the command line into (args, paths, cleaner configuration)."""
+    parser = config.make_parser(__doc__)
+    config.add_datastore_options(parser, ("processed_data", "cleaned_data", "unknown_series"))
+    config.add_series_options(parser)
+    add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         cleaner_config = load_config(args)

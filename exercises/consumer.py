@@ -246,9 +246,8 @@ def summarize(progress: list) -> IngestResult:
     return IngestResult(len(with_rows), sum(p.numInputRows for p in with_rows), end_offsets)
 
 
-def parse_args(argv: list[str] | None):
-    """Parse the command line into (args, paths)."""
-    parser = config.make_parser(__doc__)
+def add_arguments(parser) -> None:
+    """Add the consumer's Kafka options."""
     group = parser.add_argument_group("kafka")
     group.add_argument(
         "--bootstrap-servers",
@@ -269,31 +268,40 @@ def parse_args(argv: list[str] | None):
         default=config.env_default(config.ENV_PROPERTIES_FILE, None),
         help=f"Java-style properties file of Kafka client options (security) [env {config.ENV_PROPERTIES_FILE}]",
     )
-    config.add_datastore_options(parser, ("consumer_data", "checkpoint_consumer"))
-    args = parser.parse_args(argv)
-    if args.max_offsets_per_trigger is not None and int(args.max_offsets_per_trigger) <= 0:
-        parser.error("--max-offsets-per-trigger must be positive")
-    return args, config.paths_from_args(args)
+
+
+def kafka_options_from_args(args) -> dict[str, str]:
+    """Return the Kafka client options from the environment and ``--kafka-properties``.
+
+    Raises:
+        ConsumerError, OSError, ValueError: on unusable security settings or properties file.
+    """
+    properties = config.read_properties(args.kafka_properties) if args.kafka_properties else {}
+    return client_options(config.kafka_security_from_env(), properties)
+
+
+def ingest(spark: SparkSession, paths: config.Paths, args) -> IngestResult:
+    """Run the consumer with parsed command-line arguments."""
+    max_offsets = int(args.max_offsets_per_trigger) if args.max_offsets_per_trigger else None
+    if max_offsets is not None and max_offsets <= 0:
+        raise ConsumerError("--max-offsets-per-trigger must be positive")
+    return run(spark, paths, args.bootstrap_servers, args.topic, kafka_options_from_args(args), max_offsets)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the consumer from the command line; return the exit code."""
-    args, paths = parse_args(argv)
+    parser = config.make_parser(__doc__)
+    add_arguments(parser)
+    config.add_datastore_options(parser, ("consumer_data", "checkpoint_consumer"))
+    args = parser.parse_args(argv)
+    paths = config.paths_from_args(args)
     try:
-        properties = config.read_properties(args.kafka_properties) if args.kafka_properties else {}
-        options = client_options(config.kafka_security_from_env(), properties)
+        kafka_options_from_args(args)  # fail on bad settings before Spark starts
         spark = build_session(
             "meter-stream consumer", verbose=args.verbose, jars=kafka_connector_jars(pyspark.__version__)
         )
-        run(
-            spark,
-            paths,
-            args.bootstrap_servers,
-            args.topic,
-            options,
-            int(args.max_offsets_per_trigger) if args.max_offsets_per_trigger else None,
-        )
-    except (ConsumerError, FileNotFoundError, ValueError) as error:
+        ingest(spark, paths, args)
+    except (ConsumerError, OSError, ValueError) as error:
         log.error("%s", error)
         return 1
     return 0

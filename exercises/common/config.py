@@ -12,6 +12,8 @@ import os
 import sys
 from dataclasses import dataclass, fields
 
+from common import message as m
+
 ENV_DATASTORE = "METER_DATASTORE"
 DEFAULT_DATASTORE = "./datastore"
 
@@ -66,7 +68,12 @@ def env_default(env_var: str, default: str | None) -> str | None:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults and keep the module docstring's line breaks in ``--help``."""
+    """Show defaults (except empty ones) and keep the module docstring's line breaks in ``--help``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def make_parser(description: str) -> argparse.ArgumentParser:
@@ -96,6 +103,47 @@ def add_datastore_options(parser: argparse.ArgumentParser, folders: tuple[str, .
             default=env_default(env_var, None),
             help=f"{FOLDERS[folder][1]}; default DATASTORE/{FOLDERS[folder][0]} [env {env_var}]",
         )
+
+
+ALL_SERIES = "all"
+DEFAULT_SLOT_SECONDS = 10
+ENV_EXPECTED_SERIES = "METER_EXPECTED_SERIES"
+ENV_SLOT_SECONDS = "METER_SLOT_SECONDS"
+
+
+def add_series_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options the cleaner and the checker share: the series catalog and the slot length."""
+    group = parser.add_argument_group("series")
+    group.add_argument(
+        "--expected-series",
+        default=env_default(ENV_EXPECTED_SERIES, None),
+        help="comma-separated device/signal series expected in the feed, or 'all' to accept every series "
+        f"(default: device1 and device2 x energy import/export) [env {ENV_EXPECTED_SERIES}]",
+    )
+    group.add_argument(
+        "--slot-seconds",
+        type=int,
+        default=env_default(ENV_SLOT_SECONDS, None),
+        help=f"length of a grid slot in seconds (default {DEFAULT_SLOT_SECONDS}) [env {ENV_SLOT_SECONDS}]",
+    )
+
+
+def parse_expected_series(names, default):
+    """Return the catalog for ``--expected-series``: a tuple of (device_id, signal_name), or None for 'all'.
+
+    Args:
+        names: comma-separated text, a list of ``device/signal`` names, 'all', or None for ``default``.
+        default: the catalog when ``names`` is None.
+
+    Raises:
+        ValueError: on a name that is not ``device/signal``.
+    """
+    if names is None:
+        return default
+    if names == ALL_SERIES:
+        return None
+    items = names.split(",") if isinstance(names, str) else names
+    return tuple(m.parse_series_name(name) for name in items if name.strip())
 
 
 def paths_from_args(args: argparse.Namespace) -> Paths:

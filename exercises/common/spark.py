@@ -8,11 +8,12 @@ import logging
 import os
 import re
 
-from pyspark import SparkConf
+from pyspark import SparkConf, SparkContext
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
 from common import message as m
+from common.config import get_logger
 
 # --- schemas -------------------------------------------------------------------------------------
 
@@ -76,6 +77,7 @@ UNKNOWN_SERIES_SCHEMA = T.StructType(
 
 # --- session -------------------------------------------------------------------------------------
 
+LOG4J2_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "log4j2.properties")
 ENV_JAR_CACHE = "METER_JAR_CACHE"
 DEFAULT_JAR_CACHE = os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "jars")
 
@@ -96,31 +98,56 @@ def build_session(app_name: str, verbose: bool = False, jars: list[str] | None =
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.log.structuredLogging.enabled", "false")
     )
-    if not SparkConf().contains("spark.master"):
+    submitted = submitted_conf()
+    if not submitted.contains("spark.master"):
         builder = builder.config("spark.master", "local[*]")
+    if not submitted.contains("spark.driver.extraJavaOptions"):
+        # Read only when this process starts the JVM; spark-submit keeps the cluster's logging.
+        builder = builder.config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}")
     if jars:
         builder = builder.config("spark.jars", ",".join(jars))
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("INFO" if verbose else "WARN")
+    get_logger("session").info("Spark %s, master %s", spark.version, spark.sparkContext.master)
     return spark
 
 
+def submitted_conf() -> SparkConf:
+    """Return the configuration spark-submit (or PYSPARK_SUBMIT_ARGS) gives this process.
+
+    Under spark-submit the JVM is already running and holds ``--master``, ``--jars`` etc.; a plain
+    ``SparkConf()`` only sees them once Python is connected to that JVM.
+    """
+    if "PYSPARK_GATEWAY_PORT" in os.environ:
+        SparkContext._ensure_initialized()
+        return SparkConf()
+    conf = SparkConf()
+    args = os.environ.get("PYSPARK_SUBMIT_ARGS", "").split()
+    for flag, key in (("--master", "spark.master"), ("--packages", "spark.jars.packages"), ("--jars", "spark.jars")):
+        if flag in args[:-1]:
+            conf.set(key, args[args.index(flag) + 1])
+    return conf
+
+
 def kafka_connector_jars(spark_version: str) -> list[str]:
-    """Return the cached jars of Spark's Kafka connector for ``spark_version``.
+    """Return the cached jars of Spark's Kafka connector, or [] when Spark is given it otherwise.
 
     ``scripts/fetch-jars`` puts them in ``.cache/jars/spark-kafka-VERSION`` (or under
-    ``$METER_JAR_CACHE``).
+    ``$METER_JAR_CACHE``). Under ``spark-submit --packages/--jars`` naming the connector, those win.
 
     Raises:
-        FileNotFoundError: when the connector has not been fetched.
+        FileNotFoundError: when the connector is neither configured nor fetched.
     """
+    submitted = submitted_conf()
+    if any("spark-sql-kafka" in (submitted.get(key) or "") for key in ("spark.jars.packages", "spark.jars")):
+        return []
     root = os.environ.get(ENV_JAR_CACHE) or DEFAULT_JAR_CACHE
     folder = os.path.abspath(os.path.join(root, f"spark-kafka-{spark_version}"))
     jars = sorted(glob.glob(os.path.join(folder, "*.jar")))
     if not any(os.path.basename(jar).startswith("spark-sql-kafka") for jar in jars):
         raise FileNotFoundError(
-            f"Spark's Kafka connector {spark_version} is not in {folder}; "
-            "run `make setup` (or scripts/fetch-jars) once with access to Maven Central"
+            f"Spark's Kafka connector {spark_version} is not in {folder}; run `make setup` (or "
+            "scripts/fetch-jars) once with access to Maven Central, or pass it to spark-submit with --packages"
         )
     return jars
 
@@ -282,16 +309,21 @@ def list_files(spark: SparkSession, glob_path: str) -> list[str]:
     return [str(status.getPath().toString()) for status in statuses if status.isFile()]
 
 
-def write_text(spark: SparkSession, path: str, text: str) -> None:
-    """Write a small text file (a report) through Hadoop, replacing the old one by a rename."""
+def write_bytes(spark: SparkSession, path: str, data: bytes) -> None:
+    """Write a small file (a report, a chart) through Hadoop, replacing the old one by a rename."""
     fs, target = _fs_path(spark, path)
     staging = _fs_path(spark, path + STAGING_SUFFIX)[1]
     stream = fs.create(staging, True)
     try:
-        stream.write(bytearray(text.encode("utf-8")))
+        stream.write(bytearray(data))
     finally:
         stream.close()
     if fs.exists(target):
         fs.delete(target, False)
     if not fs.rename(staging, target):
         raise OSError(f"could not write {path}")
+
+
+def write_text(spark: SparkSession, path: str, text: str) -> None:
+    """Write a small UTF-8 text file through Hadoop (see ``write_bytes``)."""
+    write_bytes(spark, path, text.encode("utf-8"))

@@ -1,0 +1,90 @@
+"""Pipeline runner: consumer -> processor -> cleaner -> checker in one SparkSession.
+
+Runs the four stages in order in one JVM (the scripts one after another start four) and stops at the
+first stage that fails, exiting with that stage's code. It takes the options of all four stages.
+``--skip-consumer`` starts from the raw data already in ``consumer_data`` (or ``--consumer-data``).
+
+Usage:
+    python exercises/pipeline.py [--bootstrap-servers HOST:PORT] [--datastore DIR]
+    spark-submit --packages org.apache.spark:spark-sql-kafka-0-10_2.13:<spark version> \\
+        exercises/pipeline.py --bootstrap-servers HOST:PORT
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pyspark
+
+import checker
+import cleaner
+import consumer
+import processor
+from common import config
+from common.spark import StageInputError, build_session, kafka_connector_jars
+
+log = config.get_logger("pipeline")
+
+
+def parse_args(argv: list[str] | None):
+    """Parse the options of all four stages into (args, paths, cleaner config, checker config)."""
+    parser = config.make_parser(__doc__)
+    parser.add_argument("--skip-consumer", action="store_true", help="start from consumer_data as it is")
+    config.add_datastore_options(parser, tuple(config.FOLDERS))
+    consumer.add_arguments(parser)
+    config.add_series_options(parser)
+    cleaner.add_arguments(parser)
+    checker.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return args, config.paths_from_args(args), cleaner.load_config(args), checker.config_from_args(args)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
+
+
+def run(spark, args, paths, cleaner_config, checker_config) -> int:
+    """Run the stages in order; return the first non-zero exit code, else 0."""
+    stages = [
+        ("processor", lambda: 0 if processor.run(spark, paths).balanced() else 1),
+        ("cleaner", lambda: cleaner.run(spark, paths, cleaner_config) and 0),
+        ("checker", lambda: checker.exit_code(checker.run(spark, paths, checker_config))),
+    ]
+    if not args.skip_consumer:
+        stages.insert(0, ("consumer", lambda: consumer.ingest(spark, paths, args) and 0))
+    for name, stage in stages:
+        started = time.monotonic()
+        try:
+            code = stage()
+        except consumer.ConsumerError as error:
+            log.error("%s: %s", name, error)
+            code = 1
+        except StageInputError as error:
+            log.error("%s: %s", name, error)
+            code = 2
+        log.info("%s finished with exit code %d in %.1f s", name, code, time.monotonic() - started)
+        if code:
+            log.error("stopping: %s failed", name)
+            return code
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the pipeline from the command line; return the exit code."""
+    args, paths, cleaner_config, checker_config = parse_args(argv)
+    started = time.monotonic()
+    try:
+        if not args.skip_consumer:
+            consumer.kafka_options_from_args(args)  # fail on bad settings before Spark starts
+        jars = None if args.skip_consumer else kafka_connector_jars(pyspark.__version__)
+        spark = build_session("meter-stream pipeline", verbose=args.verbose, jars=jars)
+    except (consumer.ConsumerError, OSError, ValueError) as error:
+        log.error("%s", error)
+        return 1
+    code = run(spark, args, paths, cleaner_config, checker_config)
+    log.info("pipeline %s in %.1f s", "done" if code == 0 else "stopped", time.monotonic() - started)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
