@@ -31,12 +31,16 @@ from common import config
 from common import message as m
 from common.spark import (
     CLEANED_SCHEMA,
+    EXIT_BUSY,
+    EXIT_INPUT_MISSING,
     QUALITY,
     UNKNOWN_SERIES_SCHEMA,
+    StageBusyError,
     StageInputError,
     build_session,
     path_exists,
     recover_output,
+    stage_lock,
     write_bytes,
     write_text,
 )
@@ -489,40 +493,41 @@ def exit_code(results: list[Result]) -> int:
 
 def run(spark: SparkSession, paths: config.Paths, config_: CheckerConfig) -> list[Result]:
     """Check cleaned_data, print the table, write the JSON report; return the results."""
-    started = time.monotonic()
-    recover_output(spark, paths.cleaned_data, log)
-    if not path_exists(spark, paths.cleaned_data):
-        raise StageInputError(f"{paths.cleaned_data} does not exist: run the cleaner first")
-    # Read with the schema stored in the files, so that the schema check sees what is there.
-    cleaned = spark.read.parquet(paths.cleaned_data)
-    unknown = (
-        spark.read.schema(UNKNOWN_SERIES_SCHEMA).parquet(paths.unknown_series)
-        if path_exists(spark, paths.unknown_series)
-        else None
-    )
-    results, listed = check_and_summarize(cleaned, unknown, config_)
-    report_path = config.join_path(paths.reports, REPORT_FILE)
-    write_text(spark, report_path, json.dumps([asdict(r) for r in results], indent=2, default=str))
-    if listed:
-        print(format_summary(listed) + "\n")
-        series = sorted((r[m.DEVICE_ID], r[m.SIGNAL_NAME]) for r in listed)[:CHART_SERIES]
-        # The chart needs its points in the driver: a few series over a bounded time span.
-        points = chart_points(cleaned, series).collect()
-        chart_path = config.join_path(paths.reports, CHART_FILE)
-        draw_chart(points, lambda png: write_bytes(spark, chart_path, png))
-        log.info("chart of %d series: %s", len(series), chart_path)
-    print(format_table(results))
-    failed = [r for r in results if not r.passed]
-    log.info(
-        "%d checks: %d passed, %d failed (%d errors); report %s (%.1f s)",
-        len(results),
-        len(results) - len(failed),
-        len(failed),
-        sum(r.severity == ERROR for r in failed),
-        report_path,
-        time.monotonic() - started,
-    )
-    return results
+    with stage_lock(paths.reports, STAGE, log):
+        started = time.monotonic()
+        recover_output(spark, paths.cleaned_data, log)
+        if not path_exists(spark, paths.cleaned_data):
+            raise StageInputError(f"{paths.cleaned_data} does not exist: run the cleaner first")
+        # Read with the schema stored in the files, so that the schema check sees what is there.
+        cleaned = spark.read.parquet(paths.cleaned_data)
+        unknown = (
+            spark.read.schema(UNKNOWN_SERIES_SCHEMA).parquet(paths.unknown_series)
+            if path_exists(spark, paths.unknown_series)
+            else None
+        )
+        results, listed = check_and_summarize(cleaned, unknown, config_)
+        report_path = config.join_path(paths.reports, REPORT_FILE)
+        write_text(spark, report_path, json.dumps([asdict(r) for r in results], indent=2, default=str))
+        if listed:
+            print(format_summary(listed) + "\n")
+            series = sorted((r[m.DEVICE_ID], r[m.SIGNAL_NAME]) for r in listed)[:CHART_SERIES]
+            # The chart needs its points in the driver: a few series over a bounded time span.
+            points = chart_points(cleaned, series).collect()
+            chart_path = config.join_path(paths.reports, CHART_FILE)
+            draw_chart(points, lambda png: write_bytes(spark, chart_path, png))
+            log.info("chart of %d series: %s", len(series), chart_path)
+        print(format_table(results))
+        failed = [r for r in results if not r.passed]
+        log.info(
+            "%d checks: %d passed, %d failed (%d errors); report %s (%.1f s)",
+            len(results),
+            len(results) - len(failed),
+            len(failed),
+            sum(r.severity == ERROR for r in failed),
+            report_path,
+            time.monotonic() - started,
+        )
+        return results
 
 
 def _parse_bounds(items: list[str] | None) -> dict[str, tuple[float, float]]:
@@ -604,7 +609,10 @@ def main(argv: list[str] | None = None) -> int:
         results = run(spark, paths, checker_config)
     except StageInputError as error:
         log.error("%s", error)
-        return 2
+        return EXIT_INPUT_MISSING
+    except StageBusyError as error:
+        log.error("%s", error)
+        return EXIT_BUSY
     return exit_code(results)
 
 

@@ -32,13 +32,17 @@ from common import config
 from common import message as m
 from common.spark import (
     CLEANED_SCHEMA,
+    EXIT_BUSY,
+    EXIT_INPUT_MISSING,
     PROCESSED_SCHEMA,
     QUALITY,
     UNKNOWN_SERIES_SCHEMA,
+    StageBusyError,
     StageInputError,
     build_session,
     read_output,
     replace_output,
+    stage_lock,
 )
 
 STAGE = "cleaner"
@@ -223,49 +227,50 @@ def clean(processed: DataFrame, config_: CleanerConfig, catalog: DataFrame | Non
 
 def run(spark: SparkSession, paths: config.Paths, config_: CleanerConfig) -> dict[str, int]:
     """Read processed_data, write cleaned_data and unknown_series; return counts by quality flag."""
-    started = time.monotonic()
-    processed = read_output(spark, paths.processed_data, PROCESSED_SCHEMA, log, "processor")
-    catalog = (
-        None
-        if config_.expected_series is None
-        else spark.createDataFrame(list(config_.expected_series), [m.DEVICE_ID, m.SIGNAL_NAME])
-    )
-    cleaned, unknown = clean(processed, config_, catalog)
-    flags = Observation("flags")
-    cleaned = cleaned.observe(
-        flags,
-        F.approx_count_distinct(F.concat_ws(m.SERIES_SEPARATOR, m.DEVICE_ID, m.SIGNAL_NAME)).alias("series"),
-        *[F.count_if(F.col(QUALITY) == flag).alias(flag) for flag in QUALITY_FLAGS],
-    )
-    replace_output(cleaned, paths.cleaned_data, log)
-    unknown_counts = Observation("unknown")
-    replace_output(
-        unknown.observe(unknown_counts, F.count(F.lit(1)).alias("series"), F.sum("rows").alias("rows")),
-        paths.unknown_series,
-        log,
-    )
-    counts = {flag: flags.get[flag] for flag in QUALITY_FLAGS}
-    filled = sum(counts[flag] for flag in FILLED_FLAG.values())
-    log.info(
-        "%d series on a %d-s grid: %d slots, %d measured, %d filled, %d missing (%.1f s)",
-        flags.get["series"],
-        config_.slot_seconds,
-        sum(counts.values()),
-        counts[MEASURED],
-        filled,
-        counts[MISSING],
-        time.monotonic() - started,
-    )
-    if unknown_counts.get["series"]:
-        log.warning(
-            "%d series outside the expected catalog left out (%d rows); see %s",
-            unknown_counts.get["series"],
-            unknown_counts.get["rows"],
-            paths.unknown_series,
+    with stage_lock(paths.cleaned_data, STAGE, log):
+        started = time.monotonic()
+        processed = read_output(spark, paths.processed_data, PROCESSED_SCHEMA, log, "processor")
+        catalog = (
+            None
+            if config_.expected_series is None
+            else spark.createDataFrame(list(config_.expected_series), [m.DEVICE_ID, m.SIGNAL_NAME])
         )
-        for row in spark.read.parquet(paths.unknown_series).orderBy(F.desc("rows")).take(20):
-            log.warning("  unknown series %s: %d rows", m.series_name(row.device_id, row.signal_name), row.rows)
-    return counts
+        cleaned, unknown = clean(processed, config_, catalog)
+        flags = Observation("flags")
+        cleaned = cleaned.observe(
+            flags,
+            F.approx_count_distinct(F.concat_ws(m.SERIES_SEPARATOR, m.DEVICE_ID, m.SIGNAL_NAME)).alias("series"),
+            *[F.count_if(F.col(QUALITY) == flag).alias(flag) for flag in QUALITY_FLAGS],
+        )
+        replace_output(cleaned, paths.cleaned_data, log)
+        unknown_counts = Observation("unknown")
+        replace_output(
+            unknown.observe(unknown_counts, F.count(F.lit(1)).alias("series"), F.sum("rows").alias("rows")),
+            paths.unknown_series,
+            log,
+        )
+        counts = {flag: flags.get[flag] for flag in QUALITY_FLAGS}
+        filled = sum(counts[flag] for flag in FILLED_FLAG.values())
+        log.info(
+            "%d series on a %d-s grid: %d slots, %d measured, %d filled, %d missing (%.1f s)",
+            flags.get["series"],
+            config_.slot_seconds,
+            sum(counts.values()),
+            counts[MEASURED],
+            filled,
+            counts[MISSING],
+            time.monotonic() - started,
+        )
+        if unknown_counts.get["series"]:
+            log.warning(
+                "%d series outside the expected catalog left out (%d rows); see %s",
+                unknown_counts.get["series"],
+                unknown_counts.get["rows"],
+                paths.unknown_series,
+            )
+            for row in spark.read.parquet(paths.unknown_series).orderBy(F.desc("rows")).take(20):
+                log.warning("  unknown series %s: %d rows", m.series_name(row.device_id, row.signal_name), row.rows)
+        return counts
 
 
 def load_config(args) -> CleanerConfig:
@@ -341,7 +346,10 @@ def main(argv: list[str] | None = None) -> int:
         run(spark, paths, cleaner_config)
     except StageInputError as error:
         log.error("%s", error)
-        return 2
+        return EXIT_INPUT_MISSING
+    except StageBusyError as error:
+        log.error("%s", error)
+        return EXIT_BUSY
     return 0
 
 

@@ -34,11 +34,14 @@ from pyspark.sql import SparkSession
 from common import config
 from common import message as m
 from common.spark import (
+    EXIT_BUSY,
     RAW_SCHEMA,
     SINK_LOG,
+    StageBusyError,
     build_session,
     kafka_connector_jars,
     list_files,
+    stage_lock,
 )
 
 STAGE = "consumer"
@@ -178,53 +181,54 @@ def run(
         ConsumerError: when the broker cannot be reached, the sink and checkpoint disagree, or
             the query fails.
     """
-    started = time.monotonic()
-    check_sink_matches_checkpoint(spark, paths)
-    wait_until_reachable(bootstrap_servers)
-    log.info(
-        "reading %s from %s%s",
-        topic,
-        bootstrap_servers,
-        f" with client options {sorted(config.redact(kafka_options).items())}" if kafka_options else "",
-    )
-    reader = (
-        spark.readStream.format("kafka")
-        .option("kafka.bootstrap.servers", bootstrap_servers)
-        .option("subscribe", topic)
-        .option("startingOffsets", "earliest")
-        .option("failOnDataLoss", "false")
-        .options(**TIMEOUT_OPTIONS)
-        .options(**kafka_options)
-    )
-    if max_offsets_per_trigger:
-        reader = reader.option("maxOffsetsPerTrigger", str(max_offsets_per_trigger))
-    # Keep every batch's progress for the summary, not only the last 100.
-    spark.conf.set("spark.sql.streaming.numRecentProgressUpdates", "100000")
-    query = (
-        reader.load()
-        .select(*RAW_SCHEMA.fieldNames())
-        .writeStream.format("parquet")
-        .option("path", paths.consumer_data)
-        .option("checkpointLocation", paths.checkpoint_consumer)
-        .outputMode("append")
-        .trigger(availableNow=True)
-        .queryName(f"consumer-{topic}")
-        .start()
-    )
-    try:
-        query.awaitTermination()
-    except StreamingQueryException as error:
-        raise ConsumerError(f"reading {topic} from {bootstrap_servers} failed: {_first_line(error)}") from error
-    result = summarize(query.recentProgress)
-    log.info(
-        "%d batches, %d rows written to %s; end offsets %s (%.1f s)",
-        result.batches,
-        result.rows,
-        paths.consumer_data,
-        json.dumps(result.end_offsets, sort_keys=True) if result.end_offsets else "unchanged",
-        time.monotonic() - started,
-    )
-    return result
+    with stage_lock(paths.checkpoint_consumer, STAGE, log):
+        started = time.monotonic()
+        check_sink_matches_checkpoint(spark, paths)
+        wait_until_reachable(bootstrap_servers)
+        log.info(
+            "reading %s from %s%s",
+            topic,
+            bootstrap_servers,
+            f" with client options {sorted(config.redact(kafka_options).items())}" if kafka_options else "",
+        )
+        reader = (
+            spark.readStream.format("kafka")
+            .option("kafka.bootstrap.servers", bootstrap_servers)
+            .option("subscribe", topic)
+            .option("startingOffsets", "earliest")
+            .option("failOnDataLoss", "false")
+            .options(**TIMEOUT_OPTIONS)
+            .options(**kafka_options)
+        )
+        if max_offsets_per_trigger:
+            reader = reader.option("maxOffsetsPerTrigger", str(max_offsets_per_trigger))
+        # Keep every batch's progress for the summary, not only the last 100.
+        spark.conf.set("spark.sql.streaming.numRecentProgressUpdates", "100000")
+        query = (
+            reader.load()
+            .select(*RAW_SCHEMA.fieldNames())
+            .writeStream.format("parquet")
+            .option("path", paths.consumer_data)
+            .option("checkpointLocation", paths.checkpoint_consumer)
+            .outputMode("append")
+            .trigger(availableNow=True)
+            .queryName(f"consumer-{topic}")
+            .start()
+        )
+        try:
+            query.awaitTermination()
+        except StreamingQueryException as error:
+            raise ConsumerError(f"reading {topic} from {bootstrap_servers} failed: {_first_line(error)}") from error
+        result = summarize(query.recentProgress)
+        log.info(
+            "%d batches, %d rows written to %s; end offsets %s (%.1f s)",
+            result.batches,
+            result.rows,
+            paths.consumer_data,
+            json.dumps(result.end_offsets, sort_keys=True) if result.end_offsets else "unchanged",
+            time.monotonic() - started,
+        )
+        return result
 
 
 def _first_line(error: Exception) -> str:
@@ -301,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
             "meter-stream consumer", verbose=args.verbose, jars=kafka_connector_jars(pyspark.__version__)
         )
         ingest(spark, paths, args)
+    except StageBusyError as error:
+        log.error("%s", error)
+        return EXIT_BUSY
     except (ConsumerError, OSError, ValueError) as error:
         log.error("%s", error)
         return 1

@@ -22,7 +22,14 @@ import cleaner
 import consumer
 import processor
 from common import config
-from common.spark import StageInputError, build_session, kafka_connector_jars
+from common.spark import (
+    EXIT_BUSY,
+    EXIT_INPUT_MISSING,
+    StageBusyError,
+    StageInputError,
+    build_session,
+    kafka_connector_jars,
+)
 
 log = config.get_logger("pipeline")
 
@@ -61,7 +68,10 @@ def run(spark, args, paths, cleaner_config, checker_config) -> int:
             code = 1
         except StageInputError as error:
             log.error("%s: %s", name, error)
-            code = 2
+            code = EXIT_INPUT_MISSING
+        except StageBusyError as error:
+            log.error("%s: %s", name, error)
+            code = EXIT_BUSY
         log.info("%s finished with exit code %d in %.1f s", name, code, time.monotonic() - started)
         if code:
             log.error("stopping: %s failed", name)

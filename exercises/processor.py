@@ -25,12 +25,16 @@ from pyspark.sql import types as T
 from common import config
 from common import message as m
 from common.spark import (
+    EXIT_BUSY,
+    EXIT_INPUT_MISSING,
     PROCESSED_SCHEMA,
     QUARANTINE_SCHEMA,
+    StageBusyError,
     StageInputError,
     build_session,
     read_raw,
     replace_output,
+    stage_lock,
 )
 
 STAGE = "processor"
@@ -38,6 +42,7 @@ log = config.get_logger(STAGE)
 
 # Quarantine reasons, in the order they are tested: a record gets the first that applies.
 REASON_EMPTY = "empty_value"
+REASON_NOT_UTF8 = "invalid_utf8"
 REASON_MALFORMED = "malformed_json"
 REASON_NOT_OBJECT = "not_a_json_object"
 REASON_MISSING = "missing_field:"  # followed by the field's name
@@ -110,6 +115,7 @@ def parse_measurements(raw: DataFrame) -> DataFrame:
     )
 
     reason = F.when(F.col("raw_value").isNull() | (F.trim("raw_value") == ""), REASON_EMPTY)
+    reason = reason.when(~F.is_valid_utf8("raw_value"), REASON_NOT_UTF8)
     reason = reason.when(
         F.col(f"msg.{_CORRUPT}").isNotNull(),
         F.when(F.try_parse_json("raw_value").isNull(), REASON_MALFORMED).otherwise(REASON_NOT_OBJECT),
@@ -141,9 +147,14 @@ def parse_measurements(raw: DataFrame) -> DataFrame:
 
 
 def select_quarantine(parsed: DataFrame) -> DataFrame:
-    """Return the rejected rows of ``parse_measurements`` in the quarantine_data contract."""
+    """Return the rejected rows of ``parse_measurements`` in the quarantine_data contract.
+
+    The raw value is kept as text; bytes that are not UTF-8 become U+FFFD (the Kafka topic,
+    partition and offset locate the original bytes).
+    """
     return parsed.where(F.col("reason").isNotNull()).select(
-        *[F.col(field.name).cast(field.dataType) for field in QUARANTINE_SCHEMA.fields]
+        F.make_valid_utf8("raw_value").alias("raw_value"),
+        *[F.col(field.name).cast(field.dataType) for field in QUARANTINE_SCHEMA.fields[1:]],
     )
 
 
@@ -168,45 +179,46 @@ def collapse_replays(parsed: DataFrame) -> DataFrame:
 
 def run(spark: SparkSession, paths: config.Paths) -> Accounting:
     """Read consumer_data, write processed_data and quarantine_data, and account for every row."""
-    started = time.monotonic()
-    raw = read_raw(spark, paths.consumer_data, log)
-    parse_counts = Observation("parse")
-    parsed = (
-        parse_measurements(raw)
-        .observe(
-            parse_counts,
-            F.count(F.lit(1)).alias("raw"),
-            F.count_if(F.col("reason").isNull()).alias("valid"),
-            F.count_if(F.col("reason").isNotNull()).alias("quarantined"),
+    with stage_lock(paths.processed_data, STAGE, log):
+        started = time.monotonic()
+        raw = read_raw(spark, paths.consumer_data, log)
+        parse_counts = Observation("parse")
+        parsed = (
+            parse_measurements(raw)
+            .observe(
+                parse_counts,
+                F.count(F.lit(1)).alias("raw"),
+                F.count_if(F.col("reason").isNull()).alias("valid"),
+                F.count_if(F.col("reason").isNotNull()).alias("quarantined"),
+            )
+            .persist()
         )
-        .persist()
-    )
-    try:
-        output_counts = Observation("output")
-        processed = collapse_replays(parsed).observe(output_counts, F.count(F.lit(1)).alias("processed"))
-        replace_output(processed, paths.processed_data, log)
-        replace_output(select_quarantine(parsed), paths.quarantine_data, log)
-    finally:
-        parsed.unpersist()
-    counts = parse_counts.get
-    accounting = Accounting(
-        raw=counts["raw"],
-        processed=output_counts.get["processed"],
-        quarantined=counts["quarantined"],
-        duplicates=counts["valid"] - output_counts.get["processed"],
-    )
-    log.info(
-        "raw rows %d = processed %d + quarantined %d + duplicates collapsed %d%s (%.1f s)",
-        accounting.raw,
-        accounting.processed,
-        accounting.quarantined,
-        accounting.duplicates,
-        "" if accounting.balanced() else "  MISMATCH",
-        time.monotonic() - started,
-    )
-    if accounting.quarantined:
-        log.warning("%d raw rows quarantined in %s", accounting.quarantined, paths.quarantine_data)
-    return accounting
+        try:
+            output_counts = Observation("output")
+            processed = collapse_replays(parsed).observe(output_counts, F.count(F.lit(1)).alias("processed"))
+            replace_output(processed, paths.processed_data, log)
+            replace_output(select_quarantine(parsed), paths.quarantine_data, log)
+        finally:
+            parsed.unpersist()
+        counts = parse_counts.get
+        accounting = Accounting(
+            raw=counts["raw"],
+            processed=output_counts.get["processed"],
+            quarantined=counts["quarantined"],
+            duplicates=counts["valid"] - output_counts.get["processed"],
+        )
+        log.info(
+            "raw rows %d = processed %d + quarantined %d + duplicates collapsed %d%s (%.1f s)",
+            accounting.raw,
+            accounting.processed,
+            accounting.quarantined,
+            accounting.duplicates,
+            "" if accounting.balanced() else "  MISMATCH",
+            time.monotonic() - started,
+        )
+        if accounting.quarantined:
+            log.warning("%d raw rows quarantined in %s", accounting.quarantined, paths.quarantine_data)
+        return accounting
 
 
 def parse_args(argv: list[str] | None) -> tuple:
@@ -225,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         accounting = run(spark, paths)
     except StageInputError as error:
         log.error("%s", error)
-        return 2
+        return EXIT_INPUT_MISSING
+    except StageBusyError as error:
+        log.error("%s", error)
+        return EXIT_BUSY
     return 0 if accounting.balanced() else 1
 
 

@@ -38,7 +38,7 @@ def raw_rows(payloads, topic: str = m.DEFAULT_TOPIC, partitions: int = 1) -> lis
         partition = index % partitions
         try:
             stamp = datetime.fromtimestamp(float(producer.json.loads(value)[m.T_MEASUREMENT]), UTC)
-        except (ValueError, TypeError, KeyError, IndexError, OverflowError, OSError):
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError, OSError, RecursionError):
             pass
         rows.append((None, value, topic, partition, offsets[partition], stamp.replace(tzinfo=None), 0))
         offsets[partition] += 1

@@ -64,6 +64,7 @@ BAD_RECORDS = [
     (b"", "empty_value"),
     (b"   ", "empty_value"),
     (b"not json", "malformed_json"),
+    (b"\xff\xfe\x00garbage", "invalid_utf8"),
     (b'{"t_measurement": 17163', "malformed_json"),
     (b"[1, 2]", "not_a_json_object"),
     (b"42", "not_a_json_object"),
@@ -109,7 +110,7 @@ BAD_RECORDS = [
 @pytest.mark.parametrize(("payload", "reason"), BAD_RECORDS, ids=[r for _, r in BAD_RECORDS])
 def test_bad_record_is_quarantined_with_reason_and_kafka_coordinates(spark, payload, reason):
     quarantine = quarantine_of(spark, [GOOD, payload])
-    raw_text = None if payload is None else payload.decode()
+    raw_text = None if payload is None else payload.decode("utf-8", errors="replace")
     expected = spark.createDataFrame([(raw_text, reason, "mytopic", 0, 1)], QUARANTINE_SCHEMA)
     assert_df_equality(quarantine, expected)
     assert processed_of(spark, [GOOD, payload]).count() == 1

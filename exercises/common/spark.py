@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import logging
 import os
 import re
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 
 from pyspark import SparkConf, SparkContext
 from pyspark.sql import DataFrame, SparkSession
@@ -161,6 +166,59 @@ SINK_LOG = "_spark_metadata"
 
 class StageInputError(Exception):
     """A stage's input is missing or unusable; the message says what to do."""
+
+
+class StageBusyError(Exception):
+    """Another run of the same stage holds its lock; the message names the lock and its holder."""
+
+
+#: Exit codes of the stages besides 0 (success) and 1 (failed checks or stage error).
+EXIT_INPUT_MISSING = 2
+EXIT_BUSY = 3
+
+
+def local_path(path: str) -> str | None:
+    """The local file-system path of a plain path or ``file:`` URI; None for other file systems."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path) and not path.startswith("file:"):
+        return None
+    return re.sub(r"^file:(//)?", "", path)
+
+
+@contextmanager
+def stage_lock(path: str, stage: str, log: logging.Logger) -> Iterator[None]:
+    """Hold an exclusive lock on ``PATH.lock`` while a stage writes ``path``.
+
+    The lock is an OS file lock (flock): the kernel releases it when its process ends, also on
+    SIGKILL, so a lock left by a killed run never blocks the next one.
+
+    Raises:
+        StageBusyError: when another process holds the lock.
+    """
+    local = local_path(path)
+    if local is None:
+        log.warning("%s is not on a local file system: running without a lock against concurrent runs", path)
+        yield
+        return
+    lock_file = local.rstrip("/") + ".lock"
+    os.makedirs(os.path.dirname(os.path.abspath(lock_file)), exist_ok=True)
+    handle = open(lock_file, "a+", encoding="utf-8")  # noqa: SIM115 (held for the whole block)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise StageBusyError(
+                f"{stage} is already running: {lock_file} is held by {holder}; wait for that run to end"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        handle.write(f"{stage} (pid {os.getpid()} on {socket.gethostname()}, since {started})\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing releases the lock
 
 
 def _fs_path(spark: SparkSession, path: str):

@@ -1,0 +1,253 @@
+"""Surviving bad input, empty input, reruns, concurrent runs and SIGKILL (batch stages)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pyspark.sql import functions as F
+
+import checker
+import cleaner
+import processor
+from common import message as m
+from common.spark import PROCESSED_SCHEMA, RAW_SCHEMA, StageBusyError, read_output, stage_lock
+from make_sample_data import sample_payloads
+from tests.helpers import raw_frame
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+T = 1716369246.734911
+REASON_PREFIXES = (
+    "empty_value",
+    "invalid_utf8",
+    "malformed_json",
+    "not_a_json_object",
+    "missing_field:",
+    "unparseable_timestamp:",
+    "implausible_timestamp:",
+    "non_numeric_value",
+    "non_finite_value",
+)
+
+# --- fuzz ----------------------------------------------------------------------------------------
+
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**40), max_value=10**40),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=30),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+field_values = st.one_of(
+    json_values, st.just(T), st.just(str(T)), st.just(T * 1000), st.just("device1"), st.just("NaN"), st.just(1e308)
+)
+messages = st.fixed_dictionaries({}, optional={field: field_values for field in m.FIELDS}).map(
+    lambda d: json.dumps(d).encode()
+)
+deep = st.integers(min_value=1, max_value=3000).map(lambda n: b'{"value": ' + b"[" * n + b"]" * n + b"}")
+huge = st.integers(min_value=300, max_value=5000).map(
+    lambda n: b'{"t_measurement": 1' + b"0" * n + b', "t_report": 1, "device_id": "d", "signal_name": "s", "value": 1}'
+)
+payloads = st.lists(
+    st.one_of(
+        st.binary(max_size=60),
+        messages,
+        deep,
+        huge,
+        st.text(max_size=40).map(str.encode),
+        st.none(),
+        st.just(json.dumps(m.make_message(T, T - 10, "device1", "energy import", 3)).encode()),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(values=payloads)
+def test_fuzzed_values_never_crash_and_every_row_is_accounted_for(spark, values):
+    parsed = processor.parse_measurements(raw_frame(spark, values)).cache()
+    processed = processor.collapse_replays(parsed)
+    quarantine = processor.select_quarantine(parsed)
+    valid = parsed.where(F.col("reason").isNull()).count()
+    processed_rows = processed.collect()
+    reasons = [r.reason for r in quarantine.collect()]
+    parsed.unpersist()
+    assert len(values) == len(processed_rows) + len(reasons) + (valid - len(processed_rows))
+    assert len(reasons) + valid == len(values)
+    assert all(r.startswith(REASON_PREFIXES) for r in reasons)
+    assert all(None not in (r.t_measurement, r.t_report, r.device_id, r.signal_name, r.value) for r in processed_rows)
+
+
+# --- empty and thin inputs -----------------------------------------------------------------------
+
+
+def test_empty_processed_data_gives_an_empty_grid_and_the_checker_says_series_are_absent(spark, paths):
+    spark.createDataFrame([], PROCESSED_SCHEMA).write.parquet(paths.processed_data)
+    counts = cleaner.run(spark, paths, cleaner.CleanerConfig())
+    assert sum(counts.values()) == 0
+    results = checker.run(spark, paths, checker.CheckerConfig())
+    absent = next(r for r in results if r.name == "expected_series_present")
+    assert len(absent.observed["absent"]) == 4 and checker.exit_code(results) == 1
+
+
+def test_missing_consumer_data_is_a_clear_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "exercises/processor.py", "--datastore", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "consumer_data does not exist: run the consumer first" in result.stderr
+
+
+# --- reruns --------------------------------------------------------------------------------------
+
+
+def _sorted_rows(spark, path):
+    return sorted(spark.read.parquet(path).collect(), key=lambda r: tuple(str(v) for v in r))
+
+
+def test_every_stage_gives_identical_output_on_unchanged_input(spark, paths):
+    raw_frame(spark, sample_payloads(hours=0.5, seed=11)).write.parquet(paths.consumer_data)
+    runs = []
+    for _ in range(2):
+        processor.run(spark, paths)
+        cleaner.run(spark, paths, cleaner.CleanerConfig())
+        checker.run(spark, paths, checker.CheckerConfig())
+        with open(f"{paths.reports}/check_report.json") as handle:
+            report = handle.read()
+        runs.append(
+            (
+                _sorted_rows(spark, paths.processed_data),
+                _sorted_rows(spark, paths.quarantine_data),
+                _sorted_rows(spark, paths.cleaned_data),
+                report,
+            )
+        )
+    assert runs[0] == runs[1]
+
+
+# --- concurrent runs and SIGKILL -----------------------------------------------------------------
+
+
+def _write_large_raw(spark, path, rows=400_000):
+    """Raw rows of one series, enough to keep the processor busy for a while on two cores."""
+    value = F.format_string(
+        '{"t_measurement": %d.5, "t_report": %d.5, "device_id": "device1", "signal_name": "energy import", '
+        '"value": %d}',
+        F.col("id") * 10 + 1716368400,
+        F.col("id") * 10 + 1716368390,
+        F.col("id") % 20,
+    )
+    (
+        spark.range(rows)
+        .select(
+            F.lit(None).cast("binary").alias("key"),
+            value.cast("binary").alias("value"),
+            F.lit("mytopic").alias("topic"),
+            F.lit(0).alias("partition"),
+            F.col("id").alias("offset"),
+            F.current_timestamp().alias("timestamp"),
+            F.lit(0).alias("timestampType"),
+        )
+        .write.mode("append")
+        .parquet(path)
+    )
+
+
+def _start_processor(datastore):
+    return subprocess.Popen(
+        [sys.executable, "exercises/processor.py", "--datastore", datastore],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_lock(lock_file, timeout=120):
+    """Return once another process holds the flock on lock_file."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(lock_file):
+            with open(lock_file) as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    return
+        time.sleep(0.2)
+    raise AssertionError(f"nobody took {lock_file}")
+
+
+def test_lock_refuses_a_second_holder_and_names_the_lock(tmp_path):
+    target = str(tmp_path / "processed_data")
+    log = processor.log
+    with stage_lock(target, "processor", log):
+        with pytest.raises(
+            StageBusyError,
+            match=r"processor is already running: .*processed_data.lock is held by "
+            r"processor \(pid \d+",
+        ):
+            with stage_lock(target, "processor", log):
+                pass
+    with stage_lock(target, "processor", log):  # released when the first run ended
+        pass
+
+
+def test_second_run_of_a_stage_is_refused_and_output_stays_intact(spark, tmp_path):
+    datastore = str(tmp_path / "datastore")
+    _write_large_raw(spark, f"{datastore}/consumer_data")
+    first = _start_processor(datastore)
+    _wait_for_lock(f"{datastore}/processed_data.lock")
+    second = subprocess.run(
+        [sys.executable, "exercises/processor.py", "--datastore", datastore],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert first.wait(timeout=600) == 0
+    assert second.returncode == 3
+    assert "processor is already running" in second.stderr and "processed_data.lock" in second.stderr
+    assert spark.read.parquet(f"{datastore}/processed_data").count() == 400_000
+
+
+@pytest.mark.parametrize("delay", [0.0, 2.0, 5.0])
+def test_sigkill_at_any_moment_leaves_the_previous_output_and_the_next_run_recovers(spark, tmp_path, delay):
+    datastore = str(tmp_path / "datastore")
+    _write_large_raw(spark, f"{datastore}/consumer_data", rows=200_000)
+    assert _start_processor(datastore).wait(timeout=600) == 0
+    _write_large_raw(spark, f"{datastore}/consumer_data", rows=200_000)  # the same rows again: replays
+
+    victim = _start_processor(datastore)
+    _wait_for_lock(f"{datastore}/processed_data.lock")
+    time.sleep(delay)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+
+    log = processor.log
+    survivor = read_output(spark, f"{datastore}/processed_data", PROCESSED_SCHEMA, log, "processor")
+    assert survivor.count() == 200_000  # the previous output, or the new one (the same rows)
+    rerun = _start_processor(datastore)
+    out, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err[-2000:]
+    assert "raw rows 400000 = processed 200000 + quarantined 0 + duplicates collapsed 200000" in err
+    assert spark.read.schema(RAW_SCHEMA).parquet(f"{datastore}/consumer_data").count() == 400_000
+    assert not os.path.exists(f"{datastore}/processed_data.staging")
