@@ -56,6 +56,8 @@ TIMEOUT_OPTIONS = {
     "kafka.socket.connection.setup.timeout.max.ms": "10000",
     "fetchOffset.numRetries": "2",
     "fetchOffset.retryIntervalMs": "1000",
+    # An executor waiting on a broker that went away fails the batch after this, not after 2 min.
+    "kafkaConsumer.pollTimeoutMs": "30000",
 }
 REACHABLE_WAIT_SECONDS = 15.0
 _JAAS_MODULES = {
@@ -71,11 +73,12 @@ class ConsumerError(Exception):
 
 @dataclass(frozen=True)
 class IngestResult:
-    """What one run wrote."""
+    """What one run wrote, and where a partition's offsets went backwards (topic recreated)."""
 
     batches: int
     rows: int
     end_offsets: dict[str, dict[str, int]]
+    rewound: tuple[tuple[str, str, int, int], ...] = ()
 
 
 def client_options(env_security: dict[str, str], properties: dict[str, str]) -> dict[str, str]:
@@ -220,6 +223,17 @@ def run(
         except StreamingQueryException as error:
             raise ConsumerError(f"reading {topic} from {bootstrap_servers} failed: {_first_line(error)}") from error
         result = summarize(query.recentProgress)
+        for topic, partition, before, after in result.rewound:
+            log.warning(
+                "partition %s-%s went back from offset %d to %d: the topic was deleted and recreated (or "
+                "truncated). Spark's Kafka source skips the new partition's messages below offset %d; they "
+                "were not ingested (re-send them if they matter). Later messages are read as usual.",
+                topic,
+                partition,
+                before,
+                after,
+                after,
+            )
         log.info(
             "%d batches, %d rows written to %s; end offsets %s (%.1f s)",
             result.batches,
@@ -239,15 +253,30 @@ def _first_line(error: Exception) -> str:
 
 
 def summarize(progress: list) -> IngestResult:
-    """Return batches, rows and end offsets from a query's progress reports."""
+    """Return batches, rows, end offsets and offset regressions from a query's progress reports."""
     with_rows = [p for p in progress if p.numInputRows > 0]
     end_offsets: dict[str, dict[str, int]] = {}
+    rewound = []
     for report in progress:
         for source in report.sources:
-            if source.endOffset:
-                offsets = json.loads(source.endOffset)
-                end_offsets = {t: {p: int(o) for p, o in parts.items()} for t, parts in offsets.items()}
-    return IngestResult(len(with_rows), sum(p.numInputRows for p in with_rows), end_offsets)
+            end = _offsets(source.endOffset)
+            if not end:
+                continue
+            start = _offsets(source.startOffset)
+            rewound += [
+                (topic, partition, start[topic][partition], offset)
+                for topic, partitions in end.items()
+                for partition, offset in partitions.items()
+                if start.get(topic, {}).get(partition, -1) > offset
+            ]
+            end_offsets = end
+    return IngestResult(len(with_rows), sum(p.numInputRows for p in with_rows), end_offsets, tuple(rewound))
+
+
+def _offsets(text: str | None) -> dict[str, dict[str, int]]:
+    """Kafka source offsets from their JSON text (``null`` or none: {})."""
+    parsed = json.loads(text) if text else None
+    return {topic: {p: int(o) for p, o in parts.items()} for topic, parts in (parsed or {}).items()}
 
 
 def add_arguments(parser) -> None:

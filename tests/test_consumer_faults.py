@@ -1,0 +1,150 @@
+"""consumer under faults: SIGKILL mid-ingest, broker restarts and outages, a recreated topic."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from common.spark import read_raw
+from consumer import log as consumer_log
+from consumer import run
+from tests.conftest import ROOT, free_port
+from tests.test_consumer import new_topic, produce
+
+pytestmark = pytest.mark.integration
+
+
+def offsets_read_as_the_processor_reads(spark, paths):
+    rows = read_raw(spark, paths.consumer_data, consumer_log).select("partition", "offset").collect()
+    return sorted((r.partition, r.offset) for r in rows)
+
+
+def start_consumer(kafka, topic, paths, max_offsets):
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "exercises/consumer.py",
+            "--bootstrap-servers",
+            kafka,
+            "--topic",
+            topic,
+            "--datastore",
+            os.path.dirname(paths.consumer_data),
+            "--max-offsets-per-trigger",
+            str(max_offsets),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_batches(paths, count, process, timeout=240):
+    """Return once the sink log has ``count`` batches (while ``process`` still runs)."""
+    sink_log = os.path.join(paths.consumer_data, "_spark_metadata")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.isdir(sink_log) and sum(name.isdigit() for name in os.listdir(sink_log)) >= count:
+            return
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        time.sleep(0.1)
+    raise AssertionError("the consumer wrote too few batches in time")
+
+
+def test_sigkill_mid_ingest_then_rerun_lands_every_offset_once(spark, kafka, paths):
+    topic = new_topic(kafka)
+    produce(kafka, topic, [{"value": b"m%d" % i} for i in range(20_000)])
+    victim = start_consumer(kafka, topic, paths, max_offsets=1_000)
+    wait_for_batches(paths, 3, victim)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert offsets_read_as_the_processor_reads(spark, paths) != [(0, i) for i in range(20_000)]
+
+    run(spark, paths, kafka, topic, {}, max_offsets_per_trigger=5_000)
+
+    assert offsets_read_as_the_processor_reads(spark, paths) == [(0, i) for i in range(20_000)]
+
+
+@pytest.fixture
+def own_broker(tmp_path):
+    """A broker of this test's own, which the test may stop and start."""
+    env = {
+        **os.environ,
+        "KAFKA_PORT": str(free_port()),
+        "KAFKA_CONTROLLER_PORT": str(free_port()),
+        "KAFKA_DATA_DIR": str(tmp_path / "kafka"),
+    }
+    script = os.path.join(ROOT, "scripts", "kafka-local")
+
+    def control(action):
+        subprocess.run([script, action], env=env, check=True, timeout=180, capture_output=True)
+
+    control("start")
+    try:
+        yield f"127.0.0.1:{env['KAFKA_PORT']}", control
+    finally:
+        control("stop")
+
+
+def test_broker_restarted_between_runs_resumes_from_the_checkpoint(spark, own_broker, paths):
+    kafka, control = own_broker
+    topic = new_topic(kafka)
+    produce(kafka, topic, [{"value": b"before-%d" % i} for i in range(300)])
+    run(spark, paths, kafka, topic, {})
+    control("stop")
+    control("start")
+    produce(kafka, topic, [{"value": b"after-%d" % i} for i in range(200)])
+
+    second = run(spark, paths, kafka, topic, {})
+
+    assert second.rows == 200
+    assert offsets_read_as_the_processor_reads(spark, paths) == [(0, i) for i in range(500)]
+
+
+def test_broker_stopped_during_a_run_fails_it_and_the_next_run_completes(spark, own_broker, paths):
+    kafka, control = own_broker
+    topic = new_topic(kafka)
+    produce(kafka, topic, [{"value": b"m%d" % i} for i in range(30_000)])
+    victim = start_consumer(kafka, topic, paths, max_offsets=500)
+    wait_for_batches(paths, 2, victim)
+    stopped = time.monotonic()
+    control("stop")
+    _out, err = victim.communicate(timeout=300)
+    if victim.returncode == 0:
+        pytest.skip("the run finished before the broker went away")
+    assert victim.returncode == 1 and "failed" in err
+    assert time.monotonic() - stopped < 180
+    control("start")
+
+    run(spark, paths, kafka, topic, {})
+
+    assert offsets_read_as_the_processor_reads(spark, paths) == [(0, i) for i in range(30_000)]
+
+
+def test_recreated_topic_goes_on_and_says_what_happened(spark, kafka, paths, caplog):
+    topic = new_topic(kafka)
+    produce(kafka, topic, [{"value": b"old-%d" % i} for i in range(20)])
+    run(spark, paths, kafka, topic, {})
+    admin = AdminClient({"bootstrap.servers": kafka})
+    admin.delete_topics([topic])[topic].result(timeout=30)
+    time.sleep(2)
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=30)
+    produce(kafka, topic, [{"value": b"new-%d" % i} for i in range(5)])
+
+    with caplog.at_level("WARNING", logger=consumer_log.name):
+        rewinding = run(spark, paths, kafka, topic, {})
+    produce(kafka, topic, [{"value": b"newer-%d" % i} for i in range(30)])
+    after = run(spark, paths, kafka, topic, {})
+
+    assert rewinding.rewound == ((topic, "0", 20, 5),)
+    assert f"partition {topic}-0 went back from offset 20 to 5" in caplog.text
+    assert after.rows == 30
+    values = sorted(bytes(r.value) for r in read_raw(spark, paths.consumer_data, consumer_log).collect())
+    assert values == sorted([b"old-%d" % i for i in range(20)] + [b"newer-%d" % i for i in range(30)])
