@@ -130,6 +130,10 @@ def kafka_client_config(bootstrap_servers: str) -> dict:
     return {"bootstrap.servers": bootstrap_servers, **config.kafka_security_from_env()}
 
 
+class KafkaClientError(Exception):
+    """The Kafka client reported an error that retrying will not fix (e.g. authentication)."""
+
+
 class Sender:
     """Sends message values to one topic and counts delivery results."""
 
@@ -140,8 +144,15 @@ class Sender:
         self.delivered = 0
         self.failed = 0
         self.errors: set[str] = set()
+        self.client_errors = config.KafkaClientErrors()
         self._producer = Producer(
-            {**kafka_client_config(bootstrap_servers), "linger.ms": 20, "message.timeout.ms": 30000}
+            {
+                **kafka_client_config(bootstrap_servers),
+                "linger.ms": 20,
+                "message.timeout.ms": 30000,
+                "error_cb": self.client_errors,
+                "logger": config.silent_logger(),
+            }
         )
 
     def _on_delivery(self, error, _msg) -> None:
@@ -151,8 +162,17 @@ class Sender:
             self.failed += 1
             self.errors.add(str(error))
 
+    def _check(self) -> None:
+        if self.client_errors.fatal:
+            raise KafkaClientError(self.client_errors.fatal)
+
     def send(self, value: bytes) -> None:
-        """Queue one message, waiting for room when the local queue is full."""
+        """Queue one message, waiting for room when the local queue is full.
+
+        Raises:
+            KafkaClientError: once the client reported an authentication or fatal error.
+        """
+        self._check()
         while True:
             try:
                 self._producer.produce(self.topic, value=value, on_delivery=self._on_delivery)
@@ -162,8 +182,15 @@ class Sender:
         self._producer.poll(0)
 
     def flush(self, timeout: float = 60.0) -> int:
-        """Wait for outstanding deliveries; return how many are still undelivered."""
-        return self._producer.flush(timeout)
+        """Wait for outstanding deliveries; return how many are still undelivered.
+
+        Stops early on an authentication or fatal error (see ``KafkaClientErrors``).
+        """
+        deadline = time.monotonic() + timeout
+        remaining = self._producer.flush(0)
+        while remaining and not self.client_errors.fatal and time.monotonic() < deadline:
+            remaining = self._producer.flush(min(0.5, max(0.0, deadline - time.monotonic())))
+        return remaining
 
 
 def run_backfill(sender: Sender, args: argparse.Namespace) -> None:
@@ -270,8 +297,12 @@ def main(argv: list[str] | None = None) -> int:
             run_backfill(sender, args)
         else:
             run_live(sender, args)
+    except KafkaClientError:
+        pass  # reported below
     finally:
         undelivered = sender.flush()
+    if sender.client_errors.fatal:
+        print(f"producer: stopped: {sender.client_errors.fatal}", file=sys.stderr)
     failed = sender.failed + undelivered
     print(f"producer: {sender.delivered} delivered, {failed} not delivered to {args.topic}", file=sys.stderr)
     for error in sorted(sender.errors)[:5]:

@@ -221,7 +221,13 @@ def run(
         try:
             query.awaitTermination()
         except StreamingQueryException as error:
-            raise ConsumerError(f"reading {topic} from {bootstrap_servers} failed: {_first_line(error)}") from error
+            cause = _first_line(error)
+            if "SaslAuthenticationException" in cause or "Authentication failed" in cause:
+                raise ConsumerError(
+                    f"authentication to the Kafka broker at {bootstrap_servers} failed: check "
+                    f"KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD and KAFKA_SASL_MECHANISM ({cause})"
+                ) from error
+            raise ConsumerError(f"reading {topic} from {bootstrap_servers} failed: {cause}") from error
         result = summarize(query.recentProgress)
         for topic, partition, before, after in result.rewound:
             log.warning(

@@ -43,6 +43,23 @@ def describe(value: bytes | None) -> str:
     return " ".join(f"{field}={parsed.get(field)!r}" for field in m.FIELDS)
 
 
+def _broker_problem(consumer, errors: config.KafkaClientErrors) -> str | None:
+    """Return why the broker cannot be used (unreachable, authentication), or None when it can."""
+    from confluent_kafka import KafkaException
+
+    deadline = time.monotonic() + BROKER_CHECK_SECONDS
+    while True:
+        try:
+            consumer.list_topics(timeout=1.0)
+            return None
+        except KafkaException as error:
+            consumer.poll(0.2)  # serves the error callbacks, which hold an authentication failure
+            if errors.fatal:
+                return errors.fatal
+            if time.monotonic() >= deadline:
+                return f"cannot reach it: {error.args[0].str()}"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,25 +81,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Read and print messages; return the exit code."""
-    from confluent_kafka import Consumer, KafkaException
+    from confluent_kafka import Consumer
 
     args = parse_args(argv)
+    errors = config.KafkaClientErrors()
     consumer = Consumer(
         {
             "bootstrap.servers": args.bootstrap_servers,
             "group.id": args.group or f"meter-stream-reader-{uuid.uuid4().hex[:8]}",
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
-            "logger": _quiet_logger(),
+            "logger": config.silent_logger(),
+            "error_cb": errors,
             **config.kafka_security_from_env(),
         }
     )
-    try:
-        consumer.list_topics(timeout=BROKER_CHECK_SECONDS)
-    except KafkaException as error:
-        print(
-            f"reader: cannot reach the Kafka broker at {args.bootstrap_servers}: {error.args[0].str()}", file=sys.stderr
-        )
+    cause = _broker_problem(consumer, errors)
+    if cause:
+        print(f"reader: Kafka broker at {args.bootstrap_servers}: {cause}", file=sys.stderr)
         consumer.close()
         return 2
     consumer.subscribe([args.topic])
@@ -105,16 +121,6 @@ def main(argv: list[str] | None = None) -> int:
         consumer.close()
     print(f"reader: {count} messages from {args.topic}", file=sys.stderr)
     return 0 if count else 1
-
-
-def _quiet_logger():
-    """A logger that keeps librdkafka's connection retries off the screen."""
-    import logging
-
-    logger = logging.getLogger("meter_stream.reader.kafka")
-    logger.addHandler(logging.NullHandler())
-    logger.propagate = False
-    return logger
 
 
 if __name__ == "__main__":

@@ -213,3 +213,27 @@ def read_properties(path: str) -> dict[str, str]:
                 raise ValueError(f"{path}:{number}: not a key=value line")
             properties[line[:separator].strip()] = line[separator + 1 :].strip()
     return properties
+
+
+class KafkaClientErrors:
+    """``error_cb`` for the confluent-kafka clients: keeps the first authentication or fatal error.
+
+    librdkafka retries such errors quietly until its timeouts; the producer and the reader stop at
+    once instead and say why.
+    """
+
+    def __init__(self) -> None:
+        self.fatal: str | None = None
+
+    def __call__(self, error) -> None:
+        if self.fatal is None and (error.fatal() or "authentication" in error.str().lower()):
+            self.fatal = error.str()
+
+
+def silent_logger() -> logging.Logger:
+    """A logger that keeps librdkafka's own retry messages off the screen."""
+    logger = logging.getLogger("meter_stream.kafka_client")
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+        logger.propagate = False
+    return logger
