@@ -261,6 +261,8 @@ def run(spark: SparkSession, paths: config.Paths, config_: CleanerConfig) -> dic
             counts[MISSING],
             time.monotonic() - started,
         )
+        if not flags.get["series"]:
+            log.warning("no expected series in %s: cleaned_data is empty", paths.processed_data)
         if unknown_counts.get["series"]:
             log.warning(
                 "%d series outside the expected catalog left out (%d rows); see %s",

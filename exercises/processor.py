@@ -216,6 +216,8 @@ def run(spark: SparkSession, paths: config.Paths) -> Accounting:
             "" if accounting.balanced() else "  MISMATCH",
             time.monotonic() - started,
         )
+        if not accounting.raw:
+            log.warning("%s holds no raw rows: processed_data and quarantine_data are empty", paths.consumer_data)
         if accounting.quarantined:
             log.warning("%d raw rows quarantined in %s", accounting.quarantined, paths.quarantine_data)
         return accounting

@@ -178,3 +178,15 @@ def test_producer_backfill_through_every_stage(spark, kafka, paths):
 
     assert ingest.rows == delivered == accounting.raw == accounting.processed
     assert checker.exit_code(results) == 0
+
+
+def test_empty_topic_flows_through_every_stage_and_each_says_so(spark, kafka, paths, caplog):
+    topic = new_topic(kafka)
+    with caplog.at_level("INFO"):
+        assert run(spark, paths, kafka, topic, {}).rows == 0
+        assert processor.run(spark, paths) == processor.Accounting(0, 0, 0, 0)
+        counts = cleaner.run(spark, paths, cleaner.CleanerConfig())
+        results = checker.run(spark, paths, checker.CheckerConfig())
+    assert sum(counts.values()) == 0
+    assert checker.exit_code(results) == 1
+    assert "holds no raw rows" in caplog.text and "no expected series" in caplog.text
