@@ -31,13 +31,11 @@ from common import config
 from common import message as m
 from common.spark import (
     CLEANED_SCHEMA,
-    EXIT_BUSY,
-    EXIT_INPUT_MISSING,
     QUALITY,
     UNKNOWN_SERIES_SCHEMA,
-    StageBusyError,
     StageInputError,
     build_session,
+    exit_code_of,
     path_exists,
     recover_output,
     stage_lock,
@@ -605,15 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the checker from the command line; return the exit code."""
     args, paths, checker_config = parse_args(argv)
     spark = build_session("meter-stream checker", verbose=args.verbose)
-    try:
-        results = run(spark, paths, checker_config)
-    except StageInputError as error:
-        log.error("%s", error)
-        return EXIT_INPUT_MISSING
-    except StageBusyError as error:
-        log.error("%s", error)
-        return EXIT_BUSY
-    return exit_code(results)
+    return exit_code_of(lambda: exit_code(run(spark, paths, checker_config)), log)
 
 
 if __name__ == "__main__":

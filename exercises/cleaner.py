@@ -32,14 +32,11 @@ from common import config
 from common import message as m
 from common.spark import (
     CLEANED_SCHEMA,
-    EXIT_BUSY,
-    EXIT_INPUT_MISSING,
     PROCESSED_SCHEMA,
     QUALITY,
     UNKNOWN_SERIES_SCHEMA,
-    StageBusyError,
-    StageInputError,
     build_session,
+    exit_code_of,
     read_output,
     replace_output,
     stage_lock,
@@ -344,15 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the cleaner from the command line; return the exit code."""
     args, paths, cleaner_config = parse_args(argv)
     spark = build_session("meter-stream cleaner", verbose=args.verbose)
-    try:
+
+    def clean_all() -> int:
         run(spark, paths, cleaner_config)
-    except StageInputError as error:
-        log.error("%s", error)
-        return EXIT_INPUT_MISSING
-    except StageBusyError as error:
-        log.error("%s", error)
-        return EXIT_BUSY
-    return 0
+        return 0
+
+    return exit_code_of(clean_all, log)
 
 
 if __name__ == "__main__":

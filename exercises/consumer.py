@@ -34,11 +34,10 @@ from pyspark.sql import SparkSession
 from common import config
 from common import message as m
 from common.spark import (
-    EXIT_BUSY,
     RAW_SCHEMA,
     SINK_LOG,
-    StageBusyError,
     build_session,
+    exit_code_of,
     kafka_connector_jars,
     list_files,
     stage_lock,
@@ -334,19 +333,20 @@ def main(argv: list[str] | None = None) -> int:
     config.add_datastore_options(parser, ("consumer_data", "checkpoint_consumer"))
     args = parser.parse_args(argv)
     paths = config.paths_from_args(args)
-    try:
-        kafka_options_from_args(args)  # fail on bad settings before Spark starts
-        spark = build_session(
-            "meter-stream consumer", verbose=args.verbose, jars=kafka_connector_jars(pyspark.__version__)
-        )
-        ingest(spark, paths, args)
-    except StageBusyError as error:
-        log.error("%s", error)
-        return EXIT_BUSY
-    except (ConsumerError, OSError, ValueError) as error:
-        log.error("%s", error)
-        return 1
-    return 0
+
+    def consume() -> int:
+        try:
+            kafka_options_from_args(args)  # fail on bad settings before Spark starts
+            spark = build_session(
+                "meter-stream consumer", verbose=args.verbose, jars=kafka_connector_jars(pyspark.__version__)
+            )
+            ingest(spark, paths, args)
+        except (ConsumerError, OSError, ValueError) as error:
+            log.error("%s", error)
+            return 1
+        return 0
+
+    return exit_code_of(consume, log)
 
 
 if __name__ == "__main__":

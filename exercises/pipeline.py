@@ -22,14 +22,7 @@ import cleaner
 import consumer
 import processor
 from common import config
-from common.spark import (
-    EXIT_BUSY,
-    EXIT_INPUT_MISSING,
-    StageBusyError,
-    StageInputError,
-    build_session,
-    kafka_connector_jars,
-)
+from common.spark import build_session, exit_code_of, kafka_connector_jars
 
 log = config.get_logger("pipeline")
 
@@ -52,26 +45,31 @@ def parse_args(argv: list[str] | None):
 
 def run(spark, args, paths, cleaner_config, checker_config) -> int:
     """Run the stages in order; return the first non-zero exit code, else 0."""
-    stages = [
-        ("processor", lambda: 0 if processor.run(spark, paths).balanced() else 1),
-        ("cleaner", lambda: cleaner.run(spark, paths, cleaner_config) and 0),
-        ("checker", lambda: checker.exit_code(checker.run(spark, paths, checker_config))),
-    ]
+
+    def consume() -> int:
+        try:
+            consumer.ingest(spark, paths, args)
+        except consumer.ConsumerError as error:
+            consumer.log.error("%s", error)
+            return 1
+        return 0
+
+    def process() -> int:
+        return 0 if processor.run(spark, paths).balanced() else 1
+
+    def clean() -> int:
+        cleaner.run(spark, paths, cleaner_config)
+        return 0
+
+    def check() -> int:
+        return checker.exit_code(checker.run(spark, paths, checker_config))
+
+    stages = [("processor", process), ("cleaner", clean), ("checker", check)]
     if not args.skip_consumer:
-        stages.insert(0, ("consumer", lambda: consumer.ingest(spark, paths, args) and 0))
+        stages.insert(0, ("consumer", consume))
     for name, stage in stages:
         started = time.monotonic()
-        try:
-            code = stage()
-        except consumer.ConsumerError as error:
-            log.error("%s: %s", name, error)
-            code = 1
-        except StageInputError as error:
-            log.error("%s: %s", name, error)
-            code = EXIT_INPUT_MISSING
-        except StageBusyError as error:
-            log.error("%s: %s", name, error)
-            code = EXIT_BUSY
+        code = exit_code_of(stage, log)
         log.info("%s finished with exit code %d in %.1f s", name, code, time.monotonic() - started)
         if code:
             log.error("stopping: %s failed", name)

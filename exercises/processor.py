@@ -25,13 +25,10 @@ from pyspark.sql import types as T
 from common import config
 from common import message as m
 from common.spark import (
-    EXIT_BUSY,
-    EXIT_INPUT_MISSING,
     PROCESSED_SCHEMA,
     QUARANTINE_SCHEMA,
-    StageBusyError,
-    StageInputError,
     build_session,
+    exit_code_of,
     read_raw,
     replace_output,
     stage_lock,
@@ -235,15 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the processor from the command line; return the exit code."""
     args, paths = parse_args(argv)
     spark = build_session("meter-stream processor", verbose=args.verbose)
-    try:
-        accounting = run(spark, paths)
-    except StageInputError as error:
-        log.error("%s", error)
-        return EXIT_INPUT_MISSING
-    except StageBusyError as error:
-        log.error("%s", error)
-        return EXIT_BUSY
-    return 0 if accounting.balanced() else 1
+    return exit_code_of(lambda: 0 if run(spark, paths).balanced() else 1, log)
 
 
 if __name__ == "__main__":

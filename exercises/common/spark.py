@@ -9,7 +9,7 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
@@ -175,6 +175,18 @@ class StageBusyError(Exception):
 #: Exit codes of the stages besides 0 (success) and 1 (failed checks or stage error).
 EXIT_INPUT_MISSING = 2
 EXIT_BUSY = 3
+
+
+def exit_code_of(action: Callable[[], int], log: logging.Logger) -> int:
+    """Run a stage's action and return its exit code; a missing input is 2 and a held lock 3."""
+    try:
+        return action()
+    except StageInputError as error:
+        log.error("%s", error)
+        return EXIT_INPUT_MISSING
+    except StageBusyError as error:
+        log.error("%s", error)
+        return EXIT_BUSY
 
 
 def local_path(path: str) -> str | None:
