@@ -15,16 +15,24 @@ DATASTORE ?= ./datastore
 KAFKA_PORT ?= 9093
 export BACKFILL DATASTORE KAFKA_PORT KAFKA_BOOTSTRAP_SERVERS SEED
 
-.PHONY: run setup test lint format clean-data help
+.PHONY: run bench setup test lint format clean-data help
 
 help:
 	@echo "make run     set up, start a local Kafka broker, backfill, run the four stages, stop it"
 	@echo "make test    set up and run the test suite"
 	@echo "make setup   create .venv, install requirements.txt, fetch the jars"
+	@echo "make bench   benchmarks (bench/results.json, BENCHMARKS.md); not part of make test"
 	@echo "make lint    ruff check and format check"
 
 run: setup
 	scripts/run-pipeline
+
+bench: setup $(VENV)/.bench-installed
+	$(PY) bench/harness.py
+
+$(VENV)/.bench-installed: bench/requirements.txt $(VENV)/.installed
+	$(PY) -m pip install --quiet -r bench/requirements.txt
+	touch $@
 
 setup: $(VENV)/.installed .cache/jars/.fetched
 
@@ -38,7 +46,7 @@ $(VENV)/.installed: requirements.txt
 	scripts/fetch-jars
 	touch $@
 
-test: setup
+test: setup $(VENV)/.bench-installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 

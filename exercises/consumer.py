@@ -199,6 +199,8 @@ def run(
             .option("subscribe", topic)
             .option("startingOffsets", "earliest")
             .option("failOnDataLoss", "false")
+            # Split a topic partition's offsets over the cores: one Kafka partition is one task otherwise.
+            .option("minPartitions", str(spark.sparkContext.defaultParallelism))
             .options(**TIMEOUT_OPTIONS)
             .options(**kafka_options)
         )

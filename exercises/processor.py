@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, Observation, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -92,7 +93,7 @@ def parse_measurements(raw: DataFrame) -> DataFrame:
         raw: rows of ``RAW_SCHEMA``.
 
     Returns:
-        The processed columns, ``reason``, ``raw_value`` (the value as text) and the Kafka
+        The processed columns, ``reason``, ``raw_value`` (the value as text, where rejected) and the Kafka
         topic, partition and offset; one row per raw row.
     """
     text = F.col("value").cast(T.StringType())
@@ -136,7 +137,8 @@ def parse_measurements(raw: DataFrame) -> DataFrame:
         F.col(f"msg.{m.SIGNAL_NAME}").alias(m.SIGNAL_NAME),
         value.alias(m.VALUE),
         reason.alias("reason"),
-        "raw_value",
+        # The raw text is kept only where it is needed: in the quarantine.
+        F.when(reason.isNotNull(), F.col("raw_value")).alias("raw_value"),
         "topic",
         "partition",
         "offset",
@@ -188,7 +190,11 @@ def run(spark: SparkSession, paths: config.Paths) -> Accounting:
                 F.count_if(F.col("reason").isNull()).alias("valid"),
                 F.count_if(F.col("reason").isNotNull()).alias("quarantined"),
             )
-            .persist()
+            # One parse feeds both outputs. The cache is also a barrier: a filter on the parsed
+            # columns would otherwise be pushed below the parse and evaluate from_json again for
+            # each field. Only compact typed columns are cached (the raw text of rejected rows alone),
+            # and blocks spill to disk, so the heap stays bounded as the input grows.
+            .persist(StorageLevel.MEMORY_AND_DISK)
         )
         try:
             output_counts = Observation("output")

@@ -13,7 +13,7 @@ against Kafka's ConsumerPerformance tool on the same topic.
 Writes ``bench/results.json`` (a list of {metric, rows, value, unit}) and ``BENCHMARKS.md``.
 
 Usage:
-    python bench/run.py [--sizes 1000000,10000000] [--consumer-messages 1000000] [--smoke]
+    python bench/harness.py [--sizes 1000000,10000000] [--consumer-messages 1000000]
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "exercises"), os.path.join(ROOT, "tests")]
@@ -68,19 +69,32 @@ def measurements(spark, series: int, slots: int):
         (F.abs(F.xxhash64("id", F.lit(1))) % 100).cast("double").alias(m.VALUE),
         F.col("id"),
     )
-    replays = typed.where(F.col("id") % 500 == 0).withColumn(m.T_REPORT, F.col(m.T_REPORT) + F.expr("INTERVAL 1 SECOND"))
+    replays = typed.where(F.col("id") % 500 == 0).withColumn(
+        m.T_REPORT, F.col(m.T_REPORT) + F.expr("INTERVAL 1 SECOND")
+    )
     return typed.unionByName(replays)
 
 
 def raw_rows(typed):
     """The same measurements as the consumer stores them: JSON values in Kafka rows."""
     as_epoch = {c: F.unix_micros(c) / 1e6 for c in (m.T_MEASUREMENT, m.T_REPORT)}
-    value = F.to_json(F.struct(as_epoch[m.T_MEASUREMENT].alias(m.T_MEASUREMENT),
-                               as_epoch[m.T_REPORT].alias(m.T_REPORT), m.DEVICE_ID, m.SIGNAL_NAME, m.VALUE))
+    value = F.to_json(
+        F.struct(
+            as_epoch[m.T_MEASUREMENT].alias(m.T_MEASUREMENT),
+            as_epoch[m.T_REPORT].alias(m.T_REPORT),
+            m.DEVICE_ID,
+            m.SIGNAL_NAME,
+            m.VALUE,
+        )
+    )
     return typed.select(
-        F.lit(None).cast("binary").alias("key"), value.cast("binary").alias("value"),
-        F.lit("bench").alias("topic"), F.lit(0).alias("partition"), F.monotonically_increasing_id().alias("offset"),
-        F.current_timestamp().alias("timestamp"), F.lit(0).alias("timestampType"),
+        F.lit(None).cast("binary").alias("key"),
+        value.cast("binary").alias("value"),
+        F.lit("bench").alias("topic"),
+        F.lit(0).alias("partition"),
+        F.monotonically_increasing_id().alias("offset"),
+        F.current_timestamp().alias("timestamp"),
+        F.lit(0).alias("timestampType"),
     )
 
 
@@ -112,8 +126,14 @@ def processor_floor(spark, source: str, target: str) -> None:
 
 def cleaner_floor(spark, source: str, target: str) -> None:
     keys = [m.DEVICE_ID, m.SIGNAL_NAME]
-    (spark.read.schema(PROCESSED_SCHEMA).parquet(source).repartition(*keys)
-     .sortWithinPartitions(*keys, m.T_MEASUREMENT).write.mode("overwrite").parquet(target))
+    (
+        spark.read.schema(PROCESSED_SCHEMA)
+        .parquet(source)
+        .repartition(*keys)
+        .sortWithinPartitions(*keys, m.T_MEASUREMENT)
+        .write.mode("overwrite")
+        .parquet(target)
+    )
 
 
 DUCKDB_GAP_FILL = """
@@ -148,16 +168,30 @@ def duckdb_gap_fill(source: str, target: str) -> None:
     connection.close()
 
 
-def reset_heap_peak(spark) -> None:
-    for pool in spark.sparkContext._jvm.java.lang.management.ManagementFactory.getMemoryPoolMXBeans():
-        pool.resetPeakUsage()
+class HeapSampler:
+    """Samples the driver JVM's used heap every 0.2 s; ``peak_mib`` is the largest sample.
 
+    (Summing the pools' own peak counters overstates it: each pool peaks at another moment.)
+    """
 
-def heap_peak_mib(spark) -> float:
-    jvm = spark.sparkContext._jvm
-    pools = jvm.java.lang.management.ManagementFactory.getMemoryPoolMXBeans()
-    heap = [p for p in pools if str(p.getType().toString()) == "Heap memory"]
-    return sum(p.getPeakUsage().getUsed() for p in heap) / 2**20
+    def __init__(self, spark) -> None:
+        self._memory = spark.sparkContext._jvm.java.lang.management.ManagementFactory.getMemoryMXBean()
+        self._stop = threading.Event()
+        self.peak_mib = 0.0
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            used = self._memory.getHeapMemoryUsage().getUsed() / 2**20
+            self.peak_mib = max(self.peak_mib, used)
+
+    def __enter__(self) -> HeapSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def bench_size(spark, work: str, rows: int) -> list[dict]:
@@ -166,31 +200,45 @@ def bench_size(spark, work: str, rows: int) -> list[dict]:
     paths = config.Paths.under(folder)
     n = shape["rows"]
     spark.catalog.clearCache()
-    reset_heap_peak(spark)
     results = {}
+    sampler = HeapSampler(spark).__enter__()
     results["processor_seconds"] = timed(lambda: processor.run(spark, paths))
     results["processor_floor_seconds"] = timed(
-        lambda: processor_floor(spark, paths.consumer_data, os.path.join(folder, "floor_processor")))
+        lambda: processor_floor(spark, paths.consumer_data, os.path.join(folder, "floor_processor"))
+    )
     # The cleaner reads the generated processed shape (every series accepted), not the processor's output.
     generated = config.Paths.under(folder, processed_data=os.path.join(folder, "processed_data"))
     clean_config = cleaner.CleanerConfig(expected_series=None)
     results["cleaner_seconds"] = timed(lambda: cleaner.run(spark, generated, clean_config))
     results["cleaner_floor_seconds"] = timed(
-        lambda: cleaner_floor(spark, generated.processed_data, os.path.join(folder, "floor_cleaner")))
+        lambda: cleaner_floor(spark, generated.processed_data, os.path.join(folder, "floor_cleaner"))
+    )
     results["duckdb_seconds"] = timed(
-        lambda: duckdb_gap_fill(generated.processed_data, os.path.join(folder, "duckdb_cleaned.parquet")))
-    results["driver_peak_mib"] = heap_peak_mib(spark)
+        lambda: duckdb_gap_fill(generated.processed_data, os.path.join(folder, "duckdb_cleaned.parquet"))
+    )
+    sampler.__exit__()
+    results["driver_peak_mib"] = sampler.peak_mib
     print(f"size {n}: " + ", ".join(f"{k} {v:.1f}" for k, v in results.items()), flush=True)
-    rows_out = [{"metric": k, "rows": n, "value": round(v, 3), "unit": "MiB" if "mib" in k else "s"}
-                for k, v in results.items()]
-    for name, over in (("processor_over_floor", ("processor_seconds", "processor_floor_seconds")),
-                       ("cleaner_over_floor", ("cleaner_seconds", "cleaner_floor_seconds")),
-                       ("cleaner_over_duckdb", ("cleaner_seconds", "duckdb_seconds"))):
-        rows_out.append({"metric": name, "rows": n, "value": round(results[over[0]] / results[over[1]], 3),
-                         "unit": "ratio"})
+    rows_out = [
+        {"metric": k, "rows": n, "value": round(v, 3), "unit": "MiB" if "mib" in k else "s"} for k, v in results.items()
+    ]
+    for name, over in (
+        ("processor_over_floor", ("processor_seconds", "processor_floor_seconds")),
+        ("cleaner_over_floor", ("cleaner_seconds", "cleaner_floor_seconds")),
+        ("cleaner_over_duckdb", ("cleaner_seconds", "duckdb_seconds")),
+    ):
+        rows_out.append(
+            {"metric": name, "rows": n, "value": round(results[over[0]] / results[over[1]], 3), "unit": "ratio"}
+        )
     for stage in ("processor", "cleaner"):
-        rows_out.append({"metric": f"{stage}_rows_per_s", "rows": n,
-                         "value": round(n / results[f"{stage}_seconds"]), "unit": "rows/s"})
+        rows_out.append(
+            {
+                "metric": f"{stage}_rows_per_s",
+                "rows": n,
+                "value": round(n / results[f"{stage}_seconds"]),
+                "unit": "rows/s",
+            }
+        )
     shutil.rmtree(folder, ignore_errors=True)
     return rows_out
 
@@ -222,13 +270,30 @@ def bench_consumer(spark, work: str, messages: int, bootstrap: str) -> list[dict
     assert producer.flush(120) == 0
     paths = config.Paths.under(os.path.join(work, "consumer"))
     seconds = timed(lambda: consumer.run(spark, paths, bootstrap, topic, {}))
-    java = os.path.join(subprocess.check_output([os.path.join(ROOT, "scripts", "java-home")], text=True).strip(),
-                        "bin", "java")
+    java = os.path.join(
+        subprocess.check_output([os.path.join(ROOT, "scripts", "java-home")], text=True).strip(), "bin", "java"
+    )
     started = time.perf_counter()
     tool = subprocess.run(
-        [java, "-cp", os.path.join(kafka_jars(), "*"), "org.apache.kafka.tools.ConsumerPerformance",
-         "--bootstrap-server", bootstrap, "--topic", topic, "--messages", str(messages), "--timeout", "60000"],
-        capture_output=True, text=True, timeout=600, check=True)
+        [
+            java,
+            "-cp",
+            os.path.join(kafka_jars(), "*"),
+            "org.apache.kafka.tools.ConsumerPerformance",
+            "--bootstrap-server",
+            bootstrap,
+            "--topic",
+            topic,
+            "--messages",
+            str(messages),
+            "--timeout",
+            "60000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
     tool_seconds = time.perf_counter() - started
     # The tool prints its own rate, measured from its first fetch (JVM start excluded): use it.
     header, values = [line for line in tool.stdout.splitlines() if line.strip()][-2:]
@@ -247,22 +312,38 @@ def bench_consumer(spark, work: str, messages: int, bootstrap: str) -> list[dict
 
 
 def machine() -> dict:
-    java = subprocess.run([os.path.join(subprocess.check_output([os.path.join(ROOT, "scripts", "java-home")],
-                                                                text=True).strip(), "bin", "java"), "-version"],
-                          capture_output=True, text=True).stderr.splitlines()[0]
+    java = subprocess.run(
+        [
+            os.path.join(
+                subprocess.check_output([os.path.join(ROOT, "scripts", "java-home")], text=True).strip(), "bin", "java"
+            ),
+            "-version",
+        ],
+        capture_output=True,
+        text=True,
+    ).stderr.splitlines()[0]
     with open("/proc/meminfo") as handle:
         memory = int(handle.readline().split()[1]) / 2**20
-    return {"cores": os.cpu_count(), "memory_gib": round(memory, 1), "java": java, "spark": pyspark.__version__,
-            "kafka": os.path.basename(kafka_jars()).removeprefix("kafka-"), "python": platform.python_version(),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+    return {
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory, 1),
+        "java": java,
+        "spark": pyspark.__version__,
+        "kafka": os.path.basename(kafka_jars()).removeprefix("kafka-"),
+        "python": platform.python_version(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1000000,10000000", help="measurements per size, comma-separated")
     parser.add_argument("--consumer-messages", type=int, default=1_000_000)
-    parser.add_argument("--bootstrap-servers", default=None, help="broker for the consumer benchmark "
-                        "(default: a local broker started for the run)")
+    parser.add_argument(
+        "--bootstrap-servers",
+        default=None,
+        help="broker for the consumer benchmark (default: a local broker started for the run)",
+    )
     parser.add_argument("--results", default=RESULTS)
     parser.add_argument("--report", default=REPORT, help="BENCHMARKS.md to write ('' for none)")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
@@ -271,13 +352,22 @@ def main(argv: list[str] | None = None) -> int:
     spark = build_session("meter-stream bench", jars=kafka_connector_jars(pyspark.__version__))
     work = args.work or tempfile.mkdtemp(prefix="meter-bench-")
     results = []
+    # A first pass on a small input warms the JVM up (JIT, class loading), so that no stage pays
+    # for it in the figures; its results are dropped.
+    bench_size(spark, work, 20_000)
     for size in [int(s) for s in args.sizes.split(",") if s]:
         results += bench_size(spark, work, size)
     cleaner_times = {r["rows"]: r["value"] for r in results if r["metric"] == "cleaner_seconds"}
     if len(cleaner_times) >= 2:
         small, large = min(cleaner_times), max(cleaner_times)
-        results.append({"metric": "scaling_10x", "rows": large,
-                        "value": round(cleaner_times[large] / cleaner_times[small], 3), "unit": "ratio"})
+        results.append(
+            {
+                "metric": "scaling_10x",
+                "rows": large,
+                "value": round(cleaner_times[large] / cleaner_times[small], 3),
+                "unit": "ratio",
+            }
+        )
     if args.consumer_messages:
         results += with_broker(args.bootstrap_servers, lambda b: bench_consumer(spark, work, args.consumer_messages, b))
     os.makedirs(os.path.dirname(args.results), exist_ok=True)
@@ -295,8 +385,12 @@ def with_broker(bootstrap: str | None, action):
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from tests.conftest import free_port
 
-    env = {**os.environ, "KAFKA_PORT": str(free_port()), "KAFKA_CONTROLLER_PORT": str(free_port()),
-           "KAFKA_DATA_DIR": tempfile.mkdtemp(prefix="meter-bench-kafka-")}
+    env = {
+        **os.environ,
+        "KAFKA_PORT": str(free_port()),
+        "KAFKA_CONTROLLER_PORT": str(free_port()),
+        "KAFKA_DATA_DIR": tempfile.mkdtemp(prefix="meter-bench-kafka-"),
+    }
     script = os.path.join(ROOT, "scripts", "kafka-local")
     subprocess.run([script, "start"], env=env, check=True)
     try:
@@ -308,15 +402,19 @@ def with_broker(bootstrap: str | None, action):
 
 def write_report(path: str, results: list[dict], host: dict) -> None:
     lines = [
-        "# Benchmarks", "",
+        "# Benchmarks",
+        "",
         f"Measured on {host['date']}: {host['cores']} cores, {host['memory_gib']} GiB, {host['java']}, "
         f"Spark {host['spark']} (local[*]), Kafka {host['kafka']}, Python {host['python']}. One run; "
         "every figure of a size comes from the same run on the same files, so ratios compare like with like.",
-        "", "Reproduce: `make bench` (about 1 M and 10 M measurements, 1 M Kafka messages).", "",
-        "| metric | rows | value | unit |", "|---|---:|---:|---|",
+        "",
+        "Reproduce: `make bench` (about 1 M and 10 M measurements, 1 M Kafka messages).",
+        "",
+        "| metric | rows | value | unit |",
+        "|---|---:|---:|---|",
     ]
     lines += [f"| {r['metric']} | {r['rows']:,} | {r['value']:,} | {r['unit']} |" for r in results]
-    marker = "<!-- results above are rewritten by bench/run.py; notes below are kept -->"
+    marker = "<!-- results above are rewritten by bench/harness.py; notes below are kept -->"
     notes = ""
     if os.path.exists(path):
         with open(path) as handle:

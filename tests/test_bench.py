@@ -1,0 +1,49 @@
+"""A tiny run of the benchmark harness, so that `make bench` keeps working."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_benchmark_smoke_run_writes_every_metric(kafka, tmp_path):
+    import harness as bench  # bench/harness.py
+
+    results = tmp_path / "results.json"
+    report = tmp_path / "BENCHMARKS.md"
+    code = bench.main(
+        [
+            "--sizes",
+            "3000,30000",
+            "--consumer-messages",
+            "2000",
+            "--bootstrap-servers",
+            kafka,
+            "--results",
+            str(results),
+            "--report",
+            str(report),
+        ]
+    )
+    assert code == 0
+    metrics = {(r["metric"], r["rows"] > 0) for r in json.loads(results.read_text())}
+    expected = {
+        "processor_seconds",
+        "processor_floor_seconds",
+        "processor_over_floor",
+        "cleaner_seconds",
+        "cleaner_floor_seconds",
+        "cleaner_over_floor",
+        "duckdb_seconds",
+        "cleaner_over_duckdb",
+        "consumer_msgs_per_s",
+        "kafka_tool_msgs_per_s",
+        "consumer_over_kafka_tool",
+        "scaling_10x",
+        "driver_peak_mib",
+    }
+    assert {name for name, has_rows in metrics if has_rows} >= expected
+    assert "| cleaner_over_floor |" in report.read_text()
