@@ -84,6 +84,8 @@ UNKNOWN_SERIES_SCHEMA = T.StructType(
 
 LOG4J2_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "log4j2.properties")
 ENV_JAR_CACHE = "METER_JAR_CACHE"
+ENV_LOCAL_DRIVER_MEMORY = "METER_LOCAL_DRIVER_MEMORY"
+DEFAULT_LOCAL_DRIVER_MEMORY = "4g"
 DEFAULT_JAR_CACHE = os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "jars")
 
 
@@ -105,7 +107,11 @@ def build_session(app_name: str, verbose: bool = False, jars: list[str] | None =
     )
     submitted = submitted_conf()
     if not submitted.contains("spark.master"):
-        builder = builder.config("spark.master", "local[*]")
+        # The local fallback: all cores, and a heap for them (Spark's default of 1 GiB runs out
+        # at about 10 M measurements). Only read when this process starts the JVM.
+        builder = builder.config("spark.master", "local[*]").config(
+            "spark.driver.memory", os.environ.get(ENV_LOCAL_DRIVER_MEMORY) or DEFAULT_LOCAL_DRIVER_MEMORY
+        )
     if not submitted.contains("spark.driver.extraJavaOptions"):
         # Read only when this process starts the JVM; spark-submit keeps the cluster's logging.
         builder = builder.config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}")
