@@ -12,8 +12,7 @@ from pyspark.sql import SparkSession
 
 from common import config
 from common.spark import kafka_connector_jars
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="session")

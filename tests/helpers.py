@@ -1,14 +1,19 @@
-"""Small inputs for the tests: timestamps, messages, raw consumer rows."""
+"""Small inputs for the tests (timestamps, messages, raw consumer rows) and running project scripts."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime
 
 from pyspark.sql import DataFrame, SparkSession
 
 from common.spark import RAW_SCHEMA
 from make_sample_data import raw_rows
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def utc(text: str) -> datetime:
@@ -37,3 +42,13 @@ def message(t_measurement, t_report, device_id="device1", signal_name="energy im
 def raw_frame(spark: SparkSession, payloads: list[bytes | None]) -> DataFrame:
     """Raw consumer rows (topic mytopic, partition 0, offsets 0..n-1) for message values."""
     return spark.createDataFrame(raw_rows(payloads), RAW_SCHEMA)
+
+
+def run_command(*command: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a command from the repo root and capture its text output."""
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_python(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a project script (``exercises/processor.py`` ...) with this Python."""
+    return run_command(sys.executable, *args, env=env, timeout=timeout)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import glob
 import os
 import subprocess
-import sys
 import time
 import uuid
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import free_port
+from tests.helpers import ROOT, run_python
 
 pytestmark = pytest.mark.integration
 USER = "meter-pipeline"
@@ -49,7 +49,7 @@ def secured_broker(tmp_path_factory):
 
 
 def run(args, env, timeout=300):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_python(*args, env=env, timeout=timeout)
 
 
 def test_plaintext_clients_are_refused(secured_broker):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 import uuid
 
@@ -17,9 +15,9 @@ import cleaner
 import processor
 from common.spark import RAW_SCHEMA
 from consumer import ConsumerError, client_options, run
+from tests.helpers import run_python
 
 pytestmark = pytest.mark.integration
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def new_topic(kafka: str, partitions: int = 1) -> str:
@@ -114,12 +112,8 @@ def test_missing_checkpoint_beside_existing_output_is_refused(spark, kafka, path
 
 def test_unreachable_broker_fails_fast_with_a_clear_message(tmp_path):
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "exercises/consumer.py", "--bootstrap-servers", "127.0.0.1:9", "--datastore", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
+    result = run_python(
+        "exercises/consumer.py", "--bootstrap-servers", "127.0.0.1:9", "--datastore", str(tmp_path), timeout=180
     )
     assert result.returncode == 1
     assert "cannot reach the Kafka broker at 127.0.0.1:9" in result.stderr
@@ -149,23 +143,17 @@ def test_credentials_become_a_jaas_config_and_properties_win():
 
 def test_producer_backfill_through_every_stage(spark, kafka, paths):
     topic = new_topic(kafka)
-    produced = subprocess.run(
-        [
-            sys.executable,
-            "producer.py",
-            "--backfill",
-            "30m",
-            "--seed",
-            "2",
-            "--topic",
-            topic,
-            "--bootstrap-servers",
-            kafka,
-            "--quiet",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    produced = run_python(
+        "producer.py",
+        "--backfill",
+        "30m",
+        "--seed",
+        "2",
+        "--topic",
+        topic,
+        "--bootstrap-servers",
+        kafka,
+        "--quiet",
         timeout=120,
     )
     assert produced.returncode == 0, produced.stderr

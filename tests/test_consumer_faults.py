@@ -14,7 +14,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from common.spark import read_raw
 from consumer import log as consumer_log
 from consumer import run
-from tests.conftest import ROOT, free_port
+from tests.conftest import free_port
+from tests.helpers import ROOT
 from tests.test_consumer import new_topic, produce
 
 pytestmark = pytest.mark.integration

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -14,9 +13,7 @@ import cleaner
 import processor
 from make_sample_data import UNKNOWN_SERIES, sample_payloads
 from producer import MALFORMED_PAYLOADS
-from tests.helpers import raw_frame
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import raw_frame, run_command, run_python
 
 
 def expected_accounting(payloads):
@@ -63,13 +60,9 @@ def test_checker_fails_when_a_series_stops_reporting(spark, paths):
     assert absent.observed == {"absent": ["device2/energy export"]}
 
 
-def run_script(*args, env=None):
-    return subprocess.run([*args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-
-
 @pytest.mark.parametrize("stage", ["processor", "cleaner", "checker"])
 def test_stage_help_names_options_and_environment(stage):
-    result = run_script(sys.executable, f"exercises/{stage}.py", "--help")
+    result = run_python(f"exercises/{stage}.py", "--help")
     assert result.returncode == 0
     assert "--datastore" in result.stdout and "METER_DATASTORE" in result.stdout and "Usage:" in result.stdout
 
@@ -78,7 +71,7 @@ def test_shipped_sample_runs_through_the_scripts_with_spark_submit_and_python(tm
     datastore = str(tmp_path / "datastore")
     spark_submit = os.path.join(os.path.dirname(sys.executable), "spark-submit")
     env = {**os.environ, "METER_DATASTORE": datastore, "PYSPARK_PYTHON": sys.executable}
-    submitted = run_script(
+    submitted = run_command(
         spark_submit,
         "--master",
         "local[1]",
@@ -92,13 +85,13 @@ def test_shipped_sample_runs_through_the_scripts_with_spark_submit_and_python(tm
     assert "raw rows 1876 = processed 1828 + quarantined 13 + duplicates collapsed 35" in submitted.stdout
     assert "master local[1]" in submitted.stdout  # spark-submit's master wins over the local fallback
     for stage in ("cleaner", "checker"):
-        result = run_script(sys.executable, f"exercises/{stage}.py", env=env)
+        result = run_python(f"exercises/{stage}.py", env=env)
         assert result.returncode == 0, result.stderr[-2000:]
     with open(os.path.join(datastore, "reports", "check_report.json")) as handle:
         assert {entry["name"] for entry in json.load(handle)} >= {"schema", "regular_grid", "spikes"}
 
 
 def test_missing_input_is_a_clear_error(tmp_path):
-    result = run_script(sys.executable, "exercises/cleaner.py", "--datastore", str(tmp_path))
+    result = run_python("exercises/cleaner.py", "--datastore", str(tmp_path))
     assert result.returncode == 2
     assert "processed_data does not exist: run the processor first" in result.stderr

@@ -6,8 +6,8 @@ import json
 import os
 
 import pipeline
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "example_data", "consumer_data_sample")
 
 

@@ -21,9 +21,8 @@ import processor
 from common import message as m
 from common.spark import PROCESSED_SCHEMA, RAW_SCHEMA, StageBusyError, read_output, stage_lock
 from make_sample_data import sample_payloads
-from tests.helpers import raw_frame
+from tests.helpers import ROOT, raw_frame, run_python
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = 1716369246.734911
 REASON_PREFIXES = (
     "empty_value",
@@ -105,13 +104,7 @@ def test_empty_processed_data_gives_an_empty_grid_and_the_checker_says_series_ar
 
 
 def test_missing_consumer_data_is_a_clear_error(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "exercises/processor.py", "--datastore", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_python("exercises/processor.py", "--datastore", str(tmp_path))
     assert result.returncode == 2
     assert "consumer_data does not exist: run the consumer first" in result.stderr
 
@@ -216,13 +209,7 @@ def test_second_run_of_a_stage_is_refused_and_output_stays_intact(spark, tmp_pat
     _write_large_raw(spark, f"{datastore}/consumer_data")
     first = _start_processor(datastore)
     _wait_for_lock(f"{datastore}/processed_data.lock")
-    second = subprocess.run(
-        [sys.executable, "exercises/processor.py", "--datastore", datastore],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    second = run_python("exercises/processor.py", "--datastore", datastore)
     assert first.wait(timeout=600) == 0
     assert second.returncode == 3
     assert "processor is already running" in second.stderr and "processed_data.lock" in second.stderr

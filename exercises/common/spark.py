@@ -306,11 +306,6 @@ def read_output(spark: SparkSession, path: str, schema: T.StructType, log: loggi
     return spark.read.schema(schema).parquet(path)
 
 
-def _local_form(path: str) -> str:
-    """A file URI in one spelling (``file:///x`` and ``file:/x`` are the same file)."""
-    return re.sub(r"^file:/+", "/", path)
-
-
 def read_raw(spark: SparkSession, path: str, log: logging.Logger) -> DataFrame:
     """Read consumer_data, robust to a ``_spark_metadata`` log written on another machine.
 
@@ -329,10 +324,11 @@ def read_raw(spark: SparkSession, path: str, log: logging.Logger) -> DataFrame:
     sink_log = f"{path.rstrip('/')}/{SINK_LOG}"
     if not path_exists(spark, sink_log):
         return reader.parquet(path)
-    logged = {_local_form(name) for name in _sink_log_files(spark, sink_log)}
+    # One spelling per file: file:///x and file:/x are the same local file.
+    logged = {local_path(name) or name for name in _sink_log_files(spark, sink_log)}
     # A glob is not a folder, so Spark lists the files instead of reading the log.
     glob_path = f"{path.rstrip('/')}/*.parquet"
-    present = {_local_form(f): f for f in list_files(spark, glob_path)}
+    present = {local_path(f) or f: f for f in list_files(spark, glob_path)}
     if logged <= present.keys():
         return reader.parquet(path)
     logged_names = {name.rsplit("/", 1)[-1] for name in logged}
