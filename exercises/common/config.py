@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass, fields
 
@@ -237,3 +238,24 @@ def silent_logger() -> logging.Logger:
         logger.addHandler(logging.NullHandler())
         logger.propagate = False
     return logger
+
+
+class StopRequest:
+    """Turns true on SIGTERM or Ctrl-C (SIGINT), so a long run can finish its current step and exit 0.
+
+    Spark's JVM ignores SIGINT (PySpark starts it so), so Ctrl-C reaches only this handler.
+    """
+
+    def __init__(self, log: logging.Logger) -> None:
+        self.requested = False
+        self._log = log
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, _frame) -> None:
+        if not self.requested:
+            self._log.info("%s received: stopping after the current step", signal.Signals(signum).name)
+        self.requested = True
+
+    def __call__(self) -> bool:
+        return self.requested

@@ -306,28 +306,61 @@ def read_output(spark: SparkSession, path: str, schema: T.StructType, log: loggi
     return spark.read.schema(schema).parquet(path)
 
 
-def read_raw(spark: SparkSession, path: str, log: logging.Logger) -> DataFrame:
-    """Read consumer_data, robust to a ``_spark_metadata`` log written on another machine.
+GENERATION_PREFIX = "generation-"
 
-    With a file-sink log, Spark reads only the files the log names: right on the machine that wrote
-    them (files of failed batches are left out), but a copied folder's log names absolute paths that
-    do not exist here, and Spark then reads nothing at all. So: when every file the log names is
-    present, Spark reads through the log; otherwise the files present whose names the log lists are
-    read (with a warning), and when the log lists none of them, every parquet file present.
+
+def generation_folder(root: str, generation: int) -> str:
+    """The folder of a consumer generation: the root itself for 0, ``ROOT/generation-N`` after.
+
+    The consumer starts a new generation (new output folder and checkpoint) when its topic was
+    deleted and recreated, since Spark cannot rewind a checkpointed Kafka source.
+    """
+    return root if generation == 0 else f"{root.rstrip('/')}/{GENERATION_PREFIX}{generation}"
+
+
+def read_raw(spark: SparkSession, path: str, log: logging.Logger) -> DataFrame:
+    """Read consumer_data, every generation of it, robust to a log written on another machine.
+
+    Generation 0 is the folder itself, later ones its ``generation-N`` subfolders (see
+    ``generation_folder``); each is a file-sink output read as ``_read_sink_output`` says.
 
     Raises:
         StageInputError: when the folder does not exist.
     """
     if not path_exists(spark, path):
         raise StageInputError(f"{path} does not exist: run the consumer first (or point --consumer-data at raw data)")
+    later = {
+        int(match.group(1)): folder
+        for folder in list_files(spark, f"{path.rstrip('/')}/{GENERATION_PREFIX}*", folders=True)
+        if (match := re.search(rf"/{GENERATION_PREFIX}(\d+)$", folder))
+    }
+    frame = _read_sink_output(spark, path, log, nested=not later)
+    for _generation, folder in sorted(later.items()):
+        frame = frame.unionByName(_read_sink_output(spark, folder, log, nested=True))
+    return frame
+
+
+def _read_sink_output(spark: SparkSession, path: str, log: logging.Logger, nested: bool) -> DataFrame:
+    """Read one file-sink output folder.
+
+    With a file-sink log, Spark reads only the files the log names: right on the machine that wrote
+    them (files of failed batches are left out), but a copied folder's log names absolute paths that
+    do not exist here, and Spark then reads nothing at all. So: when every file the log names is
+    present, Spark reads through the log; otherwise the files present whose names the log lists are
+    read (with a warning), and when the log lists none of them, every parquet file present. Without a
+    log, every parquet file in the folder is read, and in its subfolders too when ``nested``.
+    """
     reader = spark.read.schema(RAW_SCHEMA)
     sink_log = f"{path.rstrip('/')}/{SINK_LOG}"
+    glob_path = f"{path.rstrip('/')}/*.parquet"
     if not path_exists(spark, sink_log):
-        return reader.parquet(path)
+        if nested:
+            return reader.parquet(path)
+        present = list_files(spark, glob_path)
+        return reader.parquet(*present) if present else spark.createDataFrame([], RAW_SCHEMA)
     # One spelling per file: file:///x and file:/x are the same local file.
     logged = {local_path(name) or name for name in _sink_log_files(spark, sink_log)}
     # A glob is not a folder, so Spark lists the files instead of reading the log.
-    glob_path = f"{path.rstrip('/')}/*.parquet"
     present = {local_path(f) or f: f for f in list_files(spark, glob_path)}
     if logged <= present.keys():
         return reader.parquet(path)
@@ -374,11 +407,24 @@ def _sink_log_files(spark: SparkSession, sink_log: str) -> set[str]:
     return files
 
 
-def list_files(spark: SparkSession, glob_path: str) -> list[str]:
-    """The files a glob matches (none when it matches nothing)."""
+def list_files(spark: SparkSession, glob_path: str, folders: bool = False) -> list[str]:
+    """The files (or with ``folders``, the folders) a glob matches; none when it matches nothing."""
     fs, hadoop_path = _fs_path(spark, glob_path)
     statuses = fs.globStatus(hadoop_path) or []
-    return [str(status.getPath().toString()) for status in statuses if status.isFile()]
+    return [str(status.getPath().toString()) for status in statuses if status.isDirectory() == folders]
+
+
+def read_text(spark: SparkSession, path: str) -> str | None:
+    """Read a small UTF-8 text file through Hadoop; None when it does not exist."""
+    fs, hadoop_path = _fs_path(spark, path)
+    if not fs.exists(hadoop_path):
+        return None
+    jvm = spark.sparkContext._jvm
+    stream = fs.open(hadoop_path)
+    try:
+        return bytes(jvm.org.apache.commons.io.IOUtils.toByteArray(stream)).decode("utf-8")
+    finally:
+        stream.close()
 
 
 def write_bytes(spark: SparkSession, path: str, data: bytes) -> None:
