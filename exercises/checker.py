@@ -22,7 +22,7 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -31,6 +31,7 @@ from common import config
 from common import message as m
 from common.spark import (
     CLEANED_SCHEMA,
+    PARTITION,
     QUALITY,
     UNKNOWN_SERIES_SCHEMA,
     StageInputError,
@@ -489,8 +490,15 @@ def exit_code(results: list[Result]) -> int:
     return 1 if any(not r.passed and r.severity == ERROR for r in results) else 0
 
 
-def run(spark: SparkSession, paths: config.Paths, config_: CheckerConfig) -> list[Result]:
-    """Check cleaned_data, print the table, write the JSON report; return the results."""
+def run(
+    spark: SparkSession, paths: config.Paths, config_: CheckerConfig, since: datetime | None = None
+) -> list[Result]:
+    """Check cleaned_data, print the table, write the JSON report; return the results.
+
+    Args:
+        since: check only the slots from this time on (the live runner's recent window); only
+            the hour partitions from then on are read.
+    """
     with stage_lock(paths.reports, STAGE, log):
         started = time.monotonic()
         recover_output(spark, paths.cleaned_data, log)
@@ -498,6 +506,11 @@ def run(spark: SparkSession, paths: config.Paths, config_: CheckerConfig) -> lis
             raise StageInputError(f"{paths.cleaned_data} does not exist: run the cleaner first")
         # Read with the schema stored in the files, so that the schema check sees what is there.
         cleaned = spark.read.parquet(paths.cleaned_data)
+        if since is not None and PARTITION in cleaned.columns:
+            cleaned = cleaned.where(
+                (F.col(PARTITION) >= since.strftime("%Y-%m-%dT%H")) & (F.col(m.T_MEASUREMENT) >= F.lit(since))
+            )
+        cleaned = cleaned.drop(PARTITION)  # the partition column is layout, not contract
         unknown = (
             spark.read.schema(UNKNOWN_SERIES_SCHEMA).parquet(paths.unknown_series)
             if path_exists(spark, paths.unknown_series)

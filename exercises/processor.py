@@ -26,12 +26,20 @@ from pyspark.sql import types as T
 from common import config
 from common import message as m
 from common.spark import (
+    PARTITION,
     PROCESSED_SCHEMA,
     QUARANTINE_SCHEMA,
+    RAW_SCHEMA,
+    SinkPosition,
     build_session,
     exit_code_of,
+    generation_folders,
+    hour_of,
+    new_sink_files,
+    path_exists,
     read_raw,
     replace_output,
+    replace_partitions,
     stage_lock,
 )
 
@@ -165,8 +173,13 @@ def collapse_replays(parsed: DataFrame) -> DataFrame:
     and among equal reports the one latest in Kafka (partition, offset) wins, so the choice is
     deterministic. Returns the processed_data contract.
     """
+    # Rows without Kafka coordinates (measurements already in processed_data, in a live cycle)
+    # sort last: a new arrival wins a tie.
     latest_first = Window.partitionBy(m.DEVICE_ID, m.SIGNAL_NAME, m.T_MEASUREMENT).orderBy(
-        F.col(m.T_REPORT).desc(), F.col("topic").desc(), F.col("partition").desc(), F.col("offset").desc()
+        F.col(m.T_REPORT).desc(),
+        F.col("topic").desc_nulls_last(),
+        F.col("partition").desc_nulls_last(),
+        F.col("offset").desc_nulls_last(),
     )
     return (
         parsed.where(F.col("reason").isNull())
@@ -174,6 +187,11 @@ def collapse_replays(parsed: DataFrame) -> DataFrame:
         .where(F.col("_rank") == 1)
         .select(*[F.col(field.name).cast(field.dataType) for field in PROCESSED_SCHEMA.fields])
     )
+
+
+def with_hour(processed: DataFrame) -> DataFrame:
+    """Add the partition column (the UTC hour of t_measurement)."""
+    return processed.withColumn(PARTITION, hour_of(F.col(m.T_MEASUREMENT)))
 
 
 def run(spark: SparkSession, paths: config.Paths) -> Accounting:
@@ -199,7 +217,7 @@ def run(spark: SparkSession, paths: config.Paths) -> Accounting:
         try:
             output_counts = Observation("output")
             processed = collapse_replays(parsed).observe(output_counts, F.count(F.lit(1)).alias("processed"))
-            replace_output(processed, paths.processed_data, log)
+            replace_output(with_hour(processed), paths.processed_data, log, partition_by=PARTITION)
             replace_output(select_quarantine(parsed), paths.quarantine_data, log)
         finally:
             parsed.unpersist()
@@ -224,6 +242,102 @@ def run(spark: SparkSession, paths: config.Paths) -> Accounting:
         if accounting.quarantined:
             log.warning("%d raw rows quarantined in %s", accounting.quarantined, paths.quarantine_data)
         return accounting
+
+
+# --- live ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What one live cycle of the processor changed.
+
+    Attributes:
+        accounting: where the new raw rows went (duplicates include replays of stored measurements).
+        measurements: the new valid measurements (device_id, signal_name, t_measurement), materialized.
+        series_rows: per series, how many rows processed_data gained (device_id, signal_name, rows).
+    """
+
+    accounting: Accounting
+    measurements: DataFrame | None = None
+    series_rows: DataFrame | None = None
+
+
+def raw_positions(spark: SparkSession, paths: config.Paths, since: dict[str, SinkPosition]):
+    """Return (new raw files, positions after them) over every generation of consumer_data."""
+    files, positions = [], {}
+    for folder in generation_folders(spark, paths.consumer_data):
+        key = "." if folder == paths.consumer_data else folder.rsplit("/", 1)[-1]
+        new, positions[key] = new_sink_files(spark, folder, since.get(key, SinkPosition()))
+        files += new
+    return files, positions
+
+
+def process_new(spark: SparkSession, paths: config.Paths, files: list[str]) -> Changes:
+    """Fold new raw files into processed_data and quarantine_data (a live cycle).
+
+    Only the hours of processed_data that the new measurements fall in are read and rewritten:
+    the stored measurements there and the new ones are collapsed as in a batch run, except that a
+    tie (same t_report) goes to the new arrival. Rejected rows are appended to the quarantine.
+    """
+    if not files:
+        return Changes(Accounting(0, 0, 0, 0))
+    parse_counts = Observation("live_parse")
+    parsed = (
+        parse_measurements(spark.read.schema(RAW_SCHEMA).parquet(*files))
+        .observe(
+            parse_counts,
+            F.count(F.lit(1)).alias("raw"),
+            F.count_if(F.col("reason").isNull()).alias("valid"),
+            F.count_if(F.col("reason").isNotNull()).alias("quarantined"),
+        )
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    )
+    try:
+        select_quarantine(parsed).write.mode("append").parquet(paths.quarantine_data)
+        valid = parsed.where(F.col("reason").isNull())
+        measurements = valid.select(m.DEVICE_ID, m.SIGNAL_NAME, m.T_MEASUREMENT).localCheckpoint()
+        # The partition names a cycle touches: a handful of hours, not data.
+        hours = sorted(r[0] for r in with_hour(measurements).select(PARTITION).distinct().collect())
+        old = read_hours(spark, paths.processed_data, PROCESSED_SCHEMA, hours)
+        old_rows = Observation("live_old")
+        old = old.observe(old_rows, F.count(F.lit(1)).alias("rows"))
+        stored = old.select(
+            "*",
+            F.lit(None).cast("string").alias("reason"),
+            *[F.lit(None).cast(RAW_SCHEMA[c].dataType).alias(c) for c in ("topic", "partition", "offset")],
+        )
+        merged = with_hour(collapse_replays(stored.unionByName(valid, allowMissingColumns=True))).persist(
+            StorageLevel.MEMORY_AND_DISK
+        )
+        try:
+            keys = [m.DEVICE_ID, m.SIGNAL_NAME]
+            series_rows = (
+                merged.groupBy(*keys)
+                .agg(F.count(F.lit(1)).alias("rows"))
+                .join(old.groupBy(*keys).agg(F.count(F.lit(1)).alias("old")), keys, "full")
+                .select(*keys, (F.coalesce("rows", F.lit(0)) - F.coalesce("old", F.lit(0))).alias("rows"))
+                .localCheckpoint()
+            )
+            merged_rows = merged.count()
+            replace_partitions(merged, paths.processed_data, hours, log)
+        finally:
+            merged.unpersist()
+    finally:
+        parsed.unpersist()
+    counts = parse_counts.get
+    gained = merged_rows - old_rows.get["rows"]
+    accounting = Accounting(counts["raw"], gained, counts["quarantined"], counts["valid"] - gained)
+    return Changes(accounting, measurements, series_rows)
+
+
+def read_hours(spark: SparkSession, path: str, schema: T.StructType, hours: list[str]) -> DataFrame:
+    """The rows of a partitioned output in the given hours (only those folders are read)."""
+    if not hours or not path_exists(spark, path):
+        return spark.createDataFrame([], schema)
+    partitioned = T.StructType([*schema.fields, T.StructField(PARTITION, T.StringType())])
+    return (
+        spark.read.schema(partitioned).parquet(path).where(F.col(PARTITION).isin(*hours)).select(*schema.fieldNames())
+    )
 
 
 def parse_args(argv: list[str] | None) -> tuple:

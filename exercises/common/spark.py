@@ -11,10 +11,12 @@ import re
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from pyspark import SparkConf, SparkContext
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from common import message as m
@@ -276,7 +278,18 @@ def recover_output(spark: SparkSession, path: str, log: logging.Logger) -> None:
         _rename(spark, previous, path)
 
 
-def replace_output(df: DataFrame, path: str, log: logging.Logger) -> None:
+#: processed_data and cleaned_data are partitioned by the UTC hour of t_measurement, so that a live
+#: cycle rewrites only the hours new data touches: folders ``hour=2026-11-25T14``.
+PARTITION = "hour"
+PARTITION_FORMAT = "yyyy-MM-dd'T'HH"
+
+
+def hour_of(timestamp: Column) -> Column:
+    """The partition value of a timestamp: its UTC hour as text (the session time zone is UTC)."""
+    return F.date_format(timestamp, PARTITION_FORMAT)
+
+
+def replace_output(df: DataFrame, path: str, log: logging.Logger, partition_by: str | None = None) -> None:
     """Write ``df`` as parquet to ``path``, replacing what was there only once it is complete.
 
     The data is written to ``PATH.staging`` and swapped in by two renames, so readers see either
@@ -287,11 +300,44 @@ def replace_output(df: DataFrame, path: str, log: logging.Logger) -> None:
     staging, previous = path + STAGING_SUFFIX, path + PREVIOUS_SUFFIX
     recover_output(spark, path, log)
     _delete(spark, staging)
-    df.write.mode("overwrite").parquet(staging)
+    if partition_by:
+        df.write.mode("overwrite").partitionBy(partition_by).parquet(staging)
+        if not list_files(spark, f"{staging}/{partition_by}=*/*.parquet"):
+            # No rows, no partition files: one empty file keeps the schema readable.
+            df.limit(0).drop(partition_by).write.mode("overwrite").parquet(staging)
+    else:
+        df.write.mode("overwrite").parquet(staging)
     if path_exists(spark, path):
         _rename(spark, path, previous)
     _rename(spark, staging, path)
     _delete(spark, previous)
+
+
+def replace_partitions(df: DataFrame, path: str, hours: list[str], log: logging.Logger) -> None:
+    """Replace the ``hours`` partitions of ``path`` with ``df`` (which has the ``PARTITION`` column).
+
+    ``df`` is written to ``PATH.staging`` first (it may read the partitions it replaces); then each
+    partition folder is swapped by renames. An hour without rows in ``df`` is removed. A crash
+    during the swaps can leave some hours old and some new: the live runner marks its cycle and
+    recomputes everything after an interrupted one.
+    """
+    spark = df.sparkSession
+    staging, previous = path + STAGING_SUFFIX, path + PREVIOUS_SUFFIX
+    recover_output(spark, path, log)
+    _delete(spark, staging)
+    df.write.mode("overwrite").partitionBy(PARTITION).parquet(staging)
+    _delete(spark, previous)
+    fs, _ = _fs_path(spark, path)
+    fs.mkdirs(_fs_path(spark, previous)[1])
+    for hour in hours:
+        name = f"{PARTITION}={hour}"
+        old, new = f"{path}/{name}", f"{staging}/{name}"
+        if path_exists(spark, old):
+            _rename(spark, old, f"{previous}/{name}")
+        if path_exists(spark, new):
+            _rename(spark, new, old)
+    _delete(spark, previous)
+    _delete(spark, staging)
 
 
 def read_output(spark: SparkSession, path: str, schema: T.StructType, log: logging.Logger, producer: str) -> DataFrame:
@@ -303,7 +349,8 @@ def read_output(spark: SparkSession, path: str, schema: T.StructType, log: loggi
     recover_output(spark, path, log)
     if not path_exists(spark, path):
         raise StageInputError(f"{path} does not exist: run the {producer} first")
-    return spark.read.schema(schema).parquet(path)
+    # Partitioned outputs add their ``hour`` column; the contract is the schema's columns.
+    return spark.read.schema(schema).parquet(path).select(*schema.fieldNames())
 
 
 GENERATION_PREFIX = "generation-"
@@ -329,15 +376,21 @@ def read_raw(spark: SparkSession, path: str, log: logging.Logger) -> DataFrame:
     """
     if not path_exists(spark, path):
         raise StageInputError(f"{path} does not exist: run the consumer first (or point --consumer-data at raw data)")
+    first, *later = generation_folders(spark, path)
+    frame = _read_sink_output(spark, first, log, nested=not later)
+    for folder in later:
+        frame = frame.unionByName(_read_sink_output(spark, folder, log, nested=True))
+    return frame
+
+
+def generation_folders(spark: SparkSession, path: str) -> list[str]:
+    """consumer_data's generation folders, oldest first: the folder itself, then ``generation-N``."""
     later = {
         int(match.group(1)): folder
         for folder in list_files(spark, f"{path.rstrip('/')}/{GENERATION_PREFIX}*", folders=True)
         if (match := re.search(rf"/{GENERATION_PREFIX}(\d+)$", folder))
     }
-    frame = _read_sink_output(spark, path, log, nested=not later)
-    for _generation, folder in sorted(later.items()):
-        frame = frame.unionByName(_read_sink_output(spark, folder, log, nested=True))
-    return frame
+    return [path] + [folder for _generation, folder in sorted(later.items())]
 
 
 def _read_sink_output(spark: SparkSession, path: str, log: logging.Logger, nested: bool) -> DataFrame:
@@ -382,29 +435,59 @@ def _read_sink_output(spark: SparkSession, path: str, log: logging.Logger, neste
 
 
 def _sink_log_files(spark: SparkSession, sink_log: str) -> set[str]:
-    """The files a file-sink log adds: JSON lines after a version line, in batch and compact files.
+    """The files a file-sink log adds, over its batch and compact files."""
+    return {
+        entry["path"]
+        for log_file in list_files(spark, f"{sink_log}/*")
+        if re.fullmatch(r"\d+(\.compact)?", log_file.rsplit("/", 1)[-1])
+        for entry in _log_entries(spark, log_file)
+    }
+
+
+def _log_entries(spark: SparkSession, log_file: str) -> list[dict]:
+    """The ``add`` entries of one file-sink log file: JSON lines after a version line.
 
     Read in the driver through Hadoop: the log is metadata (a line per file written), and Spark's
     own readers skip folders whose names start with an underscore.
     """
-    jvm = spark.sparkContext._jvm
+    entries = []
+    for line in (read_text(spark, log_file) or "").splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if entry.get("action") == "add" and entry.get("path"):
+                entries.append(entry)
+    return entries
+
+
+@dataclass(frozen=True)
+class SinkPosition:
+    """How far a reader has read a file-sink output: its latest log batch and file time (ms)."""
+
+    batch: int = -1
+    modified_ms: int = -1
+
+
+def new_sink_files(spark: SparkSession, folder: str, since: SinkPosition) -> tuple[list[str], SinkPosition]:
+    """Return the files a file-sink output committed after ``since``, and the position after them.
+
+    Batch log files above ``since.batch`` hold only new files. A compact log file (every tenth
+    batch) repeats the older ones too; of those, the files modified after ``since.modified_ms`` are
+    new: the sink commits batches one after another, so a later batch's files are written after
+    every file of the batches before it.
+    """
     files: set[str] = set()
-    for log_file in list_files(spark, f"{sink_log}/*"):
-        if not re.fullmatch(r"\d+(\.compact)?", log_file.rsplit("/", 1)[-1]):
+    batch, modified = since.batch, since.modified_ms
+    for log_file in list_files(spark, f"{folder.rstrip('/')}/{SINK_LOG}/*"):
+        match = re.fullmatch(r"(\d+)(\.compact)?", log_file.rsplit("/", 1)[-1])
+        if not match or int(match.group(1)) <= since.batch:
             continue
-        fs, hadoop_path = _fs_path(spark, log_file)
-        reader = jvm.java.io.BufferedReader(jvm.java.io.InputStreamReader(fs.open(hadoop_path), "UTF-8"))
-        try:
-            line = reader.readLine()
-            while line is not None:
-                if line.startswith("{"):
-                    entry = json.loads(line)
-                    if entry.get("action") == "add" and entry.get("path"):
-                        files.add(entry["path"])
-                line = reader.readLine()
-        finally:
-            reader.close()
-    return files
+        batch = max(batch, int(match.group(1)))
+        for entry in _log_entries(spark, log_file):
+            if match.group(2) and entry["modificationTime"] <= since.modified_ms:
+                continue
+            files.add(entry["path"])
+            modified = max(modified, int(entry["modificationTime"]))
+    return sorted(files), SinkPosition(batch, modified)
 
 
 def list_files(spark: SparkSession, glob_path: str, folders: bool = False) -> list[str]:
