@@ -491,13 +491,19 @@ def exit_code(results: list[Result]) -> int:
 
 
 def run(
-    spark: SparkSession, paths: config.Paths, config_: CheckerConfig, since: datetime | None = None
+    spark: SparkSession,
+    paths: config.Paths,
+    config_: CheckerConfig,
+    since: datetime | None = None,
+    show: bool = True,
 ) -> list[Result]:
-    """Check cleaned_data, print the table, write the JSON report; return the results.
+    """Check cleaned_data, write the JSON report (and with ``show``, print the tables and draw the chart).
 
     Args:
         since: check only the slots from this time on (the live runner's recent window); only
             the hour partitions from then on are read.
+        show: print the summary and results tables and draw the chart (the live runner's cycles
+            only log a line).
     """
     with stage_lock(paths.reports, STAGE, log):
         started = time.monotonic()
@@ -519,7 +525,7 @@ def run(
         results, listed = check_and_summarize(cleaned, unknown, config_)
         report_path = config.join_path(paths.reports, REPORT_FILE)
         write_text(spark, report_path, json.dumps([asdict(r) for r in results], indent=2, default=str))
-        if listed:
+        if listed and show:
             print(format_summary(listed) + "\n")
             series = sorted((r[m.DEVICE_ID], r[m.SIGNAL_NAME]) for r in listed)[:CHART_SERIES]
             # The chart needs its points in the driver: a few series over a bounded time span.
@@ -527,7 +533,8 @@ def run(
             chart_path = config.join_path(paths.reports, CHART_FILE)
             draw_chart(points, lambda png: write_bytes(spark, chart_path, png))
             log.info("chart of %d series: %s", len(series), chart_path)
-        print(format_table(results))
+        if show:
+            print(format_table(results))
         failed = [r for r in results if not r.passed]
         log.info(
             "%d checks: %d passed, %d failed (%d errors); report %s (%.1f s)",

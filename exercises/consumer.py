@@ -531,7 +531,6 @@ def main(argv: list[str] | None = None) -> int:
     config.add_datastore_options(parser, ("consumer_data", "checkpoint_consumer"))
     args = parser.parse_args(argv)
     paths = config.paths_from_args(args)
-    should_stop = config.StopRequest(log) if args.continuous else (lambda: False)
 
     def consume() -> int:
         try:
@@ -539,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
             spark = build_session(
                 "meter-stream consumer", verbose=args.verbose, jars=kafka_connector_jars(pyspark.__version__)
             )
+            # After the session: PySpark's SparkContext sets its own SIGINT handler.
+            should_stop = config.StopRequest(log) if args.continuous else (lambda: False)
             ingest(spark, paths, args, should_stop)
         except (ConsumerError, OSError, ValueError) as error:
             log.error("%s", error)
