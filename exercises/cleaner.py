@@ -384,15 +384,16 @@ def _read_partitioned(spark: SparkSession, path: str, schema) -> DataFrame:
 
 def _update_unknown(spark: SparkSession, paths: config.Paths, series_rows: DataFrame, catalog) -> None:
     """Add a cycle's row counts of series outside the catalog to unknown_series."""
-    if catalog is None:
-        return
     keys = [m.DEVICE_ID, m.SIGNAL_NAME]
+    if catalog is None:  # every series is expected: none is unknown
+        catalog = series_rows.select(*keys)
     delta = series_rows.join(F.broadcast(catalog), keys, "left_anti").where(F.col("rows") != 0).localCheckpoint()
-    if delta.isEmpty():
+    exists = path_exists(spark, paths.unknown_series)
+    if delta.isEmpty() and exists:
         return
     old = (
         spark.read.schema(UNKNOWN_SERIES_SCHEMA).parquet(paths.unknown_series)
-        if path_exists(spark, paths.unknown_series)
+        if exists
         else spark.createDataFrame([], UNKNOWN_SERIES_SCHEMA)
     )
     merged = (

@@ -299,8 +299,6 @@ def process_new(spark: SparkSession, paths: config.Paths, files: list[str]) -> C
         # The partition names a cycle touches: a handful of hours, not data.
         hours = sorted(r[0] for r in with_hour(measurements).select(PARTITION).distinct().collect())
         old = read_hours(spark, paths.processed_data, PROCESSED_SCHEMA, hours)
-        old_rows = Observation("live_old")
-        old = old.observe(old_rows, F.count(F.lit(1)).alias("rows"))
         stored = old.select(
             "*",
             F.lit(None).cast("string").alias("reason"),
@@ -318,14 +316,14 @@ def process_new(spark: SparkSession, paths: config.Paths, files: list[str]) -> C
                 .select(*keys, (F.coalesce("rows", F.lit(0)) - F.coalesce("old", F.lit(0))).alias("rows"))
                 .localCheckpoint()
             )
-            merged_rows = merged.count()
+            merged_rows, old_rows = merged.count(), old.count()
             replace_partitions(merged, paths.processed_data, hours, log)
         finally:
             merged.unpersist()
     finally:
         parsed.unpersist()
     counts = parse_counts.get
-    gained = merged_rows - old_rows.get["rows"]
+    gained = merged_rows - old_rows
     accounting = Accounting(counts["raw"], gained, counts["quarantined"], counts["valid"] - gained)
     return Changes(accounting, measurements, series_rows)
 

@@ -327,7 +327,8 @@ def replace_partitions(df: DataFrame, path: str, hours: list[str], log: logging.
     _delete(spark, staging)
     df.write.mode("overwrite").partitionBy(PARTITION).parquet(staging)
     _delete(spark, previous)
-    fs, _ = _fs_path(spark, path)
+    fs, hadoop_path = _fs_path(spark, path)
+    fs.mkdirs(hadoop_path)
     fs.mkdirs(_fs_path(spark, previous)[1])
     for hour in hours:
         name = f"{PARTITION}={hour}"
