@@ -8,27 +8,37 @@ export JAVA_HOME := $(shell scripts/java-home)
 export PATH := $(JAVA_HOME)/bin:$(PATH)
 export PYSPARK_PYTHON := $(abspath $(PY))
 
-# make run knobs (see scripts/run-pipeline): BACKFILL=6h DATASTORE=./datastore KAFKA_PORT=9093
+# make run / make live knobs (see scripts/run-pipeline): BACKFILL=6h DATASTORE=./datastore KAFKA_PORT=9093
+# WATCH=10 (make live: seconds between consumer batches)
 # KAFKA_BOOTSTRAP_SERVERS=host:port (an existing broker instead of the local one) SEED=1
 BACKFILL ?= 6h
 DATASTORE ?= ./datastore
 KAFKA_PORT ?= 9093
-export BACKFILL DATASTORE KAFKA_PORT KAFKA_BOOTSTRAP_SERVERS SEED
+WATCH ?= 10
+export BACKFILL DATASTORE KAFKA_PORT KAFKA_BOOTSTRAP_SERVERS SEED WATCH
 
-.PHONY: run bench setup test lint format clean-data help
+.PHONY: run live bench bench-live setup test lint format clean-data help
 
 help:
 	@echo "make run     set up, start a local Kafka broker, backfill, run the four stages, stop it"
 	@echo "make test    set up and run the test suite"
 	@echo "make setup   create .venv, install requirements.txt, fetch the jars"
+	@echo "make live    like make run, then keep every output fresh while a producer sends live; Ctrl-C stops"
 	@echo "make bench   benchmarks (bench/results.json, BENCHMARKS.md); not part of make test"
+	@echo "make bench-live  the live runner's latency and cycle time (about 15 minutes)"
 	@echo "make lint    ruff check and format check"
 
 run: setup
 	scripts/run-pipeline
 
+live: setup
+	scripts/run-pipeline --watch
+
 bench: setup $(VENV)/.bench-installed
 	$(PY) bench/harness.py
+
+bench-live: setup $(VENV)/.bench-installed
+	$(PY) bench/live.py
 
 $(VENV)/.bench-installed: bench/requirements.txt $(VENV)/.installed
 	$(PY) -m pip install --quiet -r bench/requirements.txt

@@ -370,13 +370,23 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.consumer_messages:
         results += with_broker(args.bootstrap_servers, lambda b: bench_consumer(spark, work, args.consumer_messages, b))
-    os.makedirs(os.path.dirname(args.results), exist_ok=True)
-    with open(args.results, "w") as handle:
-        json.dump(results, handle, indent=2)
-    if args.report:
-        write_report(args.report, results, machine())
+    save_results(args.results, results, args.report)
     shutil.rmtree(work, ignore_errors=True) if not args.work else None
     return 0
+
+
+def save_results(path: str, results: list[dict], report: str) -> None:
+    """Replace the given metrics in ``path`` (others, from the other benchmark, are kept); rewrite the report."""
+    kept = []
+    if os.path.exists(path):
+        with open(path) as handle:
+            new = {r["metric"] for r in results}
+            kept = [r for r in json.load(handle) if r["metric"] not in new]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(kept + results, handle, indent=2)
+    if report:
+        write_report(report, kept + results, machine())
 
 
 def with_broker(bootstrap: str | None, action):
@@ -408,7 +418,8 @@ def write_report(path: str, results: list[dict], host: dict) -> None:
         f"Spark {host['spark']} (local[*]), Kafka {host['kafka']}, Python {host['python']}. One run; "
         "every figure of a size comes from the same run on the same files, so ratios compare like with like.",
         "",
-        "Reproduce: `make bench` (about 1 M and 10 M measurements, 1 M Kafka messages).",
+        "Reproduce: `make bench` (about 1 M and 10 M measurements, 1 M Kafka messages) and `make bench-live` "
+        "(the live runner after 1 h and 24 h of history, about 15 minutes).",
         "",
         "| metric | rows | value | unit |",
         "|---|---:|---:|---|",

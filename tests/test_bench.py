@@ -47,3 +47,18 @@ def test_benchmark_smoke_run_writes_every_metric(kafka, tmp_path):
     }
     assert {name for name, has_rows in metrics if has_rows} >= expected
     assert "| cleaner_over_floor |" in report.read_text()
+
+
+def test_live_benchmark_smoke_run_writes_its_metrics(kafka, tmp_path):
+    import live  # bench/live.py
+
+    results = tmp_path / "results.json"
+    results.write_text('[{"metric": "cleaner_seconds", "rows": 1, "value": 1.0, "unit": "s"}]')
+    report = tmp_path / "BENCHMARKS.md"
+    args = ["--histories", "10m=0.6,20m=0.6", "--trigger", "2", "--bootstrap-servers", kafka]
+    assert live.main([*args, "--results", str(results), "--report", str(report)]) == 0
+    metrics = {r["metric"]: r["value"] for r in json.loads(results.read_text())}
+    expected = {"live_cycle_s_10m", "live_cycle_s_20m", "live_cycle_20m_over_10m", "live_latency_p50_s"}
+    assert expected | {"live_latency_p95_s", "cleaner_seconds"} <= metrics.keys()
+    assert 0 < metrics["live_latency_p50_s"] <= metrics["live_latency_p95_s"]
+    assert "| live_latency_p95_s |" in report.read_text()
