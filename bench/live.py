@@ -31,7 +31,7 @@ import time
 import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "exercises"), os.path.join(ROOT, "bench")]
+sys.path[:0] = [ROOT, *(os.path.join(ROOT, folder) for folder in ("exercises", "scripts", "bench"))]
 
 import harness  # noqa: E402
 
@@ -47,7 +47,8 @@ def run_live(bootstrap: str, work: str, history: str, minutes: float, trigger: f
     from confluent_kafka.admin import AdminClient, NewTopic
 
     topic = f"bench-live-{uuid.uuid4().hex[:8]}"
-    AdminClient({"bootstrap.servers": bootstrap}).create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=30)
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # alive until the topic exists
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=30)
     env = {**os.environ, config.ENV_BOOTSTRAP_SERVERS: bootstrap, config.ENV_TOPIC: topic}
     python = sys.executable
     subprocess.run(
