@@ -141,7 +141,7 @@ COPY (
   WITH slotted AS (
     SELECT device_id, signal_name, value, t_report,
            (epoch_us(t_measurement) // 10000000) * 10 AS slot, t_measurement
-    FROM read_parquet('{source}/*.parquet')
+    FROM read_parquet('{source}/**/*.parquet')
   ), first_in_slot AS (
     SELECT * FROM slotted
     QUALIFY row_number() OVER (PARTITION BY device_id, signal_name, slot ORDER BY t_measurement) = 1
