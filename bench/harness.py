@@ -269,7 +269,9 @@ def bench_consumer(spark, work: str, messages: int, bootstrap: str) -> list[dict
             producer.poll(0)
     assert producer.flush(120) == 0
     paths = config.Paths.under(os.path.join(work, "consumer"))
-    seconds = timed(lambda: consumer.run(spark, paths, bootstrap, topic, {}))
+    started = time.perf_counter()
+    ingested = consumer.run(spark, paths, bootstrap, topic, {})
+    seconds = time.perf_counter() - started
     java = os.path.join(
         subprocess.check_output([os.path.join(ROOT, "scripts", "java-home")], text=True).strip(), "bin", "java"
     )
@@ -299,10 +301,13 @@ def bench_consumer(spark, work: str, messages: int, bootstrap: str) -> list[dict
     header, values = [line for line in tool.stdout.splitlines() if line.strip()][-2:]
     fields = dict(zip([h.strip() for h in header.split(",")], [v.strip() for v in values.split(",")], strict=False))
     tool_rate = float(fields.get("nMsg.sec", messages / tool_seconds))
-    rate = messages / seconds
-    print(f"consumer {rate:.0f} msg/s, ConsumerPerformance {tool_rate:.0f} msg/s", flush=True)
+    # Like the tool's, the consumer's rate counts from its first batch: the batches' own time
+    # (query set-up, broker probe and topic-id lookup excluded); the whole run's rate is kept too.
+    rate, wall_rate = ingested.rows / ingested.batch_seconds, messages / seconds
+    print(f"consumer {rate:.0f} msg/s ({wall_rate:.0f} whole run), ConsumerPerformance {tool_rate:.0f} msg/s")
     return [
         {"metric": "consumer_msgs_per_s", "rows": messages, "value": round(rate), "unit": "msg/s"},
+        {"metric": "consumer_run_msgs_per_s", "rows": messages, "value": round(wall_rate), "unit": "msg/s"},
         {"metric": "kafka_tool_msgs_per_s", "rows": messages, "value": round(tool_rate), "unit": "msg/s"},
         {"metric": "consumer_over_kafka_tool", "rows": messages, "value": round(rate / tool_rate, 3), "unit": "ratio"},
     ]

@@ -96,6 +96,7 @@ class IngestResult:
     end_offsets: dict[str, dict[str, int]]
     rewound: tuple[tuple[str, str, int, int], ...] = ()
     generation: int = 0
+    batch_seconds: float = 0.0  # the batches' own time (Spark's triggerExecution), set-up excluded
 
 
 def client_options(env_security: dict[str, str], properties: dict[str, str]) -> dict[str, str]:
@@ -455,7 +456,8 @@ def summarize(progress: list, generation: int = 0) -> IngestResult:
             ]
             end_offsets = end
     rows = sum(p.numInputRows for p in with_rows)
-    return IngestResult(len(with_rows), rows, end_offsets, tuple(rewound), generation)
+    batch_seconds = sum(p.durationMs.get("triggerExecution", 0) for p in with_rows) / 1000
+    return IngestResult(len(with_rows), rows, end_offsets, tuple(rewound), generation, batch_seconds)
 
 
 def _offsets(text: str | None) -> dict[str, dict[str, int]]:
