@@ -139,13 +139,17 @@ def test_every_stage_gives_identical_output_on_unchanged_input(spark, paths):
 # --- concurrent runs and SIGKILL -----------------------------------------------------------------
 
 
-def _write_large_raw(spark, path, rows=400_000):
-    """Raw rows of one series, enough to keep the processor busy for a while on two cores."""
+def _write_large_raw(spark, path, rows=400_000, spacing=10):
+    """Raw rows of one series, ``spacing`` seconds apart, enough to keep the processor busy on two cores.
+
+    At 10 s, 400,000 rows span 46 days: about 1,100 hour partitions, which keeps a run busy for
+    long enough to start a second one beside it.
+    """
     value = F.format_string(
         '{"t_measurement": %d.5, "t_report": %d.5, "device_id": "device1", "signal_name": "energy import", '
         '"value": %d}',
-        F.col("id") * 10 + 1716368400,
-        F.col("id") * 10 + 1716368390,
+        F.col("id") * spacing + 1716368400,
+        F.col("id") * spacing + 1716368390,
         F.col("id") % 20,
     )
     (
@@ -219,9 +223,9 @@ def test_second_run_of_a_stage_is_refused_and_output_stays_intact(spark, tmp_pat
 @pytest.mark.parametrize("delay", [0.0, 2.0, 5.0])
 def test_sigkill_at_any_moment_leaves_the_previous_output_and_the_next_run_recovers(spark, tmp_path, delay):
     datastore = str(tmp_path / "datastore")
-    _write_large_raw(spark, f"{datastore}/consumer_data", rows=200_000)
+    _write_large_raw(spark, f"{datastore}/consumer_data", rows=200_000, spacing=1)
     assert _start_processor(datastore).wait(timeout=600) == 0
-    _write_large_raw(spark, f"{datastore}/consumer_data", rows=200_000)  # the same rows again: replays
+    _write_large_raw(spark, f"{datastore}/consumer_data", rows=200_000, spacing=1)  # the same rows: replays
 
     victim = _start_processor(datastore)
     _wait_for_lock(f"{datastore}/processed_data.lock")
