@@ -32,7 +32,7 @@ import time
 from datetime import UTC, datetime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "exercises"), os.path.join(ROOT, "tests")]
+sys.path[:0] = [ROOT, *(os.path.join(ROOT, folder) for folder in ("exercises", "scripts", "tests"))]
 
 import pyspark  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
