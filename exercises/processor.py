@@ -212,6 +212,26 @@ def collapse_replays(parsed: DataFrame, with_partition: bool = False) -> DataFra
     )
 
 
+def parse_and_cache(raw: DataFrame, counts: Observation) -> DataFrame:
+    """Parse raw rows (``parse_measurements``), count raw/valid/quarantined into ``counts``, and cache.
+
+    One parse feeds both outputs. The cache is also a barrier: a filter on the parsed columns would
+    otherwise be pushed below the parse and evaluate from_json again for each field. Only compact
+    typed columns are cached (the raw text of rejected rows alone), and blocks spill to disk, so the
+    heap stays bounded as the input grows. The caller unpersists.
+    """
+    return (
+        parse_measurements(raw)
+        .observe(
+            counts,
+            F.count(F.lit(1)).alias("raw"),
+            F.count_if(F.col("reason").isNull()).alias("valid"),
+            F.count_if(F.col("reason").isNotNull()).alias("quarantined"),
+        )
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    )
+
+
 def with_hour(processed: DataFrame) -> DataFrame:
     """Add the partition column (the UTC hour of t_measurement)."""
     return processed.withColumn(PARTITION, hour_of(F.col(m.T_MEASUREMENT)))
@@ -223,20 +243,7 @@ def run(spark: SparkSession, paths: config.Paths) -> Accounting:
         started = time.monotonic()
         raw = read_raw(spark, paths.consumer_data, log)
         parse_counts = Observation("parse")
-        parsed = (
-            parse_measurements(raw)
-            .observe(
-                parse_counts,
-                F.count(F.lit(1)).alias("raw"),
-                F.count_if(F.col("reason").isNull()).alias("valid"),
-                F.count_if(F.col("reason").isNotNull()).alias("quarantined"),
-            )
-            # One parse feeds both outputs. The cache is also a barrier: a filter on the parsed
-            # columns would otherwise be pushed below the parse and evaluate from_json again for
-            # each field. Only compact typed columns are cached (the raw text of rejected rows alone),
-            # and blocks spill to disk, so the heap stays bounded as the input grows.
-            .persist(StorageLevel.MEMORY_AND_DISK)
-        )
+        parsed = parse_and_cache(raw, parse_counts)
         try:
             output_counts = Observation("output")
             processed = collapse_replays(parsed, with_partition=True).observe(
@@ -307,16 +314,7 @@ def process_new(spark: SparkSession, paths: config.Paths, files: list[str]) -> C
     if not files:
         return Changes(Accounting(0, 0, 0, 0))
     parse_counts = Observation("live_parse")
-    parsed = (
-        parse_measurements(spark.read.schema(RAW_SCHEMA).parquet(*files))
-        .observe(
-            parse_counts,
-            F.count(F.lit(1)).alias("raw"),
-            F.count_if(F.col("reason").isNull()).alias("valid"),
-            F.count_if(F.col("reason").isNotNull()).alias("quarantined"),
-        )
-        .persist(StorageLevel.MEMORY_AND_DISK)
-    )
+    parsed = parse_and_cache(spark.read.schema(RAW_SCHEMA).parquet(*files), parse_counts)
     try:
         select_quarantine(parsed).write.mode("append").parquet(paths.quarantine_data)
         valid = parsed.where(F.col("reason").isNull())

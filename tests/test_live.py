@@ -74,6 +74,16 @@ def rows(spark, path, schema):
     return sorted(tuple(str(v) for v in r) for r in frame.collect())
 
 
+def assert_same_outputs(spark, live, batch):
+    for folder, schema in (
+        ("processed_data", PROCESSED_SCHEMA),
+        ("cleaned_data", CLEANED_SCHEMA),
+        ("quarantine_data", QUARANTINE_SCHEMA),
+        ("unknown_series", UNKNOWN_SERIES_SCHEMA),
+    ):
+        assert rows(spark, getattr(live, folder), schema) == rows(spark, getattr(batch, folder), schema), folder
+
+
 def test_cycles_give_what_a_batch_run_gives(spark, tmp_path):
     files = write_steps(spark, str(tmp_path / "raw"))
     live = config.Paths.under(str(tmp_path / "live"))
@@ -91,13 +101,7 @@ def test_cycles_give_what_a_batch_run_gives(spark, tmp_path):
     cleaner.run(spark, batch, CONFIG)
 
     assert accounting.raw == sum(len(step) for step in STEPS)
-    for folder, schema in (
-        ("processed_data", PROCESSED_SCHEMA),
-        ("cleaned_data", CLEANED_SCHEMA),
-        ("quarantine_data", QUARANTINE_SCHEMA),
-        ("unknown_series", UNKNOWN_SERIES_SCHEMA),
-    ):
-        assert rows(spark, getattr(live, folder), schema) == rows(spark, getattr(batch, folder), schema), folder
+    assert_same_outputs(spark, live, batch)
     cleaned = rows(spark, live.cleaned_data, CLEANED_SCHEMA)
     assert ("missing" in {r[5] for r in cleaned if r[2:4] == A}) and any(r[2:4] == C for r in cleaned)
     assert str(utc("2026-11-25 13:58:40")) in {r[0] for r in cleaned if r[2:4] == B}
@@ -148,10 +152,4 @@ def test_live_runner_stopped_by_sigterm_leaves_what_a_batch_run_gives(spark, kaf
     accounting = processor.run(spark, batch)
     cleaner.run(spark, batch, cleaner.CleanerConfig())
     assert accounting.quarantined > 0 and accounting.duplicates > 0
-    for folder, schema in (
-        ("processed_data", PROCESSED_SCHEMA),
-        ("cleaned_data", CLEANED_SCHEMA),
-        ("quarantine_data", QUARANTINE_SCHEMA),
-        ("unknown_series", UNKNOWN_SERIES_SCHEMA),
-    ):
-        assert rows(spark, getattr(live, folder), schema) == rows(spark, getattr(batch, folder), schema), folder
+    assert_same_outputs(spark, live, batch)
