@@ -28,7 +28,6 @@ from datetime import UTC, datetime
 
 from pyspark.sql import Column, DataFrame, Observation, SparkSession, Window
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
 from common import config
 from common import message as m
@@ -43,6 +42,7 @@ from common.spark import (
     hour_of,
     path_exists,
     read_output,
+    read_partitioned,
     replace_output,
     replace_partitions,
     stage_lock,
@@ -326,7 +326,7 @@ def clean_changes(
     earliest = touched.agg(F.min("since")).first()[0]
     if earliest is None:
         return {flag: 0 for flag in QUALITY_FLAGS} | {"newest": None}
-    processed = _read_partitioned(spark, paths.processed_data, PROCESSED_SCHEMA).withColumn("slot", slot)
+    processed = read_partitioned(spark, paths.processed_data, PROCESSED_SCHEMA).withColumn("slot", slot)
     lookback = (config_.max_gap_seconds + config_.slot_seconds) * 1_000_000
     recent = processed.where(F.col(PARTITION) >= _hour_of_micros(earliest - lookback)).join(touched, keys)
     anchors = (
@@ -359,7 +359,7 @@ def clean_changes(
         # The partition names the new slots fall in: a handful of hours, not data.
         hours = sorted(r[0] for r in recomputed.select(PARTITION).distinct().collect())
         kept = (
-            _read_partitioned(spark, paths.cleaned_data, CLEANED_SCHEMA)
+            read_partitioned(spark, paths.cleaned_data, CLEANED_SCHEMA)
             .where(F.col(PARTITION).isin(*hours))
             .join(regions, keys, "left")
             .where(F.col("start").isNull() | (F.unix_micros(m.T_MEASUREMENT) < F.col("start")))
@@ -373,13 +373,6 @@ def clean_changes(
 
 def _hour_of_micros(micros: int) -> str:
     return datetime.fromtimestamp(micros / 1_000_000, UTC).strftime("%Y-%m-%dT%H")
-
-
-def _read_partitioned(spark: SparkSession, path: str, schema) -> DataFrame:
-    partitioned = T.StructType([*schema.fields, T.StructField(PARTITION, T.StringType())])
-    if not path_exists(spark, path):
-        return spark.createDataFrame([], partitioned)
-    return spark.read.schema(partitioned).parquet(path)
 
 
 def _update_unknown(spark: SparkSession, paths: config.Paths, series_rows: DataFrame, catalog) -> None:

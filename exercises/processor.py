@@ -36,7 +36,7 @@ from common.spark import (
     generation_folders,
     hour_of,
     new_sink_files,
-    path_exists,
+    read_partitioned,
     read_raw,
     replace_output,
     replace_partitions,
@@ -321,7 +321,11 @@ def process_new(spark: SparkSession, paths: config.Paths, files: list[str]) -> C
         measurements = valid.select(m.DEVICE_ID, m.SIGNAL_NAME, m.T_MEASUREMENT).localCheckpoint()
         # The partition names a cycle touches: a handful of hours, not data.
         hours = sorted(r[0] for r in with_hour(measurements).select(PARTITION).distinct().collect())
-        old = read_hours(spark, paths.processed_data, PROCESSED_SCHEMA, hours)
+        old = (
+            read_partitioned(spark, paths.processed_data, PROCESSED_SCHEMA)
+            .where(F.col(PARTITION).isin(*hours))
+            .select(*PROCESSED_SCHEMA.fieldNames())
+        )
         stored = old.select(
             "*",
             F.lit(None).cast("string").alias("reason"),
@@ -349,16 +353,6 @@ def process_new(spark: SparkSession, paths: config.Paths, files: list[str]) -> C
     gained = merged_rows - old_rows
     accounting = Accounting(counts["raw"], gained, counts["quarantined"], counts["valid"] - gained)
     return Changes(accounting, measurements, series_rows)
-
-
-def read_hours(spark: SparkSession, path: str, schema: T.StructType, hours: list[str]) -> DataFrame:
-    """The rows of a partitioned output in the given hours (only those folders are read)."""
-    if not hours or not path_exists(spark, path):
-        return spark.createDataFrame([], schema)
-    partitioned = T.StructType([*schema.fields, T.StructField(PARTITION, T.StringType())])
-    return (
-        spark.read.schema(partitioned).parquet(path).where(F.col(PARTITION).isin(*hours)).select(*schema.fieldNames())
-    )
 
 
 def parse_args(argv: list[str] | None) -> tuple:

@@ -289,6 +289,17 @@ def hour_of(timestamp: Column) -> Column:
     return F.date_format(timestamp, PARTITION_FORMAT)
 
 
+def read_partitioned(spark: SparkSession, path: str, schema: T.StructType) -> DataFrame:
+    """An hour-partitioned output with its ``hour`` column (filter on it to read only those folders).
+
+    Empty when the output does not exist yet (a live cycle's first write).
+    """
+    partitioned = T.StructType([*schema.fields, T.StructField(PARTITION, T.StringType())])
+    if not path_exists(spark, path):
+        return spark.createDataFrame([], partitioned)
+    return spark.read.schema(partitioned).parquet(path)
+
+
 def replace_output(df: DataFrame, path: str, log: logging.Logger, partition_by: str | None = None) -> None:
     """Write ``df`` as parquet to ``path``, replacing what was there only once it is complete.
 
