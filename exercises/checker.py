@@ -37,6 +37,7 @@ from common.spark import (
     StageInputError,
     build_session,
     exit_code_of,
+    hour_value,
     path_exists,
     recover_output,
     stage_lock,
@@ -513,9 +514,7 @@ def run(
         # Read with the schema stored in the files, so that the schema check sees what is there.
         cleaned = spark.read.parquet(paths.cleaned_data)
         if since is not None and PARTITION in cleaned.columns:
-            cleaned = cleaned.where(
-                (F.col(PARTITION) >= since.strftime("%Y-%m-%dT%H")) & (F.col(m.T_MEASUREMENT) >= F.lit(since))
-            )
+            cleaned = cleaned.where((F.col(PARTITION) >= hour_value(since)) & (F.col(m.T_MEASUREMENT) >= F.lit(since)))
         cleaned = cleaned.drop(PARTITION)  # the partition column is layout, not contract
         unknown = (
             spark.read.schema(UNKNOWN_SERIES_SCHEMA).parquet(paths.unknown_series)

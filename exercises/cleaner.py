@@ -40,6 +40,7 @@ from common.spark import (
     build_session,
     exit_code_of,
     hour_of,
+    hour_value,
     path_exists,
     read_output,
     read_partitioned,
@@ -145,12 +146,13 @@ def _fill_value(method: Column, previous: Column, following: Column, step: Colum
     )
 
 
-def align_to_grid(config_: CleanerConfig):
+def align_to_grid(config_: CleanerConfig, flags: Observation | None = None):
     """Return a transform: measurements with a ``fill_method`` column -> the cleaned grid.
 
     One window per series ordered by slot (one shuffle): two measurements in one slot keep the
     earliest; each kept measurement spans the slots up to the next one, and the slots in between
-    are generated with ``sequence`` and filled from the two measurements around them.
+    are generated with ``sequence`` and filled from the two measurements around them. ``flags``,
+    when given, observes the counts of ``_slot_counts``.
     """
     slot_micros = config_.slot_seconds * 1_000_000
     max_gap_slots = config_.max_gap_seconds // config_.slot_seconds
@@ -165,12 +167,45 @@ def align_to_grid(config_: CleanerConfig):
             .withColumn("next_value", F.lead(m.VALUE).over(by_series))
         )
         steps = F.coalesce((F.col("next_slot") - F.col("slot")) / F.lit(slot_micros), F.lit(1)).cast("int")
-        spanned = first_in_slot.select(
-            "*", F.posexplode(F.sequence(F.lit(0), steps - 1)).alias("step", "_ignored")
-        ).withColumn("steps", steps)
+        spans = first_in_slot.withColumn("steps", steps)
+        if flags is not None:
+            spans = spans.observe(flags, *_slot_counts(slot_micros, max_gap_slots))
+        spanned = spans.select("*", F.posexplode(F.sequence(F.lit(0), F.col("steps") - 1)).alias("step", "_ignored"))
         return spanned.select(*_grid_columns(slot_micros, max_gap_slots))
 
     return transform
+
+
+def _slot_counts(slot_micros: int, max_gap_slots: int) -> list[Column]:
+    """Counts of the grid's slots by quality flag, its series and its newest slot (epoch micros).
+
+    Computed on the spans (one row per kept measurement, before the slots between are generated),
+    not on each generated slot: at 10 M measurements, counting the 15 M cleaned rows cost 6 s of 31.
+    Sums are null when there are no rows.
+    """
+    holes = F.col("steps") - 1
+    too_long = holes > max_gap_slots
+    method = F.col("fill_method")
+    return [
+        F.count_if(F.col("previous_slot").isNull()).alias("series"),
+        F.count(F.lit(1)).alias(MEASURED),
+        *[
+            F.sum(F.when(~too_long & (method == name), holes).otherwise(0)).alias(flag)
+            for name, flag in FILLED_FLAG.items()
+        ],
+        F.sum(F.when(too_long, holes).otherwise(0)).alias(MISSING),
+        F.max(F.col("slot") + holes * slot_micros).alias("newest"),
+    ]
+
+
+def slot_counts(flags: Observation) -> dict:
+    """The observed ``_slot_counts``: rows per quality flag, ``series`` and ``newest`` (a datetime or None)."""
+    observed = flags.get
+    newest = observed["newest"]
+    return {flag: observed[flag] or 0 for flag in QUALITY_FLAGS} | {
+        "series": observed["series"],
+        "newest": None if newest is None else datetime.fromtimestamp(newest / 1_000_000, UTC),
+    }
 
 
 def _grid_columns(slot_micros: int, max_gap_slots: int) -> list[Column]:
@@ -218,10 +253,12 @@ def assign_fill_methods(config_: CleanerConfig):
     return transform
 
 
-def clean(processed: DataFrame, config_: CleanerConfig, catalog: DataFrame | None) -> tuple[DataFrame, DataFrame]:
-    """Return (cleaned_data, unknown series) for processed measurements."""
+def clean(
+    processed: DataFrame, config_: CleanerConfig, catalog: DataFrame | None, flags: Observation | None = None
+) -> tuple[DataFrame, DataFrame]:
+    """Return (cleaned_data, unknown series) for processed measurements; ``flags`` observes the grid's counts."""
     expected, unknown = split_catalog(processed, catalog)
-    cleaned = expected.transform(assign_fill_methods(config_)).transform(align_to_grid(config_))
+    cleaned = expected.transform(assign_fill_methods(config_)).transform(align_to_grid(config_, flags))
     return cleaned.select(*[F.col(f.name).cast(f.dataType) for f in CLEANED_SCHEMA.fields]), unknown
 
 
@@ -231,15 +268,6 @@ def clean(processed: DataFrame, config_: CleanerConfig, catalog: DataFrame | Non
 def with_hour(cleaned: DataFrame) -> DataFrame:
     """Add the partition column (the UTC hour of the slot)."""
     return cleaned.withColumn(PARTITION, hour_of(F.col(m.T_MEASUREMENT)))
-
-
-def _flag_counts() -> list[Column]:
-    """Observed aggregates of cleaned rows: series, rows per quality flag, newest slot."""
-    return [
-        F.approx_count_distinct(F.concat_ws(m.SERIES_SEPARATOR, m.DEVICE_ID, m.SIGNAL_NAME)).alias("series"),
-        *[F.count_if(F.col(QUALITY) == flag).alias(flag) for flag in QUALITY_FLAGS],
-        F.max(m.T_MEASUREMENT).alias("newest"),
-    ]
 
 
 def catalog_frame(spark: SparkSession, config_: CleanerConfig) -> DataFrame | None:
@@ -254,9 +282,8 @@ def run(spark: SparkSession, paths: config.Paths, config_: CleanerConfig) -> dic
     with stage_lock(paths.cleaned_data, STAGE, log):
         started = time.monotonic()
         processed = read_output(spark, paths.processed_data, PROCESSED_SCHEMA, log, "processor")
-        cleaned, unknown = clean(processed, config_, catalog_frame(spark, config_))
         flags = Observation("flags")
-        cleaned = cleaned.observe(flags, *_flag_counts())
+        cleaned, unknown = clean(processed, config_, catalog_frame(spark, config_), flags)
         replace_output(with_hour(cleaned), paths.cleaned_data, log, partition_by=PARTITION)
         unknown_counts = Observation("unknown")
         replace_output(
@@ -264,11 +291,12 @@ def run(spark: SparkSession, paths: config.Paths, config_: CleanerConfig) -> dic
             paths.unknown_series,
             log,
         )
-        counts = {flag: flags.get[flag] for flag in QUALITY_FLAGS}
+        observed = slot_counts(flags)
+        counts = {flag: observed[flag] for flag in QUALITY_FLAGS}
         filled = sum(counts[flag] for flag in FILLED_FLAG.values())
         log.info(
             "%d series on a %d-s grid: %d slots, %d measured, %d filled, %d missing (%.1f s)",
-            flags.get["series"],
+            observed["series"],
             config_.slot_seconds,
             sum(counts.values()),
             counts[MEASURED],
@@ -276,7 +304,7 @@ def run(spark: SparkSession, paths: config.Paths, config_: CleanerConfig) -> dic
             counts[MISSING],
             time.monotonic() - started,
         )
-        if not flags.get["series"]:
+        if not observed["series"]:
             log.warning("no expected series in %s: cleaned_data is empty", paths.processed_data)
         if unknown_counts.get["series"]:
             log.warning(
@@ -352,9 +380,9 @@ def clean_changes(
         .where(F.col("slot") >= F.col("start"))
         .select(*PROCESSED_SCHEMA.fieldNames())
     )
-    recomputed, _none = clean(changed, config_, None)
     flags = Observation("live_flags")
-    recomputed = with_hour(recomputed).observe(flags, *_flag_counts()).persist()
+    recomputed, _none = clean(changed, config_, None, flags)
+    recomputed = with_hour(recomputed).persist()
     try:
         # The partition names the new slots fall in: a handful of hours, not data.
         hours = sorted(r[0] for r in recomputed.select(PARTITION).distinct().collect())
@@ -368,11 +396,12 @@ def clean_changes(
         replace_partitions(kept.unionByName(recomputed), paths.cleaned_data, hours, log)
     finally:
         recomputed.unpersist()
-    return {flag: flags.get[flag] for flag in QUALITY_FLAGS} | {"newest": flags.get["newest"]}
+    observed = slot_counts(flags)
+    return {flag: observed[flag] for flag in QUALITY_FLAGS} | {"newest": observed["newest"]}
 
 
-def _hour_of_micros(micros: int) -> str:
-    return datetime.fromtimestamp(micros / 1_000_000, UTC).strftime("%Y-%m-%dT%H")
+def _hour_of_micros(micros: int) -> int:
+    return hour_value(datetime.fromtimestamp(micros / 1_000_000, UTC))
 
 
 def _update_unknown(spark: SparkSession, paths: config.Paths, series_rows: DataFrame, catalog) -> None:

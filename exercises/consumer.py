@@ -71,6 +71,11 @@ TIMEOUT_OPTIONS = {
     # An executor waiting on a broker that went away fails the batch after this, not after 2 min.
     "kafkaConsumer.pollTimeoutMs": "30000",
 }
+#: Larger polls for the stream's consumers (Spark's consumers are assigned partitions, not in a
+#: group, so a long poll loop cannot cause a rebalance). The client default of 500 records per
+#: poll halves the throughput: measured 1 M messages at 275-417k msg/s with it, 505-600k with
+#: 10,000 (warm JVM, 2 cores). ``--kafka-properties`` can override it.
+FETCH_OPTIONS = {"kafka.max.poll.records": "10000"}
 REACHABLE_WAIT_SECONDS = 15.0
 #: How often a continuous run checks whether its topic was recreated.
 ID_CHECK_SECONDS = 30.0
@@ -288,6 +293,7 @@ def start_stream(
         # Split a topic partition's offsets over the cores: one Kafka partition is one task otherwise.
         .option("minPartitions", str(spark.sparkContext.defaultParallelism))
         .options(**TIMEOUT_OPTIONS)
+        .options(**FETCH_OPTIONS)
         .options(**kafka_options)
     )
     if max_offsets_per_trigger:

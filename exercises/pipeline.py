@@ -36,6 +36,7 @@ from common import config
 from common import message as m
 from common.spark import (
     PARTITION,
+    PARTITION_FORMAT,
     SinkPosition,
     build_session,
     exit_code_of,
@@ -158,8 +159,9 @@ def newest_slot(spark: SparkSession, paths: config.Paths) -> datetime | None:
     hours = list_files(spark, f"{paths.cleaned_data}/{PARTITION}=*", folders=True)
     if not hours:
         return None
-    newest = spark.read.parquet(max(hours, key=lambda h: h.rsplit("=", 1)[-1])).agg(F.max(m.T_MEASUREMENT)).first()
-    return newest[0].replace(tzinfo=UTC) if newest and newest[0] else None
+    newest_hour = max(hours, key=lambda h: int(h.rsplit("=", 1)[-1]))
+    newest = spark.read.parquet(newest_hour).agg(F.unix_micros(F.max(m.T_MEASUREMENT))).first()[0]
+    return None if newest is None else datetime.fromtimestamp(newest / 1_000_000, UTC)
 
 
 def latency_histogram(measurements: DataFrame, done: float) -> dict[float, int]:
@@ -190,7 +192,8 @@ class LiveRunner:
         self.spark, self.args, self.paths = spark, args, paths
         self.cleaner_config, self.checker_config = cleaner_config, checker_config
         self.should_stop = should_stop
-        self.fingerprint = repr(cleaner_config)
+        # An output written with another cleaner configuration or partition layout needs a full run.
+        self.fingerprint = f"{PARTITION}={PARTITION_FORMAT} {cleaner_config!r}"
         self.cycles: list[dict] = []
         self.newest: datetime | None = None
         self.consumer_errors: list[Exception] = []
@@ -249,7 +252,7 @@ class LiveRunner:
         histogram = latency_histogram(changes.measurements, done)
         write_live_state(self.spark, self.paths, after, self.fingerprint, in_progress=False)
         if slots["newest"] is not None:
-            newest = slots["newest"].replace(tzinfo=UTC)
+            newest = slots["newest"]
             self.newest = max(self.newest or newest, newest)
         report = None
         if self.newest is not None:

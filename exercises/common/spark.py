@@ -279,14 +279,22 @@ def recover_output(spark: SparkSession, path: str, log: logging.Logger) -> None:
 
 
 #: processed_data and cleaned_data are partitioned by the UTC hour of t_measurement, so that a live
-#: cycle rewrites only the hours new data touches: folders ``hour=2026-11-25T14``.
+#: cycle rewrites only the hours new data touches: folders ``hour=2026112514`` (yyyyMMddHH). The
+#: value is a number, not text: Spark sorts the rows by it before a partitioned write, and text
+#: whose first eight characters are alike in every row sorts slowly (10 M measurements: the
+#: cleaner's write took 26 s partitioned by ``2024-05-22T14``, 17 s by a number, 16 s unpartitioned).
 PARTITION = "hour"
-PARTITION_FORMAT = "yyyy-MM-dd'T'HH"
+PARTITION_FORMAT = "yyyyMMddHH"
 
 
 def hour_of(timestamp: Column) -> Column:
-    """The partition value of a timestamp: its UTC hour as text (the session time zone is UTC)."""
-    return F.date_format(timestamp, PARTITION_FORMAT)
+    """The partition value of a timestamp: its UTC hour as the number yyyyMMddHH (the session is UTC)."""
+    return F.date_format(timestamp, PARTITION_FORMAT).cast(T.LongType())
+
+
+def hour_value(moment: datetime) -> int:
+    """The partition value (``hour_of``) of an aware datetime."""
+    return int(moment.astimezone(UTC).strftime("%Y%m%d%H"))
 
 
 def read_partitioned(spark: SparkSession, path: str, schema: T.StructType) -> DataFrame:
@@ -294,7 +302,7 @@ def read_partitioned(spark: SparkSession, path: str, schema: T.StructType) -> Da
 
     Empty when the output does not exist yet (a live cycle's first write).
     """
-    partitioned = T.StructType([*schema.fields, T.StructField(PARTITION, T.StringType())])
+    partitioned = T.StructType([*schema.fields, T.StructField(PARTITION, T.LongType())])
     if not path_exists(spark, path):
         return spark.createDataFrame([], partitioned)
     return spark.read.schema(partitioned).parquet(path)
