@@ -6,7 +6,7 @@ For each size (measurements), on the same generated files and in the same run:
   parse the JSON with the same schema and write; for the cleaner, read the processed rows,
   repartition by series, sort within partitions and write;
 - DuckDB: the same gap fill (linear, one row per slot) as SQL on the same processed files;
-- the driver's peak JVM heap after garbage collection (and the peak of the heap in use, garbage included).
+- the driver's peak JVM heap in use, and the peak of the memory Spark held for data.
 Once, for ``--consumer-messages``: the consumer's messages/s from a local broker into consumer_data
 against Kafka's ConsumerPerformance tool on the same topic.
 
@@ -169,45 +169,31 @@ def duckdb_gap_fill(source: str, target: str) -> None:
 
 
 class HeapSampler:
-    """Samples the driver JVM's heap every 0.2 s.
+    """Samples the driver JVM's memory every 0.2 s.
 
-    ``peak_mib``: the largest heap in use just after a garbage collection, the memory the driver's
-    work holds (in local mode the tasks run in the driver too). ``used_peak_mib``: the largest
-    sample of the heap in use, garbage not yet collected included, which follows the collector's
-    timing more than the work. (Summing the pools' own peak counters overstates both: each pool
-    peaks at another moment.)
+    ``data_peak_mib``: the most memory Spark's operators held at once for data (execution memory:
+    sort, shuffle and aggregation buffers; storage memory: cached blocks), from Spark's memory
+    manager. In local mode the tasks run in the driver, so this is the part of the driver's heap
+    that can grow with the input. ``used_peak_mib``: the largest sample of the whole heap in use,
+    garbage not yet collected included, which follows the collector's timing (the heap is sized
+    by ``spark.driver.memory``, and the collector lets garbage fill a good part of it) more than
+    the work.
     """
 
     def __init__(self, spark) -> None:
-        management = spark.sparkContext._jvm.java.lang.management.ManagementFactory
-        self._memory = management.getMemoryMXBean()
-        self._collectors = list(management.getGarbageCollectorMXBeans())
-        self._heap_pools = {
-            pool.getName() for pool in management.getMemoryPoolMXBeans() if pool.getType().toString() == "Heap memory"
-        }
-        # Collections before the sampling started do not count.
-        self._seen = {collector.getName(): collector.getCollectionCount() for collector in self._collectors}
+        jvm = spark.sparkContext._jvm
+        self._memory = jvm.java.lang.management.ManagementFactory.getMemoryMXBean()
+        self._spark_memory = jvm.org.apache.spark.SparkEnv.get().memoryManager()
         self._stop = threading.Event()
-        self.peak_mib = 0.0
+        self.data_peak_mib = 0.0
         self.used_peak_mib = 0.0
         self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _after_gc_mib(self) -> float:
-        """The heap in use after the latest collection of each collector (largest of them)."""
-        after = 0.0
-        for collector in self._collectors:
-            info = collector.getLastGcInfo()
-            if info is not None and collector.getCollectionCount() > self._seen[collector.getName()]:
-                pools = info.getMemoryUsageAfterGc()
-                after = max(
-                    after, sum(pools.get(name).getUsed() for name in pools.keySet() if name in self._heap_pools)
-                )
-        return after / 2**20
 
     def _sample(self) -> None:
         while not self._stop.wait(0.2):
             self.used_peak_mib = max(self.used_peak_mib, self._memory.getHeapMemoryUsage().getUsed() / 2**20)
-            self.peak_mib = max(self.peak_mib, self._after_gc_mib())
+            held = self._spark_memory.executionMemoryUsed() + self._spark_memory.storageMemoryUsed()
+            self.data_peak_mib = max(self.data_peak_mib, held / 2**20)
 
     def __enter__(self) -> HeapSampler:
         self._thread.start()
@@ -241,8 +227,8 @@ def bench_size(spark, work: str, rows: int) -> list[dict]:
         lambda: duckdb_gap_fill(generated.processed_data, os.path.join(folder, "duckdb_cleaned.parquet"))
     )
     sampler.__exit__()
-    results["driver_peak_mib"] = sampler.peak_mib
-    results["driver_heap_used_peak_mib"] = sampler.used_peak_mib
+    results["driver_peak_mib"] = sampler.used_peak_mib
+    results["driver_data_peak_mib"] = sampler.data_peak_mib
     print(f"size {n}: " + ", ".join(f"{k} {v:.1f}" for k, v in results.items()), flush=True)
     rows_out = [
         {"metric": k, "rows": n, "value": round(v, 3), "unit": "MiB" if "mib" in k else "s"} for k, v in results.items()

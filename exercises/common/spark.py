@@ -88,6 +88,12 @@ LOG4J2_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "log4j2
 ENV_JAR_CACHE = "METER_JAR_CACHE"
 ENV_LOCAL_DRIVER_MEMORY = "METER_LOCAL_DRIVER_MEMORY"
 DEFAULT_LOCAL_DRIVER_MEMORY = "4g"
+#: The shuffle data a task reads, at most (Spark's adaptive execution splits and merges partitions
+#: to about this size). A task sorts its whole input in memory when it can, so this bounds the
+#: memory each task holds: from 1 M to 10 M measurements Spark's data memory went from 594 to
+#: 738 MiB with 16 MB, from 610 to 1,922 MiB with Spark's default of 64 MB, at the same speed.
+#: The price: more, smaller files in cleaned_data (a task writes into every hour its series cover).
+ADVISORY_PARTITION_SIZE = "16m"
 DEFAULT_JAR_CACHE = os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "jars")
 
 
@@ -114,6 +120,8 @@ def build_session(app_name: str, verbose: bool = False, jars: list[str] | None =
         builder = builder.config("spark.master", "local[*]").config(
             "spark.driver.memory", os.environ.get(ENV_LOCAL_DRIVER_MEMORY) or DEFAULT_LOCAL_DRIVER_MEMORY
         )
+    if not submitted.contains("spark.sql.adaptive.advisoryPartitionSizeInBytes"):
+        builder = builder.config("spark.sql.adaptive.advisoryPartitionSizeInBytes", ADVISORY_PARTITION_SIZE)
     if not submitted.contains("spark.driver.extraJavaOptions"):
         # Read only when this process starts the JVM; spark-submit keeps the cluster's logging.
         builder = builder.config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}")
