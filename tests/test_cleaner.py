@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 import pytest
 from chispa import assert_approx_df_equality, assert_df_equality
+from pyspark.sql import Observation
 
-from cleaner import CleanerConfig, clean, parse_args, run
+from cleaner import CleanerConfig, clean, parse_args, run, slot_counts
 from common.spark import CLEANED_SCHEMA, PROCESSED_SCHEMA
 from tests.helpers import utc
 
@@ -159,3 +160,27 @@ def test_command_line_fill_overrides_and_rejects_unknown_methods(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--fill", "energy import=cubic"])
     assert "cubic" in capsys.readouterr().err
+
+
+def test_observed_counts_equal_the_grid(spark):
+    """The counts observed per span (not per slot) equal the cleaned rows counted by quality flag."""
+    export = ("device2", "energy export")
+    frame = (
+        processed(spark, GAP)
+        # Two in one slot (one kept), then a hole longer than max_gap: missing slots.
+        .unionByName(processed(spark, [("2024-05-22 09:00:42", 1.0), ("2024-05-22 09:05:30", 2.0)]))
+        .unionByName(processed(spark, [("2024-05-22 09:00:00", 1.0), ("2024-05-22 09:00:30", 4.0)], export))
+    )
+    flags = Observation("flags")
+    grid, _unknown = clean(
+        frame,
+        CleanerConfig(fill={"energy export": "forward_fill"}, expected_series=None, max_gap_seconds=60),
+        None,
+        flags,
+    )
+    by_flag = {r.quality: r["count"] for r in grid.groupBy("quality").count().collect()}
+    counts = slot_counts(flags)
+    assert {flag: n for flag, n in counts.items() if flag not in ("series", "newest") and n} == by_flag
+    assert by_flag == {"measured": 5, "interpolated": 3, "missing": 28, "forward_filled": 2}
+    assert counts["series"] == 2
+    assert counts["newest"] == utc("2024-05-22 09:05:30").replace(tzinfo=UTC)

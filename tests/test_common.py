@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from pyspark.sql import functions as F
 
 from common import config
 from common import message as m
-from common.spark import PREVIOUS_SUFFIX, RAW_SCHEMA, StageInputError, read_output, replace_output
+from common.spark import (
+    PREVIOUS_SUFFIX,
+    RAW_SCHEMA,
+    StageInputError,
+    hour_of,
+    hour_value,
+    read_output,
+    replace_output,
+)
 
 log = logging.getLogger("test")
 
@@ -59,3 +69,12 @@ def test_read_output_restores_previous_output_after_interrupted_swap(spark, tmp_
 def test_read_output_names_the_stage_to_run_when_missing(spark, tmp_path):
     with pytest.raises(StageInputError, match="run the processor first"):
         read_output(spark, str(tmp_path / "nothing"), RAW_SCHEMA, log, "processor")
+
+
+def test_hour_partition_value_is_the_utc_hour_as_a_number(spark):
+    moment = datetime(2026, 11, 25, 23, 59, 59, 999999, tzinfo=UTC)
+    row = spark.createDataFrame([(moment,)], "t timestamp").select(hour_of(F.col("t")).alias("hour")).first()
+    assert row.hour == 2026112523
+    assert hour_value(moment) == 2026112523
+    # An aware datetime elsewhere is converted to UTC first.
+    assert hour_value(datetime(2026, 11, 26, 1, 30, tzinfo=timezone(timedelta(hours=2)))) == 2026112523
