@@ -168,7 +168,7 @@ def duckdb_gap_fill(source: str, target: str) -> None:
     connection.close()
 
 
-class HeapSampler:
+class MemorySampler:
     """Samples the driver JVM's memory every 0.2 s.
 
     ``data_peak_mib``: the most memory Spark's operators held at once for data (execution memory:
@@ -195,7 +195,7 @@ class HeapSampler:
             held = self._spark_memory.executionMemoryUsed() + self._spark_memory.storageMemoryUsed()
             self.data_peak_mib = max(self.data_peak_mib, held / 2**20)
 
-    def __enter__(self) -> HeapSampler:
+    def __enter__(self) -> MemorySampler:
         self._thread.start()
         return self
 
@@ -211,7 +211,7 @@ def bench_size(spark, work: str, rows: int) -> list[dict]:
     n = shape["rows"]
     spark.catalog.clearCache()
     results = {}
-    sampler = HeapSampler(spark).__enter__()
+    sampler = MemorySampler(spark).__enter__()
     results["processor_seconds"] = timed(lambda: processor.run(spark, paths))
     results["processor_floor_seconds"] = timed(
         lambda: processor_floor(spark, paths.consumer_data, os.path.join(folder, "floor_processor"))
