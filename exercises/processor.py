@@ -152,6 +152,20 @@ def parse_measurements(raw: DataFrame) -> DataFrame:
             ~plausible | _timestamp(F.col(f"_{field}_s")).isNull(), REASON_IMPLAUSIBLE_TIMESTAMP + field
         )
     reason = reason.when(non_finite, REASON_NON_FINITE).when(value.isNull(), REASON_NON_NUMERIC)
+    # Nearly every record is usable, and one test shows it: the JSON parsed, both times plausible,
+    # the value a finite number and the names not blank. Each failure of it fails a condition of
+    # the chain above, so the chain (whose conditions trim and convert again) runs only for the rest.
+    usable = (
+        F.col(_CORRUPT).isNull()
+        & F.is_valid_utf8("raw_value")
+        & F.col(f"_{m.T_MEASUREMENT}_plausible")
+        & F.col(f"_{m.T_REPORT}_plausible")
+        & ~F.isnan(value)
+        & (F.abs(value) < float("inf"))
+        & ~F.coalesce(F.trim(F.col(m.DEVICE_ID)).isin("", "null"), F.lit(True))
+        & ~F.coalesce(F.trim(F.col(m.SIGNAL_NAME)).isin("", "null"), F.lit(True))
+    )
+    reason = F.when(usable, F.lit(None).cast(T.StringType())).otherwise(reason)
 
     return converted.select(
         *[
