@@ -147,7 +147,7 @@ def _fill_value(method: Column, previous: Column, following: Column, step: Colum
 
 
 def align_to_grid(config_: CleanerConfig, flags: Observation | None = None):
-    """Return a transform: measurements with a ``fill_method`` column -> the cleaned grid.
+    """Return a transform: measurements -> the cleaned grid (fill methods from ``config_``).
 
     One window per series ordered by slot (one shuffle): two measurements in one slot keep the
     earliest; each kept measurement spans the slots up to the next one, and the slots in between
@@ -167,10 +167,13 @@ def align_to_grid(config_: CleanerConfig, flags: Observation | None = None):
             .withColumn("next_value", F.lead(m.VALUE).over(by_series))
         )
         steps = F.coalesce((F.col("next_slot") - F.col("slot")) / F.lit(slot_micros), F.lit(1)).cast("int")
-        spans = first_in_slot.withColumn("steps", steps)
+        # The fill method is looked up after the shuffle: a column less to move.
+        spans = first_in_slot.withColumn("steps", steps).transform(assign_fill_methods(config_))
         if flags is not None:
             spans = spans.observe(flags, *_slot_counts(slot_micros, max_gap_slots))
-        spanned = spans.select("*", F.posexplode(F.sequence(F.lit(0), F.col("steps") - 1)).alias("step", "_ignored"))
+        # Most spans are a single measured slot: they share one constant array instead of a new one each.
+        offsets = F.when(F.col("steps") > 1, F.sequence(F.lit(0), F.col("steps") - 1)).otherwise(F.array(F.lit(0)))
+        spanned = spans.select("*", F.posexplode(offsets).alias("step", "_ignored"))
         return spanned.select(*_grid_columns(slot_micros, max_gap_slots))
 
     return transform
@@ -258,7 +261,7 @@ def clean(
 ) -> tuple[DataFrame, DataFrame]:
     """Return (cleaned_data, unknown series) for processed measurements; ``flags`` observes the grid's counts."""
     expected, unknown = split_catalog(processed, catalog)
-    cleaned = expected.transform(assign_fill_methods(config_)).transform(align_to_grid(config_, flags))
+    cleaned = expected.transform(align_to_grid(config_, flags))
     return cleaned.select(*[F.col(f.name).cast(f.dataType) for f in CLEANED_SCHEMA.fields]), unknown
 
 
