@@ -5,6 +5,8 @@ For each size (measurements), on the same generated files and in the same run:
 - their floors, the work any correct implementation must do: for the processor, read the raw rows,
   parse the JSON with the same schema and write; for the cleaner, read the processed rows,
   repartition by series, sort within partitions and write;
+- the cleaner's output write alone: its finished output read and written again, partitioned by
+  hour (the part of its time that grows with the filled slots, which its floor does not write);
 - DuckDB: the same gap fill (linear, one row per slot) as SQL on the same processed files;
 - the driver's peak JVM heap in use, and the peak of the memory Spark held for data.
 Once, for ``--consumer-messages``: the consumer's messages/s from a local broker into consumer_data
@@ -42,7 +44,15 @@ import consumer  # noqa: E402
 import processor  # noqa: E402
 from common import config  # noqa: E402
 from common import message as m  # noqa: E402
-from common.spark import PROCESSED_SCHEMA, RAW_SCHEMA, build_session, kafka_connector_jars  # noqa: E402
+from common.spark import (  # noqa: E402
+    CLEANED_SCHEMA,
+    PARTITION,
+    PROCESSED_SCHEMA,
+    RAW_SCHEMA,
+    build_session,
+    kafka_connector_jars,
+    read_partitioned,
+)
 
 SLOTS_PER_DAY = 8640
 START = 1716336000  # 2024-05-22 00:00:00 UTC
@@ -136,6 +146,13 @@ def cleaner_floor(spark, source: str, target: str) -> None:
     )
 
 
+def output_write(spark, source: str, target: str) -> None:
+    """The write every cleaner does, with no logic: its finished output read and written again as the
+    cleaner writes it (partitioned by hour). The cleaner writes more rows than it reads (the filled
+    slots), so this part of its time grows with the holes, not with the input the floor writes."""
+    read_partitioned(spark, source, CLEANED_SCHEMA).write.mode("overwrite").partitionBy(PARTITION).parquet(target)
+
+
 DUCKDB_GAP_FILL = """
 COPY (
   WITH slotted AS (
@@ -223,6 +240,9 @@ def bench_size(spark, work: str, rows: int) -> list[dict]:
     results["cleaner_floor_seconds"] = timed(
         lambda: cleaner_floor(spark, generated.processed_data, os.path.join(folder, "floor_cleaner"))
     )
+    results["cleaner_output_write_seconds"] = timed(
+        lambda: output_write(spark, generated.cleaned_data, os.path.join(folder, "rewritten_cleaned"))
+    )
     results["duckdb_seconds"] = timed(
         lambda: duckdb_gap_fill(generated.processed_data, os.path.join(folder, "duckdb_cleaned.parquet"))
     )
@@ -237,6 +257,7 @@ def bench_size(spark, work: str, rows: int) -> list[dict]:
         ("processor_over_floor", ("processor_seconds", "processor_floor_seconds")),
         ("cleaner_over_floor", ("cleaner_seconds", "cleaner_floor_seconds")),
         ("cleaner_over_duckdb", ("cleaner_seconds", "duckdb_seconds")),
+        ("cleaner_output_write_over_floor", ("cleaner_output_write_seconds", "cleaner_floor_seconds")),
     ):
         rows_out.append(
             {"metric": name, "rows": n, "value": round(results[over[0]] / results[over[1]], 3), "unit": "ratio"}

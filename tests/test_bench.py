@@ -44,6 +44,7 @@ def test_benchmark_smoke_run_writes_every_metric(kafka, tmp_path):
         "consumer_over_kafka_tool",
         "scaling_10x",
         "driver_peak_mib",
+        "cleaner_output_write_over_floor",
     }
     assert {name for name, has_rows in metrics if has_rows} >= expected
     assert "| cleaner_over_floor |" in report.read_text()
