@@ -78,3 +78,15 @@ def test_hour_partition_value_is_the_utc_hour_as_a_number(spark):
     assert hour_value(moment) == 2026112523
     # An aware datetime elsewhere is converted to UTC first.
     assert hour_value(datetime(2026, 11, 26, 1, 30, tzinfo=timezone(timedelta(hours=2)))) == 2026112523
+    # Around the epoch (negative microseconds), leap days, the ends of hours and centuries.
+    moments = [
+        datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(1970, 1, 1, tzinfo=UTC),
+        datetime(1900, 3, 1, 0, 0, 0, 1, tzinfo=UTC),
+        datetime(2024, 2, 29, 13, 59, 59, 999999, tzinfo=UTC),
+        datetime(2100, 2, 28, 23, 0, tzinfo=UTC),
+        datetime(2100, 3, 1, 0, 30, tzinfo=UTC),
+    ]
+    rows = spark.createDataFrame([(t,) for t in moments], "t timestamp").select(hour_of(F.col("t")).alias("hour"))
+    assert [r.hour for r in rows.collect()] == [hour_value(t) for t in moments]
+    assert hour_value(moments[0]) == 1969123123
