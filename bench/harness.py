@@ -51,6 +51,7 @@ from common.spark import (  # noqa: E402
     RAW_SCHEMA,
     build_session,
     kafka_connector_jars,
+    parquet_writer,
     read_partitioned,
 )
 
@@ -65,7 +66,12 @@ REPORT = os.path.join(ROOT, "BENCHMARKS.md")
 
 def measurements(spark, series: int, slots: int):
     """Typed measurements: ``series`` series over ``slots`` 10-s slots, a third skipped, clock drift
-    of 0.02 s per slot, and every 500th measurement sent twice (the second a later report)."""
+    of 0.02 s per slot, and every 500th measurement sent twice (the second a later report).
+
+    Values are energy registers in kWh with three decimals, rising by 0.0025 to 0.0175 kWh per
+    slot: nearly unique, as in a real feed (few repeated values would make Parquet's dictionaries
+    look better than they are on real data).
+    """
     ids = spark.range(series * slots)
     series_idx = (F.col("id") / slots).cast("long")
     slot_idx = F.col("id") % slots
@@ -76,7 +82,7 @@ def measurements(spark, series: int, slots: int):
         F.timestamp_micros(((t - 10) * 1_000_000).cast("long")).alias(m.T_REPORT),
         F.concat(F.lit("bench-device-"), (series_idx / 2).cast("long").cast("string")).alias(m.DEVICE_ID),
         F.when(series_idx % 2 == 0, m.SIGNAL_IMPORT).otherwise(m.SIGNAL_EXPORT).alias(m.SIGNAL_NAME),
-        (F.abs(F.xxhash64("id", F.lit(1))) % 100).cast("double").alias(m.VALUE),
+        F.round(F.lit(1000.0) + series_idx * 37.1 + slot_idx * 0.0025 * (series_idx % 7 + 1), 3).alias(m.VALUE),
         F.col("id"),
     )
     replays = typed.where(F.col("id") % 500 == 0).withColumn(
@@ -131,18 +137,14 @@ def timed(action) -> float:
 def processor_floor(spark, source: str, target: str) -> None:
     raw = spark.read.schema(RAW_SCHEMA).parquet(source)
     parsed = raw.select(F.from_json(F.col("value").cast("string"), processor.MESSAGE_SCHEMA).alias("msg"))
-    parsed.select("msg.*").write.mode("overwrite").parquet(target)
+    parquet_writer(parsed.select("msg.*")).mode("overwrite").parquet(target)
 
 
 def cleaner_floor(spark, source: str, target: str) -> None:
     keys = [m.DEVICE_ID, m.SIGNAL_NAME]
-    (
-        spark.read.schema(PROCESSED_SCHEMA)
-        .parquet(source)
-        .repartition(*keys)
-        .sortWithinPartitions(*keys, m.T_MEASUREMENT)
-        .write.mode("overwrite")
-        .parquet(target)
+    rows = spark.read.schema(PROCESSED_SCHEMA).parquet(source)
+    parquet_writer(rows.repartition(*keys).sortWithinPartitions(*keys, m.T_MEASUREMENT)).mode("overwrite").parquet(
+        target
     )
 
 
@@ -150,7 +152,9 @@ def output_write(spark, source: str, target: str) -> None:
     """The write every cleaner does, with no logic: its finished output read and written again as the
     cleaner writes it (partitioned by hour). The cleaner writes more rows than it reads (the filled
     slots), so this part of its time grows with the holes, not with the input the floor writes."""
-    read_partitioned(spark, source, CLEANED_SCHEMA).write.mode("overwrite").partitionBy(PARTITION).parquet(target)
+    parquet_writer(read_partitioned(spark, source, CLEANED_SCHEMA)).mode("overwrite").partitionBy(PARTITION).parquet(
+        target
+    )
 
 
 DUCKDB_GAP_FILL = """

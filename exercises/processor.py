@@ -36,6 +36,7 @@ from common.spark import (
     generation_folders,
     hour_of,
     new_sink_files,
+    parquet_writer,
     read_partitioned,
     read_raw,
     replace_output,
@@ -96,7 +97,11 @@ def _epoch_seconds(text: Column) -> Column:
 
 
 def _timestamp(seconds: Column) -> Column:
-    return F.timestamp_micros(F.round(seconds * 1_000_000).try_cast(T.LongType()))
+    """Epoch seconds (a plausible double) as a timestamp, rounded half up to whole microseconds.
+
+    ``floor(x + 0.5)``, not ``round``: Spark rounds a double through a BigDecimal made from its text.
+    """
+    return F.timestamp_micros(F.floor(seconds * 1_000_000 + 0.5))
 
 
 def parse_measurements(raw: DataFrame) -> DataFrame:
@@ -148,9 +153,7 @@ def parse_measurements(raw: DataFrame) -> DataFrame:
     for field in (m.T_MEASUREMENT, m.T_REPORT):
         plausible = F.col(f"_{field}_plausible")
         reason = reason.when(plausible.isNull(), REASON_BAD_TIMESTAMP + field)
-        reason = reason.when(
-            ~plausible | _timestamp(F.col(f"_{field}_s")).isNull(), REASON_IMPLAUSIBLE_TIMESTAMP + field
-        )
+        reason = reason.when(~plausible, REASON_IMPLAUSIBLE_TIMESTAMP + field)
     reason = reason.when(non_finite, REASON_NON_FINITE).when(value.isNull(), REASON_NON_NUMERIC)
     # Nearly every record is usable, and one test shows it: the JSON parsed, both times plausible,
     # the value a finite number and the names not blank. Each failure of it fails a condition of
@@ -340,7 +343,7 @@ def process_new(spark: SparkSession, paths: config.Paths, files: list[str]) -> C
     parse_counts = Observation("live_parse")
     parsed = parse_and_cache(spark.read.schema(RAW_SCHEMA).parquet(*files), parse_counts)
     try:
-        select_quarantine(parsed).write.mode("append").parquet(paths.quarantine_data)
+        parquet_writer(select_quarantine(parsed)).mode("append").parquet(paths.quarantine_data)
         valid = parsed.where(F.col("reason").isNull())
         measurements = valid.select(m.DEVICE_ID, m.SIGNAL_NAME, m.T_MEASUREMENT).localCheckpoint()
         # The partition names a cycle touches: a handful of hours, not data.

@@ -12,6 +12,7 @@ from common import config
 from common import message as m
 from common.spark import (
     PREVIOUS_SUFFIX,
+    PROCESSED_SCHEMA,
     RAW_SCHEMA,
     StageInputError,
     hour_of,
@@ -56,6 +57,22 @@ def test_replace_output_swaps_in_complete_data(spark, tmp_path):
     values = [bytes(r.value) for r in read_output(spark, target, RAW_SCHEMA, log, "test").collect()]
     assert values == [b"2"]
     assert not (tmp_path / "out.staging").exists() and not (tmp_path / "out.previous").exists()
+
+
+def test_outputs_encode_report_times_and_values_plainly_and_names_with_a_dictionary(spark, tmp_path):
+    import duckdb  # a benchmark dependency; make test installs it
+
+    start = datetime(2024, 5, 22, tzinfo=UTC)
+    times = [start + timedelta(seconds=10 * i) for i in range(2000)]
+    rows = [(t, t + timedelta(seconds=1), f"device{i % 2}", m.SIGNAL_IMPORT, 7.0) for i, t in enumerate(times)]
+    target = str(tmp_path / "out")
+    replace_output(spark.createDataFrame(rows, PROCESSED_SCHEMA).coalesce(1), target, log)
+    encodings = dict(
+        duckdb.sql(f"SELECT path_in_schema, encodings FROM parquet_metadata('{target}/*.parquet')").fetchall()
+    )
+    # The values repeat here, and still get no dictionary: real values and report times are nearly unique.
+    assert "DICTIONARY" not in encodings[m.VALUE] and "DICTIONARY" not in encodings[m.T_REPORT]
+    assert "DICTIONARY" in encodings[m.DEVICE_ID] and "DICTIONARY" in encodings[m.T_MEASUREMENT]
 
 
 def test_read_output_restores_previous_output_after_interrupted_swap(spark, tmp_path):

@@ -46,6 +46,23 @@ def test_numbers_and_numeric_strings_parse_to_exact_typed_columns(spark):
     assert_df_equality(processed_of(spark, payloads), expected, ignore_row_order=True)
 
 
+@pytest.mark.parametrize(
+    ("sent", "stored"),
+    [
+        ("1716369246", "2024-05-22 09:14:06"),
+        ("1716369246.000001", "2024-05-22 09:14:06.000001"),
+        ("1716369246.999999", "2024-05-22 09:14:06.999999"),
+        ("1716369246.7349112", "2024-05-22 09:14:06.734911"),
+        ("1716369246.7349118", "2024-05-22 09:14:06.734912"),
+        ("1716369246.9999997", "2024-05-22 09:14:07"),
+        ("946684800.0000004", "2000-01-01 00:00:00"),
+    ],
+)
+def test_times_round_to_the_nearest_microsecond(spark, sent, stored):
+    row = processed_of(spark, [message(sent, sent)]).first()
+    assert row.t_measurement == row.t_report == utc(stored)
+
+
 def test_example_file_parses_to_the_four_expected_series(spark):
     with open(os.path.join(os.path.dirname(__file__), "..", "example_data", "measurement_values.json")) as handle:
         payloads = [json.dumps(item).encode() for item in json.load(handle)]
