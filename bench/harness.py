@@ -4,7 +4,8 @@ For each size (measurements), on the same generated files and in the same run:
 - processor and cleaner: wall time and rows/s (the stage's own ``run``);
 - their floors, the work any correct implementation must do: for the processor, read the raw rows,
   parse the JSON with the same schema and write; for the cleaner, read the processed rows,
-  repartition by series, sort within partitions and write;
+  repartition by series, sort within partitions and write (every write here uses the stages'
+  Parquet options, ``PARQUET_OPTIONS``);
 - the cleaner's output write alone: its finished output read and written again, partitioned by
   hour (the part of its time that grows with the filled slots, which its floor does not write);
 - DuckDB: the same gap fill (linear, one row per slot) as SQL on the same processed files;
