@@ -141,34 +141,63 @@ def _bounds_column(config_: CheckerConfig, index: int) -> Column:
     return F.coalesce(*lookups, F.lit(float(config_.default_bounds[index])))
 
 
-def series_metrics(config_: CheckerConfig):
-    """Return a transform: cleaned_data -> one row of metrics per series.
+#: Figures of a part of a series (an hour, a live cycle's new rows) that add up over the parts...
+SUMMED_FIGURES = (
+    "slots",
+    "measured",
+    "filled",
+    "missing_slots",
+    "duplicate_slots",
+    "irregular_steps",
+    "negative_values",
+    "out_of_bounds",
+    "reported_before",
+    "spikes",
+    "null_keys",
+)
+#: ... and those whose largest part is the series' figure.
+LARGEST_FIGURES = ("report_delay_seconds", "longest_filled_run", "longest_flat_run")
+#: Optional input columns of ``annotate_rows``: a row that only gives context (the live runner's
+#: tail of a series before its new rows; not counted), and the run of one unchanged value that a
+#: series' first counted row may continue.
+CONTEXT = "_context"
+FLAT_CARRY = "_flat_carry"
+_KEYS = (m.T_MEASUREMENT, m.DEVICE_ID, m.SIGNAL_NAME, QUALITY)
+
+
+def annotate_rows(config_: CheckerConfig):
+    """Return a transform: grid rows -> the same rows with what the figures need of their neighbours.
 
     One window per series ordered by slot gives each row its predecessor, the length of the
-    filled run and of the flat run it ends, and the mean and spread of the previous values; one
-    aggregation sums them up per series.
+    filled run and of the flat run it ends, and the mean and spread of the previous values.
+    Context rows (``CONTEXT`` true) come before a series' counted rows and only serve as their
+    predecessors; ``FLAT_CARRY`` continues a flat run through them.
     """
-    step_micros = config_.slot_seconds * 1_000_000
 
-    def transform(cleaned: DataFrame) -> DataFrame:
-        ordered = Window.partitionBy(m.DEVICE_ID, m.SIGNAL_NAME).orderBy(m.T_MEASUREMENT)
+    def transform(rows: DataFrame) -> DataFrame:
+        for name, default in ((CONTEXT, F.lit(False)), (FLAT_CARRY, F.lit(0))):
+            if name not in rows.columns:
+                rows = rows.withColumn(name, default)
+        series = Window.partitionBy(m.DEVICE_ID, m.SIGNAL_NAME)
+        ordered = series.orderBy(m.T_MEASUREMENT)
         so_far = ordered.rowsBetween(Window.unboundedPreceding, Window.currentRow)
         recent = ordered.rowsBetween(-config_.spike_window, -1)
         slot = F.unix_micros(m.T_MEASUREMENT)
         value = F.col(m.VALUE)
+        counted = ~F.col(CONTEXT)
         is_filled = ~F.col(QUALITY).isin(MEASURED, MISSING)
-        index = F.row_number().over(ordered)
-        with_context = cleaned.select(
+        with_context = rows.select(
             "*",
-            index.alias("_index"),
+            (F.row_number().over(ordered) - F.count_if(F.col(CONTEXT)).over(series)).alias("_index"),
             (slot - F.lag(slot).over(ordered)).alias("_spacing"),
             F.lag(value).over(ordered).alias("_previous_value"),
             F.avg(value).over(recent).alias("_recent_mean"),
             F.stddev_pop(value).over(recent).alias("_recent_spread"),
             F.count(value).over(recent).alias("_recent_values"),
         )
-        run_break = F.when(~is_filled, F.col("_index")).otherwise(0)
-        value_change = F.when(~value.eqNullSafe(F.col("_previous_value")), F.col("_index"))
+        index = F.col("_index")
+        run_break = F.when(counted & ~is_filled, index).otherwise(0)
+        last_change = F.max(F.when(counted & ~value.eqNullSafe(F.col("_previous_value")), index)).over(so_far)
         deviation = F.abs(value - F.col("_recent_mean"))
         # Only against a full window of recent values: the first few values of a series say little.
         is_spike = (F.col("_recent_values") >= config_.spike_window) & (
@@ -179,20 +208,34 @@ def series_metrics(config_: CheckerConfig):
                 F.lit(config_.spike_min_deviation),
             )
         )
-        with_runs = with_context.select(
+        return with_context.select(
             "*",
-            (F.col("_index") - F.max(run_break).over(so_far)).alias("_filled_run"),
-            (F.col("_index") - F.max(value_change).over(so_far) + 1).alias("_flat_run"),
+            (index - F.max(run_break).over(so_far)).alias("_filled_run"),
+            F.when(last_change.isNull(), index + F.col(FLAT_CARRY))
+            .otherwise(index - last_change + 1)
+            .alias("_flat_run"),
             F.coalesce(is_spike, F.lit(False)).alias("_spike"),
         )
+
+    return transform
+
+
+def series_figures(config_: CheckerConfig, *keys: str):
+    """Return a transform: annotated rows -> their figures per series (and ``keys``), context left out."""
+    step_micros = config_.slot_seconds * 1_000_000
+
+    def transform(annotated: DataFrame) -> DataFrame:
+        slot = F.unix_micros(m.T_MEASUREMENT)
+        value = F.col(m.VALUE)
         measured = F.col(QUALITY) == MEASURED
         report_lag = F.unix_micros(m.T_REPORT) - slot
         return (
-            with_runs.groupBy(m.DEVICE_ID, m.SIGNAL_NAME)
+            annotated.where(~F.col(CONTEXT))
+            .groupBy(m.DEVICE_ID, m.SIGNAL_NAME, *keys)
             .agg(
                 F.count(F.lit(1)).alias("slots"),
                 F.count_if(measured).alias("measured"),
-                F.count_if(is_filled).alias("filled"),
+                F.count_if(~F.col(QUALITY).isin(MEASURED, MISSING)).alias("filled"),
                 F.count_if(F.col(QUALITY) == MISSING).alias("missing_slots"),
                 F.count_if(F.col("_spacing") == 0).alias("duplicate_slots"),
                 # A repeated slot (spacing 0) is unique_slots' finding, not a hole in the grid.
@@ -204,16 +247,42 @@ def series_metrics(config_: CheckerConfig):
                 F.count_if((value < _bounds_column(config_, 0)) | (value > _bounds_column(config_, 1))).alias(
                     "out_of_bounds"
                 ),
-                (F.count_if(measured & (report_lag < 0)) / F.greatest(F.count_if(measured), F.lit(1))).alias(
-                    "report_before_share"
-                ),
-                F.coalesce(F.max(F.when(measured, report_lag)) / 1e6, F.lit(0.0)).alias("report_delay_seconds"),
-                F.coalesce(F.max("_filled_run"), F.lit(0)).alias("longest_filled_run"),
-                F.coalesce(F.max(F.when(value.isNotNull(), F.col("_flat_run"))), F.lit(0)).alias("longest_flat_run"),
+                F.count_if(measured & (report_lag < 0)).alias("reported_before"),
                 F.count_if("_spike").alias("spikes"),
+                F.count_if(F.greatest(*[F.col(k).isNull() for k in _KEYS])).alias("null_keys"),
+                (F.max(F.when(measured, report_lag)) / 1e6).alias("report_delay_seconds"),
+                F.max("_filled_run").alias("longest_filled_run"),
+                F.max(F.when(value.isNotNull(), F.col("_flat_run"))).alias("longest_flat_run"),
             )
-            .withColumn("filled_share", F.col("filled") / F.col("slots"))
         )
+
+    return transform
+
+
+def summarize_figures(figures: DataFrame) -> DataFrame:
+    """Return one row of metrics per series from figures of its parts (``series_figures``)."""
+    return (
+        figures.groupBy(m.DEVICE_ID, m.SIGNAL_NAME)
+        .agg(
+            *[F.sum(name).alias(name) for name in SUMMED_FIGURES],
+            *[F.max(name).alias(name) for name in LARGEST_FIGURES],
+        )
+        .select(
+            m.DEVICE_ID,
+            m.SIGNAL_NAME,
+            *SUMMED_FIGURES,
+            (F.col("reported_before") / F.greatest(F.col("measured"), F.lit(1))).alias("report_before_share"),
+            *[F.coalesce(F.col(name), F.lit(0)).alias(name) for name in LARGEST_FIGURES],
+            (F.col("filled") / F.col("slots")).alias("filled_share"),
+        )
+    )
+
+
+def series_metrics(config_: CheckerConfig):
+    """Return a transform: cleaned_data -> one row of metrics per series (one window pass, one aggregation)."""
+
+    def transform(cleaned: DataFrame) -> DataFrame:
+        return cleaned.transform(annotate_rows(config_)).transform(series_figures(config_)).transform(summarize_figures)
 
     return transform
 
@@ -290,28 +359,30 @@ def check_and_summarize(
     results = [Result("schema", ERROR, not problems, problems or "as declared", "cleaned_data contract")]
     if problems:
         return results, []
+    return evaluate(cleaned.transform(series_metrics(config_)), unknown, config_, results)
+
+
+def evaluate(
+    metrics: DataFrame, unknown: DataFrame | None, config_: CheckerConfig, results: list[Result] | None = None
+) -> tuple[list[Result], list]:
+    """Evaluate the checks on per-series metrics (``summarize_figures``); return results and listed rows.
+
+    Args:
+        results: results to go first (the schema check).
+    """
+    results = list(results or [])
     checks = series_checks(config_)
-    metrics = (
-        cleaned.transform(series_metrics(config_))
-        .select(
-            "*",
-            *[check.passes.alias(f"_pass_{check.name}") for check in checks],
-            sum(F.when(check.passes, 0).otherwise(1) for check in checks).alias("_failures"),
-        )
-        .persist()
-    )
+    metrics = metrics.select(
+        "*",
+        *[check.passes.alias(f"_pass_{check.name}") for check in checks],
+        sum(F.when(check.passes, 0).otherwise(1) for check in checks).alias("_failures"),
+    ).persist()
     try:
-        keys = (m.T_MEASUREMENT, m.DEVICE_ID, m.SIGNAL_NAME, QUALITY)
-        totals = (
-            cleaned.agg(F.count_if(F.greatest(*[F.col(k).isNull() for k in keys])).alias("null_keys"))
-            .crossJoin(
-                metrics.agg(
-                    F.count(F.lit(1)).alias("series"),
-                    *[F.count_if(~F.col(f"_pass_{c.name}")).alias(c.name) for c in checks],
-                )
-            )
-            .first()
-        )
+        totals = metrics.agg(
+            F.count(F.lit(1)).alias("series"),
+            F.coalesce(F.sum("null_keys"), F.lit(0)).alias("null_keys"),
+            *[F.count_if(~F.col(f"_pass_{c.name}")).alias(c.name) for c in checks],
+        ).first()
         results.append(Result("keys_not_null", ERROR, totals["null_keys"] == 0, totals["null_keys"], 0))
         results.append(_expected_series_result(metrics, config_))
         listed = metrics.orderBy(F.desc("_failures"), m.DEVICE_ID, m.SIGNAL_NAME).take(config_.max_series_in_report)

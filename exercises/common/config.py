@@ -27,6 +27,7 @@ FOLDERS = {
     "cleaned_data": ("cleaned_data", "the regular grid per series, holes filled and flagged"),
     "unknown_series": ("unknown_series", "series outside the expected catalog, seen by the cleaner"),
     "reports": ("reports", "the checker's report and chart"),
+    "live_state": ("live_state", "the live mode's cursor, per-series state and running check figures"),
 }
 
 
@@ -41,6 +42,7 @@ class Paths:
     cleaned_data: str
     unknown_series: str
     reports: str
+    live_state: str
 
     @classmethod
     def under(cls, root: str, **overrides: str | None) -> Paths:
