@@ -22,7 +22,7 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -37,7 +37,6 @@ from common.spark import (
     StageInputError,
     build_session,
     exit_code_of,
-    hour_value,
     path_exists,
     recover_output,
     stage_lock,
@@ -562,20 +561,11 @@ def exit_code(results: list[Result]) -> int:
     return 1 if any(not r.passed and r.severity == ERROR for r in results) else 0
 
 
-def run(
-    spark: SparkSession,
-    paths: config.Paths,
-    config_: CheckerConfig,
-    since: datetime | None = None,
-    show: bool = True,
-) -> list[Result]:
+def run(spark: SparkSession, paths: config.Paths, config_: CheckerConfig, show: bool = True) -> list[Result]:
     """Check cleaned_data, write the JSON report (and with ``show``, print the tables and draw the chart).
 
     Args:
-        since: check only the slots from this time on (the live runner's recent window); only
-            the hour partitions from then on are read.
-        show: print the summary and results tables and draw the chart (the live runner's cycles
-            only log a line).
+        show: print the summary and results tables and draw the chart.
     """
     with stage_lock(paths.reports, STAGE, log):
         started = time.monotonic()
@@ -583,18 +573,10 @@ def run(
         if not path_exists(spark, paths.cleaned_data):
             raise StageInputError(f"{paths.cleaned_data} does not exist: run the cleaner first")
         # Read with the schema stored in the files, so that the schema check sees what is there.
-        cleaned = spark.read.parquet(paths.cleaned_data)
-        if since is not None and PARTITION in cleaned.columns:
-            cleaned = cleaned.where((F.col(PARTITION) >= hour_value(since)) & (F.col(m.T_MEASUREMENT) >= F.lit(since)))
-        cleaned = cleaned.drop(PARTITION)  # the partition column is layout, not contract
-        unknown = (
-            spark.read.schema(UNKNOWN_SERIES_SCHEMA).parquet(paths.unknown_series)
-            if path_exists(spark, paths.unknown_series)
-            else None
-        )
-        results, listed = check_and_summarize(cleaned, unknown, config_)
-        report_path = config.join_path(paths.reports, REPORT_FILE)
-        write_text(spark, report_path, json.dumps([asdict(r) for r in results], indent=2, default=str))
+        # The partition column is layout, not contract.
+        cleaned = spark.read.parquet(paths.cleaned_data).drop(PARTITION)
+        results, listed = check_and_summarize(cleaned, read_unknown(spark, paths), config_)
+        report_path = write_report(spark, paths, results)
         if listed and show:
             print(format_summary(listed) + "\n")
             series = sorted((r[m.DEVICE_ID], r[m.SIGNAL_NAME]) for r in listed)[:CHART_SERIES]
@@ -605,17 +587,36 @@ def run(
             log.info("chart of %d series: %s", len(series), chart_path)
         if show:
             print(format_table(results))
-        failed = [r for r in results if not r.passed]
-        log.info(
-            "%d checks: %d passed, %d failed (%d errors); report %s (%.1f s)",
-            len(results),
-            len(results) - len(failed),
-            len(failed),
-            sum(r.severity == ERROR for r in failed),
-            report_path,
-            time.monotonic() - started,
-        )
+        log_outcome(results, report_path, started)
         return results
+
+
+def read_unknown(spark: SparkSession, paths: config.Paths) -> DataFrame | None:
+    """The cleaner's unknown_series output, or None when there is none."""
+    if not path_exists(spark, paths.unknown_series):
+        return None
+    return spark.read.schema(UNKNOWN_SERIES_SCHEMA).parquet(paths.unknown_series)
+
+
+def write_report(spark: SparkSession, paths: config.Paths, results: list[Result]) -> str:
+    """Write the results as ``reports/check_report.json``; return its path."""
+    report_path = config.join_path(paths.reports, REPORT_FILE)
+    write_text(spark, report_path, json.dumps([asdict(r) for r in results], indent=2, default=str))
+    return report_path
+
+
+def log_outcome(results: list[Result], report_path: str, started: float) -> None:
+    """Log one line: how many checks passed and failed, where the report is, how long it took."""
+    failed = [r for r in results if not r.passed]
+    log.info(
+        "%d checks: %d passed, %d failed (%d errors); report %s (%.1f s)",
+        len(results),
+        len(results) - len(failed),
+        len(failed),
+        sum(r.severity == ERROR for r in failed),
+        report_path,
+        time.monotonic() - started,
+    )
 
 
 def _parse_bounds(items: list[str] | None) -> dict[str, tuple[float, float]]:

@@ -39,14 +39,10 @@ from common.spark import (
     UNKNOWN_SERIES_SCHEMA,
     build_session,
     exit_code_of,
-    hour_of,
-    hour_value,
-    path_exists,
     read_output,
-    read_partitioned,
     replace_output,
-    replace_partitions,
     stage_lock,
+    with_hour,
 )
 
 STAGE = "cleaner"
@@ -268,11 +264,6 @@ def clean(
 # --- I/O -----------------------------------------------------------------------------------------
 
 
-def with_hour(cleaned: DataFrame) -> DataFrame:
-    """Add the partition column (the UTC hour of the slot)."""
-    return cleaned.withColumn(PARTITION, hour_of(F.col(m.T_MEASUREMENT)))
-
-
 def catalog_frame(spark: SparkSession, config_: CleanerConfig) -> DataFrame | None:
     """The expected series as a small frame, or None when every series is kept."""
     if config_.expected_series is None:
@@ -319,120 +310,6 @@ def run(spark: SparkSession, paths: config.Paths, config_: CleanerConfig) -> dic
             for row in spark.read.parquet(paths.unknown_series).orderBy(F.desc("rows")).take(20):
                 log.warning("  unknown series %s: %d rows", m.series_name(row.device_id, row.signal_name), row.rows)
         return counts
-
-
-# --- live ----------------------------------------------------------------------------------------
-
-
-def clean_changes(
-    spark: SparkSession,
-    paths: config.Paths,
-    config_: CleanerConfig,
-    measurements: DataFrame,
-    series_rows: DataFrame,
-) -> dict:
-    """Bring cleaned_data and unknown_series up to date with new measurements (a live cycle).
-
-    For each series with new measurements, the grid is recomputed from the last measured slot
-    before the earliest new one (its *anchor*) to the series' end; the hours of cleaned_data those
-    slots fall in are rewritten, other series' rows in them kept. The anchor is looked for in the
-    last ``max_gap + slot`` seconds of processed_data first, and only for a series without one
-    there (a new series, or one back after a long hole) in all of it. The rows equal a batch run's.
-
-    Args:
-        measurements: the cycle's new measurements (device_id, signal_name, t_measurement).
-        series_rows: per series, the rows processed_data gained (for unknown_series).
-
-    Returns:
-        Counts of the recomputed slots by quality flag, and ``newest``, the latest slot written.
-    """
-    slot_micros = config_.slot_seconds * 1_000_000
-    keys = [m.DEVICE_ID, m.SIGNAL_NAME]
-    catalog = catalog_frame(spark, config_)
-    expected, _unknown = split_catalog(measurements.withColumn(m.VALUE, F.lit(None)), catalog)
-    slot = _slot_start(F.col(m.T_MEASUREMENT), slot_micros)
-    touched = expected.groupBy(*keys).agg(F.min(slot).alias("since")).localCheckpoint()
-    _update_unknown(spark, paths, series_rows, catalog)
-    # Scalars that bound the partitions read: one aggregate row each.
-    earliest = touched.agg(F.min("since")).first()[0]
-    if earliest is None:
-        return {flag: 0 for flag in QUALITY_FLAGS} | {"newest": None}
-    processed = read_partitioned(spark, paths.processed_data, PROCESSED_SCHEMA).withColumn("slot", slot)
-    lookback = (config_.max_gap_seconds + config_.slot_seconds) * 1_000_000
-    recent = processed.where(F.col(PARTITION) >= _hour_of_micros(earliest - lookback)).join(touched, keys)
-    anchors = (
-        recent.where((F.col("slot") < F.col("since")) & (F.col("slot") >= F.col("since") - lookback))
-        .groupBy(*keys)
-        .agg(F.max("slot").alias("anchor"))
-    )
-    regions = touched.join(anchors, keys, "left")
-    far = regions.where(F.col("anchor").isNull()).select(*keys, "since").localCheckpoint()
-    if not far.isEmpty():
-        far_anchors = (
-            processed.join(far, keys)
-            .where(F.col("slot") < F.col("since"))
-            .groupBy(*keys)
-            .agg(F.max("slot").alias("far"))
-        )
-        regions = regions.join(far_anchors, keys, "left").withColumn("anchor", F.coalesce("anchor", "far"))
-    regions = regions.select(*keys, F.coalesce("anchor", "since").alias("start")).localCheckpoint()
-    start = regions.agg(F.min("start")).first()[0]
-    changed = (
-        processed.where(F.col(PARTITION) >= _hour_of_micros(start))
-        .join(regions, keys)
-        .where(F.col("slot") >= F.col("start"))
-        .select(*PROCESSED_SCHEMA.fieldNames())
-    )
-    flags = Observation("live_flags")
-    recomputed, _none = clean(changed, config_, None, flags)
-    recomputed = with_hour(recomputed).persist()
-    try:
-        # The partition names the new slots fall in: a handful of hours, not data.
-        hours = sorted(r[0] for r in recomputed.select(PARTITION).distinct().collect())
-        kept = (
-            read_partitioned(spark, paths.cleaned_data, CLEANED_SCHEMA)
-            .where(F.col(PARTITION).isin(*hours))
-            .join(regions, keys, "left")
-            .where(F.col("start").isNull() | (F.unix_micros(m.T_MEASUREMENT) < F.col("start")))
-            .select(*CLEANED_SCHEMA.fieldNames(), PARTITION)
-        )
-        replace_partitions(kept.unionByName(recomputed), paths.cleaned_data, hours, log)
-    finally:
-        recomputed.unpersist()
-    observed = slot_counts(flags)
-    return {flag: observed[flag] for flag in QUALITY_FLAGS} | {"newest": observed["newest"]}
-
-
-def _hour_of_micros(micros: int) -> int:
-    return hour_value(datetime.fromtimestamp(micros / 1_000_000, UTC))
-
-
-def _update_unknown(spark: SparkSession, paths: config.Paths, series_rows: DataFrame, catalog) -> None:
-    """Add a cycle's row counts of series outside the catalog to unknown_series."""
-    keys = [m.DEVICE_ID, m.SIGNAL_NAME]
-    if catalog is None:  # every series is expected: none is unknown
-        catalog = series_rows.select(*keys)
-    delta = series_rows.join(F.broadcast(catalog), keys, "left_anti").where(F.col("rows") != 0).localCheckpoint()
-    exists = path_exists(spark, paths.unknown_series)
-    if delta.isEmpty() and exists:
-        return
-    old = (
-        spark.read.schema(UNKNOWN_SERIES_SCHEMA).parquet(paths.unknown_series)
-        if exists
-        else spark.createDataFrame([], UNKNOWN_SERIES_SCHEMA)
-    )
-    merged = (
-        old.unionByName(delta.select(*keys, F.col("rows").cast("long")))
-        .groupBy(*keys)
-        .agg(F.sum("rows").alias("rows"))
-        .where(F.col("rows") > 0)
-        .localCheckpoint()
-    )
-    replace_output(
-        merged.select(*[F.col(f.name).cast(f.dataType) for f in UNKNOWN_SERIES_SCHEMA.fields]),
-        paths.unknown_series,
-        log,
-    )
 
 
 def load_config(args) -> CleanerConfig:

@@ -29,19 +29,12 @@ from common.spark import (
     PARTITION,
     PROCESSED_SCHEMA,
     QUARANTINE_SCHEMA,
-    RAW_SCHEMA,
-    SinkPosition,
     build_session,
     exit_code_of,
-    generation_folders,
-    hour_of,
-    new_sink_files,
-    parquet_writer,
-    read_partitioned,
     read_raw,
     replace_output,
-    replace_partitions,
     stage_lock,
+    with_hour,
 )
 
 STAGE = "processor"
@@ -259,11 +252,6 @@ def parse_and_cache(raw: DataFrame, counts: Observation) -> DataFrame:
         spark.conf.set(CACHE_COMPRESSED, previous)
 
 
-def with_hour(processed: DataFrame) -> DataFrame:
-    """Add the partition column (the UTC hour of t_measurement)."""
-    return processed.withColumn(PARTITION, hour_of(F.col(m.T_MEASUREMENT)))
-
-
 def run(spark: SparkSession, paths: config.Paths) -> Accounting:
     """Read consumer_data, write processed_data and quarantine_data, and account for every row."""
     with stage_lock(paths.processed_data, STAGE, log):
@@ -301,85 +289,6 @@ def run(spark: SparkSession, paths: config.Paths) -> Accounting:
         if accounting.quarantined:
             log.warning("%d raw rows quarantined in %s", accounting.quarantined, paths.quarantine_data)
         return accounting
-
-
-# --- live ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Changes:
-    """What one live cycle of the processor changed.
-
-    Attributes:
-        accounting: where the new raw rows went (duplicates include replays of stored measurements).
-        measurements: the new valid measurements (device_id, signal_name, t_measurement), materialized.
-        series_rows: per series, how many rows processed_data gained (device_id, signal_name, rows).
-    """
-
-    accounting: Accounting
-    measurements: DataFrame | None = None
-    series_rows: DataFrame | None = None
-
-
-def raw_positions(spark: SparkSession, paths: config.Paths, since: dict[str, SinkPosition]):
-    """Return (new raw files, positions after them) over every generation of consumer_data."""
-    files, positions = [], {}
-    for folder in generation_folders(spark, paths.consumer_data):
-        key = "." if folder == paths.consumer_data else folder.rsplit("/", 1)[-1]
-        new, positions[key] = new_sink_files(spark, folder, since.get(key, SinkPosition()))
-        files += new
-    return files, positions
-
-
-def process_new(spark: SparkSession, paths: config.Paths, files: list[str]) -> Changes:
-    """Fold new raw files into processed_data and quarantine_data (a live cycle).
-
-    Only the hours of processed_data that the new measurements fall in are read and rewritten:
-    the stored measurements there and the new ones are collapsed as in a batch run, except that a
-    tie (same t_report) goes to the new arrival. Rejected rows are appended to the quarantine.
-    """
-    if not files:
-        return Changes(Accounting(0, 0, 0, 0))
-    parse_counts = Observation("live_parse")
-    parsed = parse_and_cache(spark.read.schema(RAW_SCHEMA).parquet(*files), parse_counts)
-    try:
-        parquet_writer(select_quarantine(parsed)).mode("append").parquet(paths.quarantine_data)
-        valid = parsed.where(F.col("reason").isNull())
-        measurements = valid.select(m.DEVICE_ID, m.SIGNAL_NAME, m.T_MEASUREMENT).localCheckpoint()
-        # The partition names a cycle touches: a handful of hours, not data.
-        hours = sorted(r[0] for r in with_hour(measurements).select(PARTITION).distinct().collect())
-        old = (
-            read_partitioned(spark, paths.processed_data, PROCESSED_SCHEMA)
-            .where(F.col(PARTITION).isin(*hours))
-            .select(*PROCESSED_SCHEMA.fieldNames())
-        )
-        stored = old.select(
-            "*",
-            F.lit(None).cast("string").alias("reason"),
-            *[F.lit(None).cast(RAW_SCHEMA[c].dataType).alias(c) for c in ("topic", "partition", "offset")],
-        )
-        merged = collapse_replays(stored.unionByName(valid, allowMissingColumns=True), with_partition=True).persist(
-            StorageLevel.MEMORY_AND_DISK
-        )
-        try:
-            keys = [m.DEVICE_ID, m.SIGNAL_NAME]
-            series_rows = (
-                merged.groupBy(*keys)
-                .agg(F.count(F.lit(1)).alias("rows"))
-                .join(old.groupBy(*keys).agg(F.count(F.lit(1)).alias("old")), keys, "full")
-                .select(*keys, (F.coalesce("rows", F.lit(0)) - F.coalesce("old", F.lit(0))).alias("rows"))
-                .localCheckpoint()
-            )
-            merged_rows, old_rows = merged.count(), old.count()
-            replace_partitions(merged, paths.processed_data, hours, log)
-        finally:
-            merged.unpersist()
-    finally:
-        parsed.unpersist()
-    counts = parse_counts.get
-    gained = merged_rows - old_rows
-    accounting = Accounting(counts["raw"], gained, counts["quarantined"], counts["valid"] - gained)
-    return Changes(accounting, measurements, series_rows)
 
 
 def parse_args(argv: list[str] | None) -> tuple:

@@ -12,7 +12,9 @@ import time
 
 import pytest
 
+import checker
 import cleaner
+import live
 import processor
 from common import config
 from common.spark import (
@@ -84,27 +86,86 @@ def assert_same_outputs(spark, live, batch):
         assert rows(spark, getattr(live, folder), schema) == rows(spark, getattr(batch, folder), schema), folder
 
 
+SETTINGS = live.Settings(CONFIG, checker.CheckerConfig(), 3600.0)
+
+
+def run_cycles(spark, paths, files, settings=SETTINGS):
+    """Run one live cycle per list of raw files from a fresh live state; return the cycles' results."""
+    cursor = live.start(spark, paths, settings)
+    results = []
+    for step_files in files:
+        cursor, result = live.run_cycle(spark, paths, settings, cursor, step_files, {})
+        results.append(result)
+    return cursor, results
+
+
+def run_batch(spark, tmp_path, raw, settings=SETTINGS):
+    batch = dataclasses.replace(config.Paths.under(str(tmp_path / "batch")), consumer_data=raw)
+    accounting = processor.run(spark, batch)
+    cleaner.run(spark, batch, settings.cleaner)
+    return batch, accounting
+
+
 def test_cycles_give_what_a_batch_run_gives(spark, tmp_path):
     files = write_steps(spark, str(tmp_path / "raw"))
-    live = config.Paths.under(str(tmp_path / "live"))
+    paths = config.Paths.under(str(tmp_path / "live"))
+    cursor = live.start(spark, paths, SETTINGS)
     for index, step_files in enumerate(files):
-        changes = processor.process_new(spark, live, step_files)
-        cleaner.clean_changes(spark, live, CONFIG, changes.measurements, changes.series_rows)
-        assert changes.accounting.balanced()
+        cursor, result = live.run_cycle(spark, paths, SETTINGS, cursor, step_files, {})
+        assert result.accounting.balanced() and result.accounting.raw == len(STEPS[index])
         if index == 0:
             # the hole in A is filled as soon as the measurement after it arrived; nothing after it yet
-            a = [r for r in rows(spark, live.cleaned_data, CLEANED_SCHEMA) if r[2:4] == A]
+            a = [r for r in rows(spark, paths.cleaned_data, CLEANED_SCHEMA) if r[2:4] == A]
             assert [r[5] for r in a] == ["measured"] * 3 + ["interpolated"] * 2 + ["measured"]
 
-    batch = dataclasses.replace(config.Paths.under(str(tmp_path / "batch")), consumer_data=str(tmp_path / "raw"))
-    accounting = processor.run(spark, batch)
-    cleaner.run(spark, batch, CONFIG)
+    batch, accounting = run_batch(spark, tmp_path, str(tmp_path / "raw"))
 
     assert accounting.raw == sum(len(step) for step in STEPS)
-    assert_same_outputs(spark, live, batch)
-    cleaned = rows(spark, live.cleaned_data, CLEANED_SCHEMA)
+    assert_same_outputs(spark, paths, batch)
+    cleaned = rows(spark, paths.cleaned_data, CLEANED_SCHEMA)
     assert ("missing" in {r[5] for r in cleaned if r[2:4] == A}) and any(r[2:4] == C for r in cleaned)
     assert str(utc("2026-11-25 13:58:40")) in {r[0] for r in cleaned if r[2:4] == B}
+    # the hour the first steps began in was closed by later ones and compacted; the open one was not
+    closed, current = (os.listdir(os.path.join(paths.cleaned_data, f"hour={h}")) for h in (2026112513, 2026112514))
+    assert not any(name.startswith(live.CYCLE_TAG) for name in closed)
+    assert any(name.startswith(live.CYCLE_TAG) for name in current)
+    assert cursor.cycle == len(STEPS) and not cursor.open_hours.get("cleaned_data", [0]).count(2026112513)
+
+
+def test_a_cycle_interrupted_before_its_commit_is_undone_and_redone(spark, tmp_path, monkeypatch):
+    files = write_steps(spark, str(tmp_path / "raw"))
+    paths = config.Paths.under(str(tmp_path / "live"))
+    cursor, _results = run_cycles(spark, paths, files[:2])
+
+    def crash(*_args):
+        raise RuntimeError("killed")
+
+    # the late step rewrites hours of both outputs, appends, and writes its state: then it dies
+    with monkeypatch.context() as patch:
+        patch.setattr(live, "commit_cursor", crash)
+        with pytest.raises(RuntimeError):
+            live.run_cycle(spark, paths, SETTINGS, cursor, files[2], {})
+    assert live.read_cursor(spark, paths).cycle == cursor.cycle
+    cursor = live.start(spark, paths, SETTINGS)
+    for step_files in files[2:]:
+        cursor, _result = live.run_cycle(spark, paths, SETTINGS, cursor, step_files, {})
+
+    batch, _accounting = run_batch(spark, tmp_path, str(tmp_path / "raw"))
+    assert_same_outputs(spark, paths, batch)
+    leftovers = [name for name in os.listdir(tmp_path / "live") if ".undo-" in name or ".staging-" in name]
+    assert not leftovers
+
+
+def test_running_check_figures_equal_the_batch_checkers_over_the_same_rows(spark, tmp_path):
+    files = write_steps(spark, str(tmp_path / "raw"))
+    paths = config.Paths.under(str(tmp_path / "live"))
+    settings = dataclasses.replace(SETTINGS, checker=checker.CheckerConfig(spike_window=3, max_flat_slots=2))
+    cursor, _results = run_cycles(spark, paths, [files[0], files[1], files[3], files[5]], settings)
+
+    figures = live.read_figures(spark, paths, cursor.cycle).transform(checker.summarize_figures)
+    cleaned = read_output(spark, paths.cleaned_data, CLEANED_SCHEMA, cleaner.log, "test")
+    batch = cleaned.transform(checker.series_metrics(settings.checker))
+    assert sorted(map(tuple, figures.collect())) == sorted(map(tuple, batch.select(*figures.columns).collect()))
 
 
 def wait_for_cycles(path, count, process, timeout=300):
@@ -127,7 +188,7 @@ def test_live_runner_stopped_by_sigterm_leaves_what_a_batch_run_gives(spark, kaf
     feed = ["--quiet", "--replay-share", "0.1", "--malformed-share", "0.05"]
     assert run_python("producer.py", "--backfill", "5m", "--seed", "3", *feed, env=env).returncode == 0
     producer = subprocess.Popen([sys.executable, "producer.py", "--interval", "1", *feed], cwd=ROOT, env=env)
-    live = config.Paths.under(str(tmp_path / "live"))
+    paths = config.Paths.under(str(tmp_path / "live"))
     runner = subprocess.Popen(
         [sys.executable, "exercises/pipeline.py", "--watch", "2", "--datastore", str(tmp_path / "live")],
         cwd=ROOT,
@@ -136,7 +197,7 @@ def test_live_runner_stopped_by_sigterm_leaves_what_a_batch_run_gives(spark, kaf
         text=True,
     )
     try:
-        cycles = wait_for_cycles(os.path.join(live.reports, "live_cycles.json"), 4, runner)
+        cycles = wait_for_cycles(os.path.join(paths.reports, "live_cycles.json"), 4, runner)
     finally:
         producer.send_signal(signal.SIGTERM)
         assert producer.wait(timeout=60) == 0
@@ -145,11 +206,10 @@ def test_live_runner_stopped_by_sigterm_leaves_what_a_batch_run_gives(spark, kaf
 
     assert runner.returncode == 0, err[-3000:]
     assert "SIGTERM received" in err and "live: stopped after" in err
-    with open(os.path.join(live.processed_data, "_live_state.json")) as handle:
-        assert json.load(handle)["in_progress"] is False
+    assert not [name for name in os.listdir(tmp_path / "live") if ".undo-" in name or ".staging-" in name]
     assert all(c["latency_p95_s"] is not None and c["freshness_s"] is not None for c in cycles)
-    batch = dataclasses.replace(config.Paths.under(str(tmp_path / "batch")), consumer_data=live.consumer_data)
+    batch = dataclasses.replace(config.Paths.under(str(tmp_path / "batch")), consumer_data=paths.consumer_data)
     accounting = processor.run(spark, batch)
     cleaner.run(spark, batch, cleaner.CleanerConfig())
     assert accounting.quarantined > 0 and accounting.duplicates > 0
-    assert_same_outputs(spark, live, batch)
+    assert_same_outputs(spark, paths, batch)

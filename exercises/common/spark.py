@@ -9,9 +9,8 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from pyspark import SparkConf, SparkContext
@@ -262,13 +261,19 @@ def path_exists(spark: SparkSession, path: str) -> bool:
     return bool(fs.exists(hadoop_path))
 
 
-def _delete(spark: SparkSession, path: str) -> None:
+def delete_path(spark: SparkSession, path: str) -> None:
+    """Delete a file or a folder with its contents; nothing when it does not exist."""
     fs, hadoop_path = _fs_path(spark, path)
     if fs.exists(hadoop_path):
         fs.delete(hadoop_path, True)
 
 
-def _rename(spark: SparkSession, source: str, target: str) -> None:
+def rename_path(spark: SparkSession, source: str, target: str) -> None:
+    """Rename a file or folder (atomic on a local or HDFS file system).
+
+    Raises:
+        OSError: when the file system refuses.
+    """
     fs, source_path = _fs_path(spark, source)
     if not fs.rename(source_path, _fs_path(spark, target)[1]):
         raise OSError(f"could not rename {source} to {target}")
@@ -280,10 +285,10 @@ def recover_output(spark: SparkSession, path: str, log: logging.Logger) -> None:
     if not path_exists(spark, previous):
         return
     if path_exists(spark, path):
-        _delete(spark, previous)
+        delete_path(spark, previous)
     else:
         log.warning("restoring %s from %s left by an interrupted run", path, previous)
-        _rename(spark, previous, path)
+        rename_path(spark, previous, path)
 
 
 #: processed_data and cleaned_data are partitioned by the UTC hour of t_measurement, so that a live
@@ -321,15 +326,27 @@ def hour_value(moment: datetime) -> int:
     return int(moment.astimezone(UTC).strftime("%Y%m%d%H"))
 
 
-def read_partitioned(spark: SparkSession, path: str, schema: T.StructType) -> DataFrame:
-    """An hour-partitioned output with its ``hour`` column (filter on it to read only those folders).
+def with_hour(rows: DataFrame) -> DataFrame:
+    """Add the partition column: the UTC hour (``hour_of``) of t_measurement."""
+    return rows.withColumn(PARTITION, hour_of(F.col(m.T_MEASUREMENT)))
 
-    Empty when the output does not exist yet (a live cycle's first write).
+
+def read_partitioned(
+    spark: SparkSession, path: str, schema: T.StructType, hours: Iterable[int] | None = None
+) -> DataFrame:
+    """An hour-partitioned output with its ``hour`` column; with ``hours``, only those folders are listed.
+
+    Empty when the output (or every one of the hours) does not exist yet.
     """
     partitioned = T.StructType([*schema.fields, T.StructField(PARTITION, T.LongType())])
     if not path_exists(spark, path):
         return spark.createDataFrame([], partitioned)
-    return spark.read.schema(partitioned).parquet(path)
+    if hours is None:
+        return spark.read.schema(partitioned).parquet(path)
+    folders = [folder for hour in hours if path_exists(spark, folder := f"{path}/{PARTITION}={hour}")]
+    if not folders:
+        return spark.createDataFrame([], partitioned)
+    return spark.read.schema(partitioned).option("basePath", path).parquet(*folders)
 
 
 #: Parquet options of every output the stages write. Report times and values are nearly unique in a
@@ -354,7 +371,7 @@ def replace_output(df: DataFrame, path: str, log: logging.Logger, partition_by: 
     spark = df.sparkSession
     staging, previous = path + STAGING_SUFFIX, path + PREVIOUS_SUFFIX
     recover_output(spark, path, log)
-    _delete(spark, staging)
+    delete_path(spark, staging)
     if partition_by:
         parquet_writer(df).mode("overwrite").partitionBy(partition_by).parquet(staging)
         if not list_files(spark, f"{staging}/{partition_by}=*/*.parquet"):
@@ -363,37 +380,9 @@ def replace_output(df: DataFrame, path: str, log: logging.Logger, partition_by: 
     else:
         parquet_writer(df).mode("overwrite").parquet(staging)
     if path_exists(spark, path):
-        _rename(spark, path, previous)
-    _rename(spark, staging, path)
-    _delete(spark, previous)
-
-
-def replace_partitions(df: DataFrame, path: str, hours: list[str], log: logging.Logger) -> None:
-    """Replace the ``hours`` partitions of ``path`` with ``df`` (which has the ``PARTITION`` column).
-
-    ``df`` is written to ``PATH.staging`` first (it may read the partitions it replaces); then each
-    partition folder is swapped by renames. An hour without rows in ``df`` is removed. A crash
-    during the swaps can leave some hours old and some new: the live runner marks its cycle and
-    recomputes everything after an interrupted one.
-    """
-    spark = df.sparkSession
-    staging, previous = path + STAGING_SUFFIX, path + PREVIOUS_SUFFIX
-    recover_output(spark, path, log)
-    _delete(spark, staging)
-    parquet_writer(df).mode("overwrite").partitionBy(PARTITION).parquet(staging)
-    _delete(spark, previous)
-    fs, hadoop_path = _fs_path(spark, path)
-    fs.mkdirs(hadoop_path)
-    fs.mkdirs(_fs_path(spark, previous)[1])
-    for hour in hours:
-        name = f"{PARTITION}={hour}"
-        old, new = f"{path}/{name}", f"{staging}/{name}"
-        if path_exists(spark, old):
-            _rename(spark, old, f"{previous}/{name}")
-        if path_exists(spark, new):
-            _rename(spark, new, old)
-    _delete(spark, previous)
-    _delete(spark, staging)
+        rename_path(spark, path, previous)
+    rename_path(spark, staging, path)
+    delete_path(spark, previous)
 
 
 def read_output(spark: SparkSession, path: str, schema: T.StructType, log: logging.Logger, producer: str) -> DataFrame:
@@ -496,11 +485,11 @@ def _sink_log_files(spark: SparkSession, sink_log: str) -> set[str]:
         entry["path"]
         for log_file in list_files(spark, f"{sink_log}/*")
         if re.fullmatch(r"\d+(\.compact)?", log_file.rsplit("/", 1)[-1])
-        for entry in _log_entries(spark, log_file)
+        for entry in sink_log_entries(spark, log_file)
     }
 
 
-def _log_entries(spark: SparkSession, log_file: str) -> list[dict]:
+def sink_log_entries(spark: SparkSession, log_file: str) -> list[dict]:
     """The ``add`` entries of one file-sink log file: JSON lines after a version line.
 
     Read in the driver through Hadoop: the log is metadata (a line per file written), and Spark's
@@ -515,35 +504,10 @@ def _log_entries(spark: SparkSession, log_file: str) -> list[dict]:
     return entries
 
 
-@dataclass(frozen=True)
-class SinkPosition:
-    """How far a reader has read a file-sink output: its latest log batch and file time (ms)."""
-
-    batch: int = -1
-    modified_ms: int = -1
-
-
-def new_sink_files(spark: SparkSession, folder: str, since: SinkPosition) -> tuple[list[str], SinkPosition]:
-    """Return the files a file-sink output committed after ``since``, and the position after them.
-
-    Batch log files above ``since.batch`` hold only new files. A compact log file (every tenth
-    batch) repeats the older ones too; of those, the files modified after ``since.modified_ms`` are
-    new: the sink commits batches one after another, so a later batch's files are written after
-    every file of the batches before it.
-    """
-    files: set[str] = set()
-    batch, modified = since.batch, since.modified_ms
-    for log_file in list_files(spark, f"{folder.rstrip('/')}/{SINK_LOG}/*"):
-        match = re.fullmatch(r"(\d+)(\.compact)?", log_file.rsplit("/", 1)[-1])
-        if not match or int(match.group(1)) <= since.batch:
-            continue
-        batch = max(batch, int(match.group(1)))
-        for entry in _log_entries(spark, log_file):
-            if match.group(2) and entry["modificationTime"] <= since.modified_ms:
-                continue
-            files.add(entry["path"])
-            modified = max(modified, int(entry["modificationTime"]))
-    return sorted(files), SinkPosition(batch, modified)
+def make_folder(spark: SparkSession, path: str) -> None:
+    """Create a folder and its parents (nothing when it exists)."""
+    fs, hadoop_path = _fs_path(spark, path)
+    fs.mkdirs(hadoop_path)
 
 
 def list_files(spark: SparkSession, glob_path: str, folders: bool = False) -> list[str]:
