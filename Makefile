@@ -38,7 +38,7 @@ bench: setup $(VENV)/.bench-installed
 	$(PY) bench/harness.py
 
 bench-live: setup $(VENV)/.bench-installed
-	$(PY) bench/live.py
+	$(PY) bench/live_bench.py
 
 $(VENV)/.bench-installed: bench/requirements.txt $(VENV)/.installed
 	$(PY) -m pip install --quiet -r bench/requirements.txt

@@ -9,7 +9,8 @@ export 80-90, device2 import 0-10). ``--devices N`` simulates a fleet instead: N
 20 within 50-90 and an ``energy import`` in a band of 10 within 0-20, the band differing per meter.
 
 Live mode (default) runs until Ctrl-C or SIGTERM and flushes on exit. ``--backfill 6h`` sends that
-much history at once (rounds spaced ``--interval`` + ``--drift`` apart, ending now) and exits.
+much history at once (rounds spaced ``--interval`` + ``--drift`` apart, ending now, or ``--until``
+that long ago) and exits.
 ``--malformed-share`` and ``--replay-share`` mix in broken messages and resent ones, for testing the
 stages downstream. The exit code is 0 only when every message was delivered.
 
@@ -273,7 +274,7 @@ def run_backfill(sender: Sender, args: argparse.Namespace, value_ranges: dict) -
 
     spacing = args.interval + args.drift
     rounds = max(1, int(parse_duration(args.backfill) // spacing))
-    start = time.time() - (rounds - 1) * spacing
+    start = time.time() - parse_duration(args.until) - (rounds - 1) * spacing
     expected = rounds * len(value_ranges) * (1 - args.skip_probability) * (1 + args.replay_share)
     messages = simulate(
         start,
@@ -333,6 +334,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--backfill", metavar="DURATION", help="send this much history at once (90s, 15m, 6h, 2d) and exit"
     )
+    parser.add_argument(
+        "--until",
+        metavar="DURATION",
+        default="0",
+        help="with --backfill: the history ends this long before now (default: now)",
+    )
     parser.add_argument("--seed", type=int, help="random seed, for a reproducible run")
     parser.add_argument(
         "--devices",
@@ -364,6 +371,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.backfill:
         try:
             parse_duration(args.backfill)
+            parse_duration(args.until)
         except ValueError as error:
             parser.error(str(error))
     if args.devices is not None and args.devices < 1:

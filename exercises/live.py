@@ -377,47 +377,51 @@ def run_cycle(
 ) -> tuple[Cursor, CycleResult]:
     """Fold new raw files into every output and commit; return the new cursor and what the cycle did."""
     cycle = cursor.cycle + 1
-    started = time.monotonic()
+    marks = [time.monotonic()]
     state = read_series_state(spark, paths, cursor.cycle).persist()
-    parse_counts = Observation(f"parse-{cycle}")
-    parsed = processor.parse_and_cache(spark.read.schema(RAW_SCHEMA).parquet(*files), parse_counts)
+    parsed = processor.parse_and_cache(spark.read.schema(RAW_SCHEMA).parquet(*files), Observation(f"parse-{cycle}"))
     try:
-        append_files(processor.select_quarantine(parsed), paths.quarantine_data, cycle, partitioned=False)
+        # This job parses and fills the cache.
+        counts = parsed.agg(
+            F.count(F.lit(1)).alias("raw"),
+            F.count_if(F.col("reason").isNull()).alias("valid"),
+            F.count_if(F.col("reason").isNotNull()).alias("quarantined"),
+        ).first()
         valid = parsed.where(F.col("reason").isNull()).drop("raw_value")
         processed = _process(spark, paths, valid, state, cycle)
-        done_processing = time.monotonic()
+        if counts["quarantined"]:
+            append_files(processor.select_quarantine(parsed), paths.quarantine_data, cycle, partitioned=False)
+        marks.append(time.monotonic())
         grid = _clean(spark, paths, settings.cleaner, processed, state, cycle)
-        done = time.time()
-        histogram = latency_histogram(valid, done)
+        histogram = latency_histogram(valid, time.time())
+        marks.append(time.monotonic())
+        new_figures, grid_updates, newest_new = _check_state(grid, settings)
+        newest = max(filter(None, [cursor.newest, newest_new]), default=None)
+        figures = _update_figures(spark, paths, settings, cursor, new_figures, newest)
+        exit_code = _report(spark, paths, settings.checker, figures)
+        marks.append(time.monotonic())
+        new_state = _merge_state(state, processed.updates, grid_updates).localCheckpoint()
+        write_state(new_state, paths, SERIES_STATE, cycle)
+        write_state(figures, paths, FIGURES, cycle)
+        _write_unknown(spark, paths, settings.cleaner, new_state, processed.updates)
+        open_hours = {
+            output: sorted(set(cursor.open_hours.get(output, [])) | set(hours))
+            for output, hours in (("processed_data", processed.appended_hours), ("cleaned_data", grid.appended_hours))
+        }
+        open_hours = compact_one_hour(spark, paths, open_hours, newest, cycle)
+        committed = Cursor(cycle, positions, settings.fingerprint, newest, open_hours)
+        commit_cursor(spark, paths, committed)
+        cleanup(spark, paths, cycle)
+        marks.append(time.monotonic())
     finally:
-        parsed.unpersist()
-    done_cleaning = time.monotonic()
-    new_figures, grid_updates, newest_new = _check_state(grid, settings)
-    newest = max(filter(None, [cursor.newest, newest_new]), default=None)
-    figures = _update_figures(spark, paths, settings, cursor, new_figures, newest)
-    new_state = _merge_state(state, processed.updates, grid_updates).localCheckpoint()
-    write_state(new_state, paths, SERIES_STATE, cycle)
-    write_state(figures, paths, FIGURES, cycle)
-    _write_unknown(spark, paths, settings.cleaner, new_state, processed.updates)
-    exit_code = _report(spark, paths, settings.checker, figures)
-    open_hours = {
-        output: sorted(set(cursor.open_hours.get(output, [])) | set(hours))
-        for output, hours in (("processed_data", processed.appended_hours), ("cleaned_data", grid.appended_hours))
-    }
-    open_hours = compact_one_hour(spark, paths, open_hours, newest, cycle)
-    committed = Cursor(cycle, positions, settings.fingerprint, newest, open_hours)
-    commit_cursor(spark, paths, committed)
-    cleanup(spark, paths, cycle)
-    state.unpersist()
-    grid.rows.unpersist()
-    processed.appended.unpersist()
-    finished = time.monotonic()
+        # Everything a cycle cached is the cycle's own.
+        spark.catalog.clearCache()
     seconds = {
-        "processor_s": done_processing - started,
-        "cleaner_s": done_cleaning - done_processing,
-        "checker_s": finished - done_cleaning,
+        f"{part}_s": later - earlier
+        for part, earlier, later in zip(
+            ("processor", "cleaner", "checker", "commit"), marks[:-1], marks[1:], strict=True
+        )
     }
-    counts = parse_counts.get
     accounting = processor.Accounting(
         counts["raw"], processed.gained, counts["quarantined"], counts["valid"] - processed.gained
     )
@@ -433,6 +437,7 @@ class Processed:
         late: per series with late measurements, the earliest of them (``since``, epoch micros).
         updates: per series, the rows gained and the latest t_measurement.
         appended_hours: the hours appended to.
+        late_hours: the hours rewritten for late measurements.
         gained: the rows processed_data gained.
     """
 
@@ -440,6 +445,7 @@ class Processed:
     late: DataFrame
     updates: DataFrame
     appended_hours: list[int]
+    late_hours: list[int]
     gained: int
 
 
@@ -500,7 +506,7 @@ def _process(spark: SparkSession, paths: config.Paths, valid: DataFrame, state: 
         )
         gained = updates.agg(F.sum("rows")).first()[0] or 0
         late_series = late.groupBy(*KEYS).agg(F.min(_slot_micros(F.col(m.T_MEASUREMENT), 1)).alias("since"))
-    return Processed(appended, late_series, updates.localCheckpoint(), appended_hours, gained)
+    return Processed(appended, late_series, updates.persist(), appended_hours, late_hours, gained)
 
 
 def _slot_micros(t_measurement: Column, slot_seconds: int) -> Column:
@@ -544,7 +550,7 @@ def _clean(
     if catalog is not None:
         appended = appended.join(F.broadcast(catalog), KEYS, "left_semi")
         late = late.join(F.broadcast(catalog), KEYS, "left_semi")
-    late = late.localCheckpoint()
+    late = late.persist()
     growing = appended.join(late.select(*KEYS), KEYS, "left_anti")
     series = state.join(growing.select(*KEYS).distinct(), KEYS, "left_semi").where(F.col("last_slot").isNotNull())
     anchors = series.select(
@@ -576,7 +582,7 @@ def _clean(
         F.lit(False).alias(REPLACES),
     )
     rows = context.unionByName(grown.select("*", F.lit(False).alias(checker.CONTEXT), F.lit(False).alias(REPLACES)))
-    if late.isEmpty():
+    if not processed.late_hours or late.isEmpty():
         return Grid(rows.persist(), append_files(grown.drop(checker.FLAT_CARRY), paths.cleaned_data, cycle))
     recomputed, hours = _recompute_late(spark, paths, config_, late, grown.drop(checker.FLAT_CARRY), cycle)
     appended_hours = append_files(
@@ -622,7 +628,7 @@ def _recompute_late(
         .agg(F.max("slot").alias("anchor"))
     )
     regions = late.join(anchors, KEYS, "left")
-    far = regions.where(F.col("anchor").isNull()).select(*KEYS, "since").localCheckpoint()
+    far = regions.where(F.col("anchor").isNull()).select(*KEYS, "since").persist()
     if not far.isEmpty():
         far_anchors = (
             processed.join(far, KEYS)
@@ -631,7 +637,7 @@ def _recompute_late(
             .agg(F.max("slot").alias("far"))
         )
         regions = regions.join(far_anchors, KEYS, "left").withColumn("anchor", F.coalesce("anchor", "far"))
-    regions = regions.select(*KEYS, F.coalesce("anchor", "since").alias("start")).localCheckpoint()
+    regions = regions.select(*KEYS, F.coalesce("anchor", "since").alias("start")).persist()
     start = regions.agg(F.min("start")).first()[0]
     changed = (
         processed.where(F.col(PARTITION) >= _hour_of_micros(start))
@@ -639,7 +645,7 @@ def _recompute_late(
         .where(F.col("slot") >= F.col("start"))
         .select(*PROCESSED_SCHEMA.fieldNames())
     )
-    recomputed = with_hour(cleaner.clean(changed, config_, None)[0]).localCheckpoint()
+    recomputed = with_hour(cleaner.clean(changed, config_, None)[0]).persist()
     # The hour names the recomputed slots fall in: a handful, not data.
     hours = sorted(r[0] for r in recomputed.select(PARTITION).distinct().collect())
     kept = (
@@ -665,7 +671,7 @@ def _check_state(grid: Grid, settings: Settings) -> tuple[DataFrame, DataFrame, 
     """
     config_ = settings.checker
     annotated = grid.rows.transform(checker.annotate_rows(config_)).persist()
-    figures = annotated.transform(checker.series_figures(config_, PARTITION, REPLACES)).localCheckpoint()
+    figures = annotated.transform(checker.series_figures(config_, PARTITION, REPLACES)).persist()
     slot = F.unix_micros(m.T_MEASUREMENT)
     tail = F.array_sort(F.collect_list(F.struct(slot.alias("slot"), F.col(m.VALUE).alias("value"))))
     window = config_.spike_window
@@ -688,9 +694,8 @@ def _check_state(grid: Grid, settings: Settings) -> tuple[DataFrame, DataFrame, 
                 F.slice("_tail", F.greatest(F.size("_tail") - window + 1, F.lit(1)), window), lambda x: x["value"]
             ).alias("tail"),
         )
-        .localCheckpoint()
+        .persist()
     )
-    annotated.unpersist()
     newest = updates.agg(F.max("last_slot")).first()[0]
     return figures, updates, newest
 

@@ -51,15 +51,19 @@ def test_benchmark_smoke_run_writes_every_metric(kafka, tmp_path):
 
 
 def test_live_benchmark_smoke_run_writes_its_metrics(kafka, tmp_path):
-    import live  # bench/live.py
+    import live_bench  # bench/live_bench.py
 
     results = tmp_path / "results.json"
     results.write_text('[{"metric": "cleaner_seconds", "rows": 1, "value": 1.0, "unit": "s"}]')
     report = tmp_path / "BENCHMARKS.md"
     args = ["--histories", "10m=0.6,20m=0.6", "--trigger", "2", "--bootstrap-servers", kafka]
-    assert live.main([*args, "--results", str(results), "--report", str(report)]) == 0
+    fleet = ["--sizes", "40", "--history", "10m", "--backlog", "2m", "--live-minutes", "0.5"]
+    assert live_bench.main([*args, *fleet, "--results", str(results), "--report", str(report)]) == 0
     metrics = {r["metric"]: r["value"] for r in json.loads(results.read_text())}
     expected = {"live_cycle_s_10m", "live_cycle_s_20m", "live_cycle_20m_over_10m", "live_latency_p50_s"}
-    assert expected | {"live_latency_p95_s", "cleaner_seconds"} <= metrics.keys()
+    fleet_metrics = {f"live_{name}_40" for name in ("latency_p50_s", "latency_p95_s", "cycle_s", "msgs_per_s")}
+    assert expected | fleet_metrics | {"live_catch_up_s_40", "live_latency_p95_s", "cleaner_seconds"} <= metrics.keys()
     assert 0 < metrics["live_latency_p50_s"] <= metrics["live_latency_p95_s"]
+    assert 0 < metrics["live_latency_p50_s_40"] <= metrics["live_latency_p95_s_40"]
+    assert metrics["live_catch_up_s_40"] > 0 and metrics["live_msgs_per_s_40"] > 0
     assert "| live_latency_p95_s |" in report.read_text()
