@@ -108,7 +108,8 @@ class Feed:
 
     def start_runner(self) -> subprocess.Popen:
         command = [PYTHON, "exercises/pipeline.py", "--watch", str(TRIGGER["seconds"]), "--datastore", self.datastore]
-        return subprocess.Popen([*command, *self.catalog], cwd=ROOT, env=self.env, stderr=subprocess.DEVNULL)
+        with open(f"{self.datastore}.log", "a") as log:  # the runner's own log, next to its datastore
+            return subprocess.Popen([*command, *self.catalog], cwd=ROOT, env=self.env, stderr=log)
 
     def cycles(self) -> list[dict]:
         path = os.path.join(self.datastore, "reports", live.LIVE_CYCLES)

@@ -156,10 +156,12 @@ SUMMED_FIGURES = (
 )
 #: ... and those whose largest part is the series' figure.
 LARGEST_FIGURES = ("report_delay_seconds", "longest_filled_run", "longest_flat_run")
-#: Optional input columns of ``annotate_rows``: a row that only gives context (the live runner's
-#: tail of a series before its new rows; not counted), and the run of one unchanged value that a
-#: series' first counted row may continue.
-CONTEXT = "_context"
+#: Optional input columns of ``annotate_rows``: what came before a series' first row, when the rows
+#: continue a series (the live runner's new rows): its last slot and value, its last ``spike_window``
+#: values (oldest first, nulls included) and the run of one unchanged value it ended with.
+CARRY_SLOT = "_carry_slot"
+CARRY_VALUE = "_carry_value"
+CARRY_TAIL = "_carry_tail"
 FLAT_CARRY = "_flat_carry"
 _KEYS = (m.T_MEASUREMENT, m.DEVICE_ID, m.SIGNAL_NAME, QUALITY)
 
@@ -168,49 +170,67 @@ def annotate_rows(config_: CheckerConfig):
     """Return a transform: grid rows -> the same rows with what the figures need of their neighbours.
 
     One window per series ordered by slot gives each row its predecessor, the length of the
-    filled run and of the flat run it ends, and the mean and spread of the previous values.
-    Context rows (``CONTEXT`` true) come before a series' counted rows and only serve as their
-    predecessors; ``FLAT_CARRY`` continues a flat run through them.
+    filled run and of the flat run it ends, and the mean and spread of the previous
+    ``spike_window`` values. A series' first row takes its predecessor, and the values before it,
+    from the carried columns when they are given.
     """
+    window = config_.spike_window
 
     def transform(rows: DataFrame) -> DataFrame:
-        for name, default in ((CONTEXT, F.lit(False)), (FLAT_CARRY, F.lit(0))):
-            if name not in rows.columns:
-                rows = rows.withColumn(name, default)
-        series = Window.partitionBy(m.DEVICE_ID, m.SIGNAL_NAME)
-        ordered = series.orderBy(m.T_MEASUREMENT)
+        carried = {
+            CARRY_SLOT: F.lit(None).cast("long"),
+            CARRY_VALUE: F.lit(None).cast("double"),
+            CARRY_TAIL: F.lit(None).cast("array<double>"),
+            FLAT_CARRY: F.lit(0).cast("long"),
+        }
+        rows = rows.select("*", *[column.alias(name) for name, column in carried.items() if name not in rows.columns])
+        ordered = Window.partitionBy(m.DEVICE_ID, m.SIGNAL_NAME).orderBy(m.T_MEASUREMENT)
         so_far = ordered.rowsBetween(Window.unboundedPreceding, Window.currentRow)
-        recent = ordered.rowsBetween(-config_.spike_window, -1)
         slot = F.unix_micros(m.T_MEASUREMENT)
         value = F.col(m.VALUE)
-        counted = ~F.col(CONTEXT)
         is_filled = ~F.col(QUALITY).isin(MEASURED, MISSING)
         with_context = rows.select(
             "*",
-            (F.row_number().over(ordered) - F.count_if(F.col(CONTEXT)).over(series)).alias("_index"),
-            (slot - F.lag(slot).over(ordered)).alias("_spacing"),
-            F.lag(value).over(ordered).alias("_previous_value"),
-            F.avg(value).over(recent).alias("_recent_mean"),
-            F.stddev_pop(value).over(recent).alias("_recent_spread"),
-            F.count(value).over(recent).alias("_recent_values"),
+            F.row_number().over(ordered).alias("_index"),
+            (slot - F.coalesce(F.lag(slot).over(ordered), F.col(CARRY_SLOT))).alias("_spacing"),
+            F.lag(value).over(ordered).alias("_lag_value"),
+            # The previous rows' values here (nulls left out, as the mean leaves them out) ...
+            F.collect_list(value).over(ordered.rowsBetween(-window, -1)).alias("_recent_here"),
         )
         index = F.col("_index")
-        run_break = F.when(counted & ~is_filled, index).otherwise(0)
-        last_change = F.max(F.when(counted & ~value.eqNullSafe(F.col("_previous_value")), index)).over(so_far)
-        deviation = F.abs(value - F.col("_recent_mean"))
+        # ... after the carried values that complete the window of the first rows.
+        from_tail = F.greatest(F.lit(window) - (index - 1), F.lit(0))
+        tail = F.coalesce(F.col(CARRY_TAIL), F.array().cast("array<double>"))
+        tail_part = F.when(
+            from_tail > 0,
+            F.slice(tail, F.greatest(F.size(tail) - from_tail + 1, F.lit(1)), F.greatest(from_tail, F.lit(1))),
+        ).otherwise(F.array().cast("array<double>"))
+        recent = F.concat(F.filter(tail_part, lambda x: x.isNotNull()), F.col("_recent_here"))
+        count = F.size(recent)
+        mean = F.try_divide(F.aggregate(recent, F.lit(0.0), lambda acc, x: acc + x), count)
+        spread = F.sqrt(
+            F.greatest(
+                F.try_divide(F.aggregate(recent, F.lit(0.0), lambda acc, x: acc + (x - mean) * (x - mean)), count),
+                F.lit(0.0),
+            )
+        )
+        previous_value = F.when(index == 1, F.col(CARRY_VALUE)).otherwise(F.col("_lag_value"))
+        run_break = F.when(~is_filled, index).otherwise(0)
+        last_change = F.max(F.when(~value.eqNullSafe(previous_value), index)).over(so_far)
+        deviation = F.abs(value - mean)
         # Only against a full window of recent values: the first few values of a series say little.
-        is_spike = (F.col("_recent_values") >= config_.spike_window) & (
+        is_spike = (count >= window) & (
             deviation
             > F.greatest(
-                F.col("_recent_spread") * config_.spike_sigmas,
-                F.abs(F.col("_recent_mean")) * config_.spike_min_relative,
+                spread * config_.spike_sigmas,
+                F.abs(mean) * config_.spike_min_relative,
                 F.lit(config_.spike_min_deviation),
             )
         )
         return with_context.select(
             "*",
             (index - F.max(run_break).over(so_far)).alias("_filled_run"),
-            F.when(last_change.isNull(), index + F.col(FLAT_CARRY))
+            F.when(last_change.isNull(), index + F.coalesce(F.col(FLAT_CARRY), F.lit(0)))
             .otherwise(index - last_change + 1)
             .alias("_flat_run"),
             F.coalesce(is_spike, F.lit(False)).alias("_spike"),
@@ -220,7 +240,7 @@ def annotate_rows(config_: CheckerConfig):
 
 
 def series_figures(config_: CheckerConfig, *keys: str):
-    """Return a transform: annotated rows -> their figures per series (and ``keys``), context left out."""
+    """Return a transform: annotated rows -> their figures per series (and ``keys``)."""
     step_micros = config_.slot_seconds * 1_000_000
 
     def transform(annotated: DataFrame) -> DataFrame:
@@ -228,31 +248,26 @@ def series_figures(config_: CheckerConfig, *keys: str):
         value = F.col(m.VALUE)
         measured = F.col(QUALITY) == MEASURED
         report_lag = F.unix_micros(m.T_REPORT) - slot
-        return (
-            annotated.where(~F.col(CONTEXT))
-            .groupBy(m.DEVICE_ID, m.SIGNAL_NAME, *keys)
-            .agg(
-                F.count(F.lit(1)).alias("slots"),
-                F.count_if(measured).alias("measured"),
-                F.count_if(~F.col(QUALITY).isin(MEASURED, MISSING)).alias("filled"),
-                F.count_if(F.col(QUALITY) == MISSING).alias("missing_slots"),
-                F.count_if(F.col("_spacing") == 0).alias("duplicate_slots"),
-                # A repeated slot (spacing 0) is unique_slots' finding, not a hole in the grid.
-                F.count_if(
-                    (F.col("_spacing") != step_micros) & (F.col("_spacing") != 0)
-                    | (F.pmod(slot, F.lit(step_micros)) != 0)
-                ).alias("irregular_steps"),
-                F.count_if(value < 0).alias("negative_values"),
-                F.count_if((value < _bounds_column(config_, 0)) | (value > _bounds_column(config_, 1))).alias(
-                    "out_of_bounds"
-                ),
-                F.count_if(measured & (report_lag < 0)).alias("reported_before"),
-                F.count_if("_spike").alias("spikes"),
-                F.count_if(F.greatest(*[F.col(k).isNull() for k in _KEYS])).alias("null_keys"),
-                (F.max(F.when(measured, report_lag)) / 1e6).alias("report_delay_seconds"),
-                F.max("_filled_run").alias("longest_filled_run"),
-                F.max(F.when(value.isNotNull(), F.col("_flat_run"))).alias("longest_flat_run"),
-            )
+        return annotated.groupBy(m.DEVICE_ID, m.SIGNAL_NAME, *keys).agg(
+            F.count(F.lit(1)).alias("slots"),
+            F.count_if(measured).alias("measured"),
+            F.count_if(~F.col(QUALITY).isin(MEASURED, MISSING)).alias("filled"),
+            F.count_if(F.col(QUALITY) == MISSING).alias("missing_slots"),
+            F.count_if(F.col("_spacing") == 0).alias("duplicate_slots"),
+            # A repeated slot (spacing 0) is unique_slots' finding, not a hole in the grid.
+            F.count_if(
+                (F.col("_spacing") != step_micros) & (F.col("_spacing") != 0) | (F.pmod(slot, F.lit(step_micros)) != 0)
+            ).alias("irregular_steps"),
+            F.count_if(value < 0).alias("negative_values"),
+            F.count_if((value < _bounds_column(config_, 0)) | (value > _bounds_column(config_, 1))).alias(
+                "out_of_bounds"
+            ),
+            F.count_if(measured & (report_lag < 0)).alias("reported_before"),
+            F.count_if("_spike").alias("spikes"),
+            F.count_if(F.greatest(*[F.col(k).isNull() for k in _KEYS])).alias("null_keys"),
+            (F.max(F.when(measured, report_lag)) / 1e6).alias("report_delay_seconds"),
+            F.max("_filled_run").alias("longest_filled_run"),
+            F.max(F.when(value.isNotNull(), F.col("_flat_run"))).alias("longest_flat_run"),
         )
 
     return transform

@@ -15,7 +15,8 @@ Read top to bottom:
    the state) to its newest measurement; a measurement at or before the series' latest is *late*:
    the hours it falls in are rewritten (processed_data), and its series' grid is recomputed from the
    measurement before it (cleaned_data), as a batch run would. The checks run on the new grid rows
-   with their series' tail as context, and the running figures of the report window are summed up.
+   with what their series ended with carried from the state, and the running figures of the report
+   window are summed up.
 4. **Files.** Appended files are named ``cycle-<N>-...`` inside their hour folder; a rewritten hour
    folder is swapped in by renames, the old one kept in ``<output>.undo-<N>`` until the cycle is
    committed. The commit is one atomic write of ``cursor.json``; on start, ``recover`` undoes what
@@ -26,11 +27,13 @@ Read top to bottom:
 6. **The runner** (``watch``): a full run when there is no usable state, then the consumer in a
    thread and a cycle whenever new raw files are committed.
 
-Spark's file-stream source could replace the cursor (it reads a file sink's log too), but consumer_data
-has one folder per topic generation, each a file-sink output of its own: one cursor over the logs
-handles them all and keeps each cycle's input, state and outputs under one commit. The per-series
-state is a small parquet table joined in Spark (one row per series, native functions), measured
-cheaper than a Python state function called once per series and cycle (BENCHMARKS.md).
+Spark's own machinery, considered: its file-stream source could replace the cursor (it reads a
+file sink's log too), but consumer_data has one folder per topic generation, each a file-sink output
+of its own, and a cycle's input, state and outputs must commit together: one cursor over the logs,
+committed with the state, does both. ``transformWithStateInPandas`` would keep the per-series state
+with exactly-once checkpoints, but calls Python once per series and micro-batch (tens of thousands
+of calls per cycle at fleet sizes) and does not cover the rewrite of hours for late data; the state
+here is a small parquet table (one row per series) joined in Spark with native functions.
 """
 
 from __future__ import annotations
@@ -520,9 +523,9 @@ class Grid:
     """What the cleaner's part of a cycle wrote.
 
     Attributes:
-        rows: the grid rows to check (cleaned columns, hour, ``CONTEXT``, ``FLAT_CARRY``): the new
-            slots of growing series after their tail from the state (context), and the whole
-            rewritten hours of recomputed series; persisted.
+        rows: the grid rows to check (cleaned columns, hour, the checker's carried columns from
+            the state, ``REPLACES``): the new slots of growing series, and the whole rewritten
+            hours of recomputed series.
         appended_hours: the hours appended to.
     """
 
@@ -560,41 +563,27 @@ def _clean(
         F.col("last_value").alias(m.VALUE),
     )
     grown, _unknown = cleaner.clean(anchors.unionByName(growing), config_, None)
-    grown = with_hour(
-        grown.join(series.select(*KEYS, "last_slot", F.col("flat_run").alias(checker.FLAT_CARRY)), KEYS, "left")
-        .where(F.col("last_slot").isNull() | (F.unix_micros(m.T_MEASUREMENT) > F.col("last_slot")))
-        .drop("last_slot")
-        .withColumn(checker.FLAT_CARRY, F.coalesce(checker.FLAT_CARRY, F.lit(0)))
-    ).localCheckpoint()
-    context = series.select(
-        *KEYS, F.posexplode("tail").alias("_position", m.VALUE), F.size("tail").alias("_size"), "last_slot"
-    ).select(
-        F.timestamp_micros(
-            F.col("last_slot") - (F.col("_size") - 1 - F.col("_position")) * (config_.slot_seconds * 1_000_000)
-        ).alias(m.T_MEASUREMENT),
-        F.lit(None).cast("timestamp").alias(m.T_REPORT),
+    carry = series.select(
         *KEYS,
-        m.VALUE,
-        F.lit(None).cast("string").alias(checker.QUALITY),
-        F.lit(None).cast("long").alias(PARTITION),
-        F.lit(True).alias(checker.CONTEXT),
-        F.lit(0).cast("long").alias(checker.FLAT_CARRY),
-        F.lit(False).alias(REPLACES),
+        F.col("last_slot").alias(checker.CARRY_SLOT),
+        F.col("last_value").alias(checker.CARRY_VALUE),
+        F.col("tail").alias(checker.CARRY_TAIL),
+        F.col("flat_run").alias(checker.FLAT_CARRY),
     )
-    rows = context.unionByName(grown.select("*", F.lit(False).alias(checker.CONTEXT), F.lit(False).alias(REPLACES)))
+    # The anchor's slot is written already: only the slots after it are new.
+    is_new = F.col(checker.CARRY_SLOT).isNull() | (F.unix_micros(m.T_MEASUREMENT) > F.col(checker.CARRY_SLOT))
+    grown = (
+        with_hour(grown.join(carry, KEYS, "left").where(is_new)).withColumn(REPLACES, F.lit(False)).localCheckpoint()
+    )
+    written = [*CLEANED_SCHEMA.fieldNames(), PARTITION]
     if not processed.late_hours or late.isEmpty():
-        return Grid(rows.persist(), append_files(grown.drop(checker.FLAT_CARRY), paths.cleaned_data, cycle))
-    recomputed, hours = _recompute_late(spark, paths, config_, late, grown.drop(checker.FLAT_CARRY), cycle)
+        return Grid(grown, append_files(grown.select(*written), paths.cleaned_data, cycle))
+    recomputed, hours = _recompute_late(spark, paths, config_, late, grown.select(*written), cycle)
     appended_hours = append_files(
-        grown.where(~F.col(PARTITION).isin(*hours)).drop(checker.FLAT_CARRY), paths.cleaned_data, cycle
+        grown.where(~F.col(PARTITION).isin(*hours)).select(*written), paths.cleaned_data, cycle
     )
-    late_rows = recomputed.join(late.select(*KEYS), KEYS, "left_semi").select(
-        "*",
-        F.lit(False).alias(checker.CONTEXT),
-        F.lit(0).cast("long").alias(checker.FLAT_CARRY),
-        F.lit(True).alias(REPLACES),
-    )
-    return Grid(rows.unionByName(late_rows).persist(), appended_hours)
+    late_rows = recomputed.join(late.select(*KEYS), KEYS, "left_semi").withColumn(REPLACES, F.lit(True))
+    return Grid(grown.unionByName(late_rows, allowMissingColumns=True), appended_hours)
 
 
 def _recompute_late(
@@ -673,26 +662,27 @@ def _check_state(grid: Grid, settings: Settings) -> tuple[DataFrame, DataFrame, 
     annotated = grid.rows.transform(checker.annotate_rows(config_)).persist()
     figures = annotated.transform(checker.series_figures(config_, PARTITION, REPLACES)).persist()
     slot = F.unix_micros(m.T_MEASUREMENT)
-    tail = F.array_sort(F.collect_list(F.struct(slot.alias("slot"), F.col(m.VALUE).alias("value"))))
+    # The values in slot order, nulls included (a struct is never null), after the carried ones.
+    values = F.transform(
+        F.array_sort(F.collect_list(F.struct(slot.alias("slot"), F.col(m.VALUE).alias("value")))), lambda x: x["value"]
+    )
     window = config_.spike_window
     updates = (
         annotated.groupBy(*KEYS)
         .agg(
-            F.count_if(~F.col(checker.CONTEXT)).alias("_counted"),
             F.max(slot).alias("last_slot"),
             F.max_by(m.VALUE, slot).alias("last_value"),
             F.max_by("_flat_run", slot).cast("long").alias("flat_run"),
-            tail.alias("_tail"),
+            F.concat(
+                F.coalesce(F.first(checker.CARRY_TAIL, ignorenulls=True), F.array().cast("array<double>")), values
+            ).alias("_tail"),
         )
-        .where(F.col("_counted") > 0)
         .select(
             *KEYS,
             "last_slot",
             "last_value",
             "flat_run",
-            F.transform(
-                F.slice("_tail", F.greatest(F.size("_tail") - window + 1, F.lit(1)), window), lambda x: x["value"]
-            ).alias("tail"),
+            F.slice("_tail", F.greatest(F.size("_tail") - window + 1, F.lit(1)), window).alias("tail"),
         )
         .persist()
     )
@@ -836,6 +826,9 @@ def start(spark: SparkSession, paths: config.Paths, settings: Settings) -> Curso
         cleaner.run(spark, paths, settings.cleaner)
         checker.run(spark, paths, settings.checker, show=False)
     state, figures, newest = initial_state(spark, paths, settings)
+    for output in (paths.processed_data, paths.cleaned_data):
+        make_folder(spark, output)
+        write_text(spark, config.join_path(output, LIVE_MARKER), "kept up to date by the live mode\n")
     write_state(state, paths, SERIES_STATE, 0)
     write_state(figures, paths, FIGURES, 0)
     cursor = Cursor(0, positions, settings.fingerprint, newest, {})
@@ -845,12 +838,14 @@ def start(spark: SparkSession, paths: config.Paths, settings: Settings) -> Curso
 
 def _outputs_match(spark: SparkSession, paths: config.Paths, cursor: Cursor) -> bool:
     """Whether the outputs are still the ones the state describes (a batch run leaves no live marker)."""
-    return path_exists(spark, state_folder(paths, SERIES_STATE, cursor.cycle)) and (
-        cursor.newest is None or path_exists(spark, config.join_path(paths.cleaned_data, LIVE_MARKER))
+    return path_exists(spark, state_folder(paths, SERIES_STATE, cursor.cycle)) and all(
+        path_exists(spark, config.join_path(output, LIVE_MARKER))
+        for output in (paths.processed_data, paths.cleaned_data)
     )
 
 
-#: In cleaned_data: written by the live mode's full run; a batch run replaces the folder without it.
+#: In processed_data and cleaned_data: written when the live state is built; a batch run replaces the
+#: folder without it.
 LIVE_MARKER = "_live"
 
 
@@ -864,7 +859,6 @@ def initial_state(
     """Build the per-series state and the report window's figures from full outputs (after a full run)."""
     if not path_exists(spark, paths.cleaned_data):
         return spark.createDataFrame([], SERIES_STATE_SCHEMA), spark.createDataFrame([], FIGURES_SCHEMA), None
-    write_text(spark, config.join_path(paths.cleaned_data, LIVE_MARKER), "written by the live mode\n")
     processed = read_partitioned(spark, paths.processed_data, PROCESSED_SCHEMA)
     counts = processed.groupBy(*KEYS).agg(F.count(F.lit(1)).alias("rows"), F.max(m.T_MEASUREMENT).alias("max_t"))
     cleaned = read_partitioned(spark, paths.cleaned_data, CLEANED_SCHEMA)

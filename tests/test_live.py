@@ -213,3 +213,38 @@ def test_live_runner_stopped_by_sigterm_leaves_what_a_batch_run_gives(spark, kaf
     cleaner.run(spark, batch, cleaner.CleanerConfig())
     assert accounting.quarantined > 0 and accounting.duplicates > 0
     assert_same_outputs(spark, paths, batch)
+
+
+@pytest.mark.integration
+def test_live_runner_killed_mid_cycle_repairs_at_the_next_start_and_loses_nothing(spark, kafka, tmp_path):
+    topic = new_topic(kafka)
+    env = {**os.environ, config.ENV_BOOTSTRAP_SERVERS: kafka, config.ENV_TOPIC: topic}
+    feed = ["--quiet", "--replay-share", "0.1", "--devices", "20"]
+    assert run_python("producer.py", "--backfill", "5m", "--seed", "4", *feed, env=env).returncode == 0
+    producer = subprocess.Popen([sys.executable, "producer.py", "--interval", "1", *feed], cwd=ROOT, env=env)
+    paths = config.Paths.under(str(tmp_path / "live"))
+    command = [sys.executable, "exercises/pipeline.py", "--watch", "1", "--datastore", str(tmp_path / "live")]
+    command += ["--expected-series", "all"]
+    cycles_file = os.path.join(paths.reports, "live_cycles.json")
+    try:
+        # Cycles follow each other back to back here: a kill lands inside one.
+        victim = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        wait_for_cycles(cycles_file, 3, victim)
+        time.sleep(1.5)
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+        os.remove(cycles_file)  # the next runner's cycles only
+        runner = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        wait_for_cycles(cycles_file, 2, runner)
+    finally:
+        producer.send_signal(signal.SIGTERM)
+        assert producer.wait(timeout=60) == 0
+    runner.send_signal(signal.SIGTERM)
+    _out, err = runner.communicate(timeout=180)
+
+    assert runner.returncode == 0, err[-3000:]
+    assert "live: going on after cycle" in err
+    settings = dataclasses.replace(SETTINGS, cleaner=cleaner.CleanerConfig(expected_series=None))
+    batch, accounting = run_batch(spark, tmp_path, paths.consumer_data, settings)
+    assert accounting.duplicates > 0
+    assert_same_outputs(spark, paths, batch)
