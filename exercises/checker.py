@@ -189,31 +189,32 @@ def annotate_rows(config_: CheckerConfig):
         slot = F.unix_micros(m.T_MEASUREMENT)
         value = F.col(m.VALUE)
         is_filled = ~F.col(QUALITY).isin(MEASURED, MISSING)
+        recent_rows = ordered.rowsBetween(-window, -1)
         with_context = rows.select(
             "*",
             F.row_number().over(ordered).alias("_index"),
             (slot - F.coalesce(F.lag(slot).over(ordered), F.col(CARRY_SLOT))).alias("_spacing"),
             F.lag(value).over(ordered).alias("_lag_value"),
-            # The previous rows' values here (nulls left out, as the mean leaves them out) ...
-            F.collect_list(value).over(ordered.rowsBetween(-window, -1)).alias("_recent_here"),
+            F.count(value).over(recent_rows).alias("_recent_n"),
+            F.sum(value).over(recent_rows).alias("_recent_sum"),
+            F.sum(value * value).over(recent_rows).alias("_recent_squares"),
         )
         index = F.col("_index")
-        # ... after the carried values that complete the window of the first rows.
-        from_tail = F.greatest(F.lit(window) - (index - 1), F.lit(0))
-        tail = F.coalesce(F.col(CARRY_TAIL), F.array().cast("array<double>"))
-        tail_part = F.when(
-            from_tail > 0,
-            F.slice(tail, F.greatest(F.size(tail) - from_tail + 1, F.lit(1)), F.greatest(from_tail, F.lit(1))),
-        ).otherwise(F.array().cast("array<double>"))
-        recent = F.concat(F.filter(tail_part, lambda x: x.isNotNull()), F.col("_recent_here"))
-        count = F.size(recent)
-        mean = F.try_divide(F.aggregate(recent, F.lit(0.0), lambda acc, x: acc + x), count)
-        spread = F.sqrt(
-            F.greatest(
-                F.try_divide(F.aggregate(recent, F.lit(0.0), lambda acc, x: acc + (x - mean) * (x - mean)), count),
-                F.lit(0.0),
-            )
+        # The first rows' windows reach back into the carried values (nulls left out, as sums leave them).
+        from_tail = F.lit(window) - (index - 1)
+        tail = F.filter(
+            F.slice(F.col(CARRY_TAIL), F.greatest(F.size(CARRY_TAIL) - from_tail + 1, F.lit(1)), window),
+            lambda x: x.isNotNull(),
         )
+        reaches_tail = (index <= window) & F.col(CARRY_TAIL).isNotNull()
+
+        def with_tail(here: Column, of_tail: Column) -> Column:
+            return F.coalesce(here, F.lit(0)) + F.when(reaches_tail, of_tail).otherwise(0)
+
+        count = with_tail(F.col("_recent_n"), F.size(tail))
+        mean = F.try_divide(with_tail(F.col("_recent_sum"), F.aggregate(tail, F.lit(0.0), lambda a, x: a + x)), count)
+        squares = with_tail(F.col("_recent_squares"), F.aggregate(tail, F.lit(0.0), lambda a, x: a + x * x))
+        spread = F.sqrt(F.greatest(F.try_divide(squares, count) - mean * mean, F.lit(0.0)))
         previous_value = F.when(index == 1, F.col(CARRY_VALUE)).otherwise(F.col("_lag_value"))
         run_break = F.when(~is_filled, index).otherwise(0)
         last_change = F.max(F.when(~value.eqNullSafe(previous_value), index)).over(so_far)

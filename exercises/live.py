@@ -607,6 +607,9 @@ def _recompute_late(
     slot = _slot_micros(F.col(m.T_MEASUREMENT), config_.slot_seconds)
     processed = read_partitioned(spark, paths.processed_data, PROCESSED_SCHEMA).withColumn("slot", slot)
     lookback = (config_.max_gap_seconds + config_.slot_seconds) * 1_000_000
+    # From the start of the slot of the earliest late measurement: its slot may change its value.
+    slot_micros = config_.slot_seconds * 1_000_000
+    late = late.withColumn("since", F.col("since") - F.pmod("since", F.lit(slot_micros)))
     # Scalars that bound the partitions read: one aggregate row.
     earliest = late.agg(F.min("since")).first()[0]
     anchors = (

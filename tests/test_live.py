@@ -33,6 +33,7 @@ T0 = epoch("2026-11-25 13:59:00")  # the first steps cross into the next hour pa
 A = ("device1", "energy import")
 B = ("device2", "energy import")
 C = ("device1", "energy export")  # appears only later
+D = ("device2", "energy export")
 X = ("device9", "energy import")  # outside the catalog
 CONFIG = cleaner.CleanerConfig(max_gap_seconds=60)
 
@@ -43,11 +44,13 @@ def msg(series, seconds, value, report_lag=1.0):
 
 STEPS = [
     # measurements with a hole, a second series, an unknown series
-    [msg(A, 0, 10), msg(A, 10, 11), msg(A, 20, 12), msg(A, 50, 15), msg(B, 0, 50), msg(B, 30, 53), msg(X, 0, 1)],
+    [msg(A, 0, 10), msg(A, 10, 11), msg(A, 20, 12), msg(A, 50, 15), msg(B, 0, 50), msg(B, 30, 53), msg(X, 0, 1)]
+    + [msg(D, 0, 1), msg(D, 22, 3), msg(D, 40, 5)],
     # new measurements after the end, across the hour
     [msg(A, 60, 16), msg(A, 70, 17), msg(B, 40, 54)],
-    # a late measurement inside a filled hole; a correction (later report); a tie (same report)
-    [msg(A, 30, 30), msg(A, 10, 99, report_lag=5.0), msg(B, 30, 60)],
+    # a late measurement inside a filled hole; a correction (later report); a tie (same report); a late
+    # one earlier in its slot than the stored one, which changes the slot's value and the fill before it
+    [msg(A, 30, 30), msg(A, 10, 99, report_lag=5.0), msg(B, 30, 60), msg(D, 21, 9)],
     # a series back after a hole longer than max_gap; a new series; one before a series' start
     [msg(A, 200, 20), msg(C, 100, 5), msg(C, 120, 7), msg(B, -20, 48)],
     # nothing usable
