@@ -163,10 +163,15 @@ def run_fleet(bootstrap: str, work: str, series: int, minutes: float, history: s
     feed = Feed(bootstrap, work, series, f"fleet-{series}")
     print(f"{series} series: backfilling {history} of history", flush=True)
     feed.backfill(history, until=backlog, seed=1)
+    # The history is taken in as a new user would: the consumer reads what the topic holds, and the
+    # runner's first start makes one full (batch) run of it.
+    subprocess.run([PYTHON, "exercises/consumer.py", "--datastore", feed.datastore], cwd=ROOT, env=feed.env, check=True)
     runner = feed.start_runner()
     cursor = os.path.join(feed.datastore, "live_state", live.CURSOR_FILE)
     wait_for(lambda: os.path.exists(cursor), runner, "full run")
     stop(runner, "the live runner after its full run")
+    if os.path.exists(cycles := os.path.join(feed.datastore, "reports", live.LIVE_CYCLES)):
+        os.remove(cycles)  # the next runner's cycles only
     backlog_messages = feed.backfill(backlog, seed=2)
     print(f"{series} series: {backlog_messages} messages of backlog; runner started", flush=True)
     started = time.time()
@@ -233,20 +238,21 @@ def check_complete(datastore: str, sent: int, series: int) -> None:
     processed = os.path.join(datastore, "processed_data", "*", "*.parquet")
     cleaned = os.path.join(datastore, "cleaned_data", "*", "*.parquet")
     slot = "epoch_us(t_measurement) - epoch_us(t_measurement) % 10000000"
-    row = duckdb.sql(
+    (row,) = duckdb.sql(
         f"""
         with p as (
-            select device_id, signal_name, value, make_timestamp({slot}) as slot,
+            select device_id, signal_name, value, {slot} as slot,
                    row_number() over (partition by device_id, signal_name, {slot} order by t_measurement) as nth
             from read_parquet('{processed}')
-        ), c as (select * from read_parquet('{cleaned}'))
+        ), c as (select device_id, signal_name, value, quality, epoch_us(t_measurement) as slot
+                 from read_parquet('{cleaned}'))
         select (select count(*) from p),
                (select count(*) from p where nth = 1),
                (select count(*) from p join c on p.device_id = c.device_id and p.signal_name = c.signal_name
-                    and p.slot = c.t_measurement where p.nth = 1 and c.quality = 'measured' and c.value = p.value),
-               (select count(*) - count(distinct (device_id, signal_name, t_measurement)) from c)
+                    and p.slot = c.slot where p.nth = 1 and c.quality = 'measured' and c.value = p.value),
+               (select count(*) - count(distinct (device_id, signal_name, slot)) from c)
         """
-    ).fetchone()
+    ).fetchall()
     stored, firsts, measured, twice = row
     print(
         f"{series} series: {sent} sent, {stored} in processed_data, {measured} of {firsts} first-in-slot "
