@@ -251,3 +251,36 @@ def test_live_runner_killed_mid_cycle_repairs_at_the_next_start_and_loses_nothin
     batch, accounting = run_batch(spark, tmp_path, paths.consumer_data, settings)
     assert accounting.duplicates > 0
     assert_same_outputs(spark, paths, batch)
+
+
+# --- the protocol's pieces -------------------------------------------------------------------------
+
+
+def _commit_to_sink_log(folder, batch, files, compact=False):
+    """Write one file-sink log file as Spark's file sink does: a version line, then one JSON line per file."""
+    log = folder / "_spark_metadata"
+    log.mkdir(parents=True, exist_ok=True)
+    entries = [
+        {"path": f"file://{folder}/{name}", "size": 1, "isDir": False, "modificationTime": modified, "action": "add"}
+        for name, modified in files
+    ]
+    (log / (f"{batch}.compact" if compact else str(batch))).write_text("\n".join(["v1", *map(json.dumps, entries)]))
+
+
+def test_cursor_gives_each_committed_file_once_across_compact_log_files(spark, tmp_path):
+    folder = tmp_path / "consumer_data"
+    _commit_to_sink_log(folder, 0, [("a.parquet", 100)])
+    _commit_to_sink_log(folder, 1, [("b.parquet", 200)])
+    files, position = live.new_sink_files(spark, str(folder), live.SinkPosition())
+    assert [f.rsplit("/", 1)[-1] for f in files] == ["a.parquet", "b.parquet"]
+    assert position == live.SinkPosition(1, 200)
+    # a compact log file repeats the files before it; only the new one is new
+    _commit_to_sink_log(folder, 2, [("a.parquet", 100), ("b.parquet", 200), ("c.parquet", 300)], compact=True)
+    files, after = live.new_sink_files(spark, str(folder), position)
+    assert [f.rsplit("/", 1)[-1] for f in files] == ["c.parquet"] and after == live.SinkPosition(2, 300)
+    assert live.new_sink_files(spark, str(folder), after) == ([], after)
+
+
+def test_cursor_round_trips_through_its_json():
+    cursor = live.Cursor(7, {".": live.SinkPosition(3, 1234)}, "settings", 1_700_000_000_000_000, {"cleaned_data": [1]})
+    assert live.Cursor.from_json(cursor.to_json()) == cursor
