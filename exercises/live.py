@@ -273,7 +273,7 @@ def append_files(frame: DataFrame, output: str, cycle: int, partitioned: bool = 
     return sorted(hours)
 
 
-def rewrite_hours(frame: DataFrame, output: str, hours: list[int], cycle: int, files: int | None = None) -> None:
+def rewrite_hours(frame: DataFrame, output: str, hours: list[int], cycle: int) -> None:
     """Replace the ``hours`` folders of ``output`` with ``frame``'s rows (which have the hour column).
 
     The new folders are written to staging first; each old folder is then renamed into
@@ -283,8 +283,6 @@ def rewrite_hours(frame: DataFrame, output: str, hours: list[int], cycle: int, f
     spark = frame.sparkSession
     staging, undo = f"{output}{STAGING_SUFFIX}{cycle}", f"{output}{UNDO_SUFFIX}{cycle}"
     delete_path(spark, staging)
-    if files:
-        frame = frame.repartition(files, PARTITION)
     parquet_writer(frame).mode("overwrite").partitionBy(PARTITION).parquet(staging)
     make_folder(spark, undo)
     make_folder(spark, output)
@@ -307,7 +305,7 @@ def recover(spark: SparkSession, paths: config.Paths, cursor: Cursor) -> None:
     """Undo what cycles after the committed one left, and remove what the committed one no longer needs.
 
     Swapped hours come back from their undo copies, files named for a later cycle are deleted, and
-    staging folders and older state tables go. unknown_series is written again from the state.
+    staging folders and older state tables go.
     """
     outputs = (paths.processed_data, paths.cleaned_data, paths.quarantine_data)
     for output in outputs:
@@ -732,15 +730,20 @@ def _merge_state(state: DataFrame, processed: DataFrame, grid: DataFrame) -> Dat
 
 
 def _write_unknown(
-    spark: SparkSession, paths: config.Paths, config_: cleaner.CleanerConfig, state: DataFrame, touched: DataFrame
+    spark: SparkSession,
+    paths: config.Paths,
+    config_: cleaner.CleanerConfig,
+    state: DataFrame,
+    touched: DataFrame | None = None,
 ) -> None:
-    """Write unknown_series from the state when the cycle touched a series outside the catalog."""
+    """Write unknown_series from the state: always, or with ``touched``, when it has a series outside the catalog."""
     catalog = cleaner.catalog_frame(spark, config_)
     if catalog is None:
         if not path_exists(spark, paths.unknown_series):
             replace_output(spark.createDataFrame([], UNKNOWN_SERIES_SCHEMA), paths.unknown_series, log)
         return
-    if touched.join(F.broadcast(catalog), KEYS, "left_anti").isEmpty() and path_exists(spark, paths.unknown_series):
+    exists = path_exists(spark, paths.unknown_series)
+    if touched is not None and exists and touched.join(F.broadcast(catalog), KEYS, "left_anti").isEmpty():
         return
     unknown = state.join(F.broadcast(catalog), KEYS, "left_anti").where(F.col("rows") > 0).select(*KEYS, "rows")
     replace_output(unknown, paths.unknown_series, log)
@@ -818,7 +821,8 @@ def start(spark: SparkSession, paths: config.Paths, settings: Settings) -> Curso
     if cursor is not None and cursor.settings == settings.fingerprint and _outputs_match(spark, paths, cursor):
         log.info("live: going on after cycle %d", cursor.cycle)
         recover(spark, paths, cursor)
-        _write_unknown(spark, paths, settings.cleaner, read_series_state(spark, paths, cursor.cycle), _no_series(spark))
+        # The interrupted cycle may have written it from its own state.
+        _write_unknown(spark, paths, settings.cleaner, read_series_state(spark, paths, cursor.cycle))
         return cursor
     delete_path(spark, paths.live_state)
     # Positions before the full run: a file that arrives during it is read twice, not missed.
@@ -850,10 +854,6 @@ def _outputs_match(spark: SparkSession, paths: config.Paths, cursor: Cursor) -> 
 #: In processed_data and cleaned_data: written when the live state is built; a batch run replaces the
 #: folder without it.
 LIVE_MARKER = "_live"
-
-
-def _no_series(spark: SparkSession) -> DataFrame:
-    return spark.createDataFrame([], SERIES_STATE_SCHEMA).select(*KEYS)
 
 
 def initial_state(
