@@ -62,6 +62,7 @@ from common.spark import (
     PARTITION,
     PARTITION_FORMAT,
     PROCESSED_SCHEMA,
+    QUARANTINE_SCHEMA,
     RAW_SCHEMA,
     SINK_LOG,
     UNKNOWN_SERIES_SCHEMA,
@@ -833,6 +834,8 @@ def start(spark: SparkSession, paths: config.Paths, settings: Settings) -> Curso
         cleaner.run(spark, paths, settings.cleaner)
         checker.run(spark, paths, settings.checker, show=False)
     state, figures, newest = initial_state(spark, paths, settings)
+    if not path_exists(spark, paths.quarantine_data):  # cycles add to it only when they reject a row
+        replace_output(spark.createDataFrame([], QUARANTINE_SCHEMA), paths.quarantine_data, log)
     for output in (paths.processed_data, paths.cleaned_data):
         make_folder(spark, output)
         write_text(spark, config.join_path(output, LIVE_MARKER), "kept up to date by the live mode\n")
