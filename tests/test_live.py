@@ -157,8 +157,7 @@ def test_a_cycle_interrupted_before_its_commit_is_undone_and_redone(spark, tmp_p
 
     batch, _accounting = run_batch(spark, tmp_path, str(tmp_path / "raw"))
     assert_same_outputs(spark, paths, batch)
-    leftovers = [name for name in os.listdir(tmp_path / "live") if ".undo-" in name or ".staging-" in name]
-    assert not leftovers
+    assert not leftovers(tmp_path / "live")
 
 
 def test_running_check_figures_equal_the_batch_checkers_over_the_same_rows(spark, tmp_path):
@@ -186,13 +185,35 @@ def wait_for_cycles(path, count, process, timeout=300):
     raise AssertionError(f"fewer than {count} cycles in time")
 
 
+def start_feed(kafka, options, seed):
+    """A new topic with 5 minutes of backfill (replays mixed in) and a producer sending every second."""
+    env = {**os.environ, config.ENV_BOOTSTRAP_SERVERS: kafka, config.ENV_TOPIC: new_topic(kafka)}
+    feed = ["--quiet", "--replay-share", "0.1", *options]
+    assert run_python("producer.py", "--backfill", "5m", "--seed", str(seed), *feed, env=env).returncode == 0
+    return env, subprocess.Popen([sys.executable, "producer.py", "--interval", "1", *feed], cwd=ROOT, env=env)
+
+
+def stop_producer(producer):
+    producer.send_signal(signal.SIGTERM)
+    assert producer.wait(timeout=60) == 0
+
+
+def stop_runner(runner):
+    """Stop the live runner with SIGTERM; return its log after checking that it exited 0."""
+    runner.send_signal(signal.SIGTERM)
+    _out, err = runner.communicate(timeout=180)
+    assert runner.returncode == 0, err[-3000:]
+    return err
+
+
+def leftovers(folder):
+    """Staging and undo folders a cycle left behind."""
+    return [name for name in os.listdir(folder) if ".undo-" in name or ".staging-" in name]
+
+
 @pytest.mark.integration
 def test_live_runner_stopped_by_sigterm_leaves_what_a_batch_run_gives(spark, kafka, tmp_path):
-    topic = new_topic(kafka)
-    env = {**os.environ, config.ENV_BOOTSTRAP_SERVERS: kafka, config.ENV_TOPIC: topic}
-    feed = ["--quiet", "--replay-share", "0.1", "--malformed-share", "0.05"]
-    assert run_python("producer.py", "--backfill", "5m", "--seed", "3", *feed, env=env).returncode == 0
-    producer = subprocess.Popen([sys.executable, "producer.py", "--interval", "1", *feed], cwd=ROOT, env=env)
+    env, producer = start_feed(kafka, ["--malformed-share", "0.05"], seed=3)
     paths = config.Paths.under(str(tmp_path / "live"))
     runner = subprocess.Popen(
         [sys.executable, "exercises/pipeline.py", "--watch", "2", "--datastore", str(tmp_path / "live")],
@@ -204,29 +225,21 @@ def test_live_runner_stopped_by_sigterm_leaves_what_a_batch_run_gives(spark, kaf
     try:
         cycles = wait_for_cycles(os.path.join(paths.reports, "live_cycles.json"), 4, runner)
     finally:
-        producer.send_signal(signal.SIGTERM)
-        assert producer.wait(timeout=60) == 0
-    runner.send_signal(signal.SIGTERM)
-    _out, err = runner.communicate(timeout=180)
+        stop_producer(producer)
+    err = stop_runner(runner)
 
-    assert runner.returncode == 0, err[-3000:]
     assert "SIGTERM received" in err and "live: stopped after" in err
-    assert not [name for name in os.listdir(tmp_path / "live") if ".undo-" in name or ".staging-" in name]
+    assert not leftovers(tmp_path / "live")
     assert all(c["latency_p95_s"] is not None and c["freshness_s"] is not None for c in cycles)
-    batch = dataclasses.replace(config.Paths.under(str(tmp_path / "batch")), consumer_data=paths.consumer_data)
-    accounting = processor.run(spark, batch)
-    cleaner.run(spark, batch, cleaner.CleanerConfig())
+    settings = dataclasses.replace(SETTINGS, cleaner=cleaner.CleanerConfig())
+    batch, accounting = run_batch(spark, tmp_path, paths.consumer_data, settings)
     assert accounting.quarantined > 0 and accounting.duplicates > 0
     assert_same_outputs(spark, paths, batch)
 
 
 @pytest.mark.integration
 def test_live_runner_killed_mid_cycle_repairs_at_the_next_start_and_loses_nothing(spark, kafka, tmp_path):
-    topic = new_topic(kafka)
-    env = {**os.environ, config.ENV_BOOTSTRAP_SERVERS: kafka, config.ENV_TOPIC: topic}
-    feed = ["--quiet", "--replay-share", "0.1", "--devices", "20"]
-    assert run_python("producer.py", "--backfill", "5m", "--seed", "4", *feed, env=env).returncode == 0
-    producer = subprocess.Popen([sys.executable, "producer.py", "--interval", "1", *feed], cwd=ROOT, env=env)
+    env, producer = start_feed(kafka, ["--devices", "20"], seed=4)
     paths = config.Paths.under(str(tmp_path / "live"))
     command = [sys.executable, "exercises/pipeline.py", "--watch", "1", "--datastore", str(tmp_path / "live")]
     command += ["--expected-series", "all"]
@@ -242,12 +255,9 @@ def test_live_runner_killed_mid_cycle_repairs_at_the_next_start_and_loses_nothin
         runner = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
         wait_for_cycles(cycles_file, 2, runner)
     finally:
-        producer.send_signal(signal.SIGTERM)
-        assert producer.wait(timeout=60) == 0
-    runner.send_signal(signal.SIGTERM)
-    _out, err = runner.communicate(timeout=180)
+        stop_producer(producer)
+    err = stop_runner(runner)
 
-    assert runner.returncode == 0, err[-3000:]
     assert "live: going on after cycle" in err
     settings = dataclasses.replace(SETTINGS, cleaner=cleaner.CleanerConfig(expected_series=None))
     batch, accounting = run_batch(spark, tmp_path, paths.consumer_data, settings)
