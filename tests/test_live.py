@@ -9,8 +9,10 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 
 import pytest
+from pyspark.sql import types as T
 
 import checker
 import cleaner
@@ -296,3 +298,51 @@ def test_cursor_gives_each_committed_file_once_across_compact_log_files(spark, t
 def test_cursor_round_trips_through_its_json():
     cursor = live.Cursor(7, {".": live.SinkPosition(3, 1234)}, "settings", 1_700_000_000_000_000, {"cleaned_data": [1]})
     assert live.Cursor.from_json(cursor.to_json()) == cursor
+
+
+
+HOURLY = T.StructType([*PROCESSED_SCHEMA.fields, T.StructField("hour", T.LongType())])
+
+
+def _append(spark, paths, hour, cycle, series, seconds, value):
+    """One file of one processed row in ``hour``, as a cycle appends it."""
+    at = datetime.fromtimestamp(T0 + seconds, UTC).replace(tzinfo=None)
+    frame = spark.createDataFrame([(at, at, *series, value, hour)], HOURLY)
+    live.append_files(frame.coalesce(1), paths.processed_data, cycle)
+
+
+def _values(spark, paths):
+    return sorted(r.value for r in spark.read.parquet(paths.processed_data).collect())
+
+
+def test_compaction_in_the_background_swaps_in_an_unchanged_hour_and_drops_a_changed_one(spark, tmp_path):
+    paths = config.Paths.under(str(tmp_path))
+    hour, later = 2026112513, 2026112514
+    newest = int((T0 + 3600) * 1_000_000)  # in the later hour: the first one is closed
+    for cycle in (1, 2, 3):
+        _append(spark, paths, hour, cycle, A, 10 * cycle, float(cycle))
+    folder = f"{paths.processed_data}/hour={hour}"
+    before = sorted(os.listdir(folder))
+    compactor = live.Compactor(background=True)
+    open_hours = {"processed_data": [hour, later], "cleaned_data": []}
+    # the first cycle starts the merge; a cycle after it has finished swaps it in
+    assert compactor.step(spark, paths, open_hours, newest, 4) == open_hours
+    compactor.running.done.wait()
+    assert compactor.step(spark, paths, open_hours, newest, 5) == {"processed_data": [later], "cleaned_data": []}
+    after = [name for name in os.listdir(folder) if name.endswith(".parquet")]
+    assert len(after) <= spark.sparkContext.defaultParallelism < len(before) and not set(after) & set(before)
+    assert _values(spark, paths) == [1.0, 2.0, 3.0]
+    assert os.listdir(f"{paths.processed_data}{live.UNDO_SUFFIX}5") == [f"hour={hour}"]  # kept until the commit
+
+    # a file added to the hour while it is merged: the merged copy is dropped, the hour stays open
+    _append(spark, paths, hour, 6, B, 40, 4.0)
+    compactor.step(spark, paths, {"processed_data": [hour], "cleaned_data": []}, newest, 7)
+    compactor.running.done.wait()
+    _append(spark, paths, hour, 7, B, 50, 5.0)
+    assert compactor.step(spark, paths, {"processed_data": [hour], "cleaned_data": []}, newest, 8) == {
+        "processed_data": [hour],
+        "cleaned_data": [],
+    }
+    assert len([name for name in os.listdir(folder) if name.endswith(".parquet")]) == len(after) + 2
+    assert leftovers(str(tmp_path)) == [f"processed_data{live.UNDO_SUFFIX}5"]
+    assert _values(spark, paths) == [1.0, 2.0, 3.0, 4.0, 5.0]
