@@ -300,7 +300,6 @@ def test_cursor_round_trips_through_its_json():
     assert live.Cursor.from_json(cursor.to_json()) == cursor
 
 
-
 HOURLY = T.StructType([*PROCESSED_SCHEMA.fields, T.StructField("hour", T.LongType())])
 
 
