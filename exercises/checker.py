@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
@@ -240,8 +241,8 @@ def annotate_rows(config_: CheckerConfig):
     return transform
 
 
-def series_figures(config_: CheckerConfig, *keys: str):
-    """Return a transform: annotated rows -> their figures per series (and ``keys``)."""
+def series_figures(config_: CheckerConfig, *keys: str, extra: Sequence[Column] = ()):
+    """Return a transform: annotated rows -> their figures per series (and ``keys``), and ``extra`` aggregates."""
     step_micros = config_.slot_seconds * 1_000_000
 
     def transform(annotated: DataFrame) -> DataFrame:
@@ -269,6 +270,7 @@ def series_figures(config_: CheckerConfig, *keys: str):
             (F.max(F.when(measured, report_lag)) / 1e6).alias("report_delay_seconds"),
             F.max("_filled_run").alias("longest_filled_run"),
             F.max(F.when(value.isNotNull(), F.col("_flat_run"))).alias("longest_flat_run"),
+            *extra,
         )
 
     return transform
