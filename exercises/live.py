@@ -415,7 +415,12 @@ def run_cycle(
         exit_code = _report(spark, paths, settings.checker, figures)
         marks.append(time.monotonic())
         # Written, then read back for what else needs it: one pass, where a checkpoint and a write were two.
-        write_state(_merge_state(state, processed.updates, grid_updates), paths, SERIES_STATE, cycle)
+        write_state(
+            _merge_state(state, processed.updates, grid_updates, settings.checker.spike_window),
+            paths,
+            SERIES_STATE,
+            cycle,
+        )
         new_state = read_series_state(spark, paths, cycle)
         _write_unknown(spark, paths, settings.cleaner, new_state, processed.updates)
         open_hours = {
@@ -692,33 +697,24 @@ def _check_state(grid: Grid, settings: Settings) -> tuple[DataFrame, DataFrame, 
                     F.max_by(m.VALUE, slot).alias("_last_value"),
                     F.max_by("_flat_run", slot).cast("long").alias("_last_flat_run"),
                     _last(values, window).alias("_values"),
-                    F.first(checker.CARRY_TAIL, ignorenulls=True).alias("_carried"),
                 ],
             )
         )
         .persist()
     )
-    figures = hourly.drop("_last_slot", "_last_value", "_last_flat_run", "_values", "_carried")
-    hours = F.flatten(
-        F.transform(
-            F.array_sort(F.collect_list(F.struct(F.col("_last_slot"), F.col("_values")))), lambda x: x["_values"]
-        )
+    figures = hourly.drop("_last_slot", "_last_value", "_last_flat_run", "_values")
+    hours = F.array_sort(F.collect_list(F.struct(F.col("_last_slot"), F.col("_values"))))
+    # Read once, by the state's merge: not persisted.
+    updates = hourly.groupBy(*KEYS).agg(
+        F.max("_last_slot").alias("last_slot"),
+        F.max_by("_last_value", "_last_slot").alias("last_value"),
+        F.max_by("_last_flat_run", "_last_slot").alias("flat_run"),
+        _last(F.transform(F.flatten(F.transform(hours, lambda x: x["_values"])), lambda x: x["value"]), window).alias(
+            "new_values"
+        ),
+        F.max(REPLACES).alias(REPLACES),
     )
-    tail = F.concat(
-        F.coalesce(F.first("_carried", ignorenulls=True), F.array().cast("array<double>")),
-        F.transform(hours, lambda x: x["value"]),
-    )
-    updates = (
-        hourly.groupBy(*KEYS)
-        .agg(
-            F.max("_last_slot").alias("last_slot"),
-            F.max_by("_last_value", "_last_slot").alias("last_value"),
-            F.max_by("_last_flat_run", "_last_slot").alias("flat_run"),
-            _last(tail, window).alias("tail"),
-        )
-        .persist()
-    )
-    newest = updates.agg(F.max("last_slot")).first()[0]
+    newest = hourly.agg(F.max("_last_slot")).first()[0]
     return figures, updates, newest
 
 
@@ -757,18 +753,29 @@ def _update_figures(
     return read_figures(spark, paths, cycle)
 
 
-def _merge_state(state: DataFrame, processed: DataFrame, grid: DataFrame) -> DataFrame:
-    """The per-series state after a cycle: the old rows with the processor's and the cleaner's updates."""
+def _merge_state(state: DataFrame, processed: DataFrame, grid: DataFrame, window: int) -> DataFrame:
+    """The per-series state after a cycle: the old rows with the processor's and the cleaner's updates.
+
+    A grown series' tail is its old tail and the new values, the last ``window`` of them; a
+    recomputed one's is its new values.
+    """
     old = state.select(*KEYS, *[F.col(c).alias(f"old_{c}") for c in SERIES_STATE_SCHEMA.fieldNames()[2:]])
     gained = processed.select(*KEYS, F.col("rows").alias("new_rows"), F.col("max_t").alias("new_max_t"))
     grown = grid.select(*KEYS, F.lit(True).alias("_grown"), *[F.col(c).alias(f"new_{c}") for c in grid.columns[2:]])
     merged = old.join(gained, KEYS, "full").join(grown, KEYS, "full")
-    grid_columns = ("last_slot", "last_value", "flat_run", "tail")
+    none = F.array().cast("array<double>")
+    carried = F.when(F.col(f"new_{REPLACES}"), none).otherwise(F.coalesce("old_tail", none))
+    new = {
+        "last_slot": F.col("new_last_slot"),
+        "last_value": F.col("new_last_value"),
+        "flat_run": F.col("new_flat_run"),
+        "tail": _last(F.concat(carried, "new_new_values"), window),
+    }
     return merged.select(
         *KEYS,
         (F.coalesce("old_rows", F.lit(0)) + F.coalesce("new_rows", F.lit(0))).alias("rows"),
         F.greatest("old_max_t", "new_max_t").alias("max_t"),
-        *[F.when(F.col("_grown"), F.col(f"new_{c}")).otherwise(F.col(f"old_{c}")).alias(c) for c in grid_columns],
+        *[F.when(F.col("_grown"), column).otherwise(F.col(f"old_{name}")).alias(name) for name, column in new.items()],
     )
 
 
