@@ -484,6 +484,7 @@ def _process(spark: SparkSession, paths: config.Paths, valid: DataFrame, state: 
     )
     fresh = processor.collapse_replays(marked.where(~F.col("_late")), with_partition=True)
     late = marked.where(F.col("_late"))
+    # The hour names late rows fall in: a handful, not data.
     late_hours = sorted(r[0] for r in with_hour(late).select(PARTITION).distinct().collect())
     # The rows a cycle adds are few; kept for the cleaner's part, which reads them again.
     appended = fresh.persist(StorageLevel.MEMORY_AND_DISK)
