@@ -45,16 +45,9 @@ import consumer  # noqa: E402
 import processor  # noqa: E402
 from common import config  # noqa: E402
 from common import message as m  # noqa: E402
-from common.spark import (  # noqa: E402
-    CLEANED_SCHEMA,
-    PARTITION,
-    PROCESSED_SCHEMA,
-    RAW_SCHEMA,
-    build_session,
-    kafka_connector_jars,
-    parquet_writer,
-    read_partitioned,
-)
+from common.contracts import CLEANED_SCHEMA, PARTITION, PROCESSED_SCHEMA, RAW_SCHEMA  # noqa: E402
+from common.session import build_session, kafka_connector_jars  # noqa: E402
+from common.storage import parquet_writer, read_partitioned  # noqa: E402
 
 SLOTS_PER_DAY = 8640
 START = 1716336000  # 2024-05-22 00:00:00 UTC

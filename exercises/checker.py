@@ -30,13 +30,10 @@ from pyspark.sql import functions as F
 
 from common import config
 from common import message as m
-from common.spark import (
-    CLEANED_SCHEMA,
-    PARTITION,
-    QUALITY,
-    UNKNOWN_SERIES_SCHEMA,
+from common.contracts import CLEANED_SCHEMA, MEASURED, MISSING, PARTITION, QUALITY, UNKNOWN_SERIES_SCHEMA, per_series
+from common.session import build_session
+from common.storage import (
     StageInputError,
-    build_session,
     exit_code_of,
     path_exists,
     recover_output,
@@ -56,7 +53,6 @@ CHART_FILE = "cleaned_series.png"
 #: The chart shows at most this many series (by name) over the last CHART_HOURS of data.
 CHART_SERIES = 8
 CHART_HOURS = 24
-MEASURED, MISSING = "measured", "missing"
 
 
 @dataclass(frozen=True)
@@ -129,16 +125,9 @@ class Result:
 
 
 def _bounds_column(config_: CheckerConfig, index: int) -> Column:
-    """The low (index 0) or high (index 1) plausible bound of each row's series."""
-    series = F.concat_ws(m.SERIES_SEPARATOR, m.DEVICE_ID, m.SIGNAL_NAME)
-    by_series = {k: v[index] for k, v in config_.bounds.items() if m.SERIES_SEPARATOR in k}
-    by_signal = {k: v[index] for k, v in config_.bounds.items() if m.SERIES_SEPARATOR not in k}
-    lookups = [
-        F.try_element_at(F.create_map(*[F.lit(x) for pair in mapping.items() for x in pair]), key)
-        for mapping, key in ((by_series, series), (by_signal, F.col(m.SIGNAL_NAME)))
-        if mapping
-    ]
-    return F.coalesce(*lookups, F.lit(float(config_.default_bounds[index])))
+    """The low (index 0) or high (index 1) plausible bound of each row's series (``per_series``)."""
+    bounds = {name: float(pair[index]) for name, pair in config_.bounds.items()}
+    return per_series(bounds, float(config_.default_bounds[index]))
 
 
 #: Figures of a part of a series (an hour, a live cycle's new rows) that add up over the parts...

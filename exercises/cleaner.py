@@ -31,19 +31,25 @@ from pyspark.sql import functions as F
 
 from common import config
 from common import message as m
-from common.spark import (
+from common.contracts import (
+    BACKWARD_FILLED,
     CLEANED_SCHEMA,
+    FORWARD_FILLED,
+    INTERPOLATED,
+    MEASURED,
+    MISSING,
+    NEAREST_FILLED,
     PARTITION,
     PROCESSED_SCHEMA,
     QUALITY,
+    QUALITY_FLAGS,
     UNKNOWN_SERIES_SCHEMA,
-    build_session,
-    exit_code_of,
-    read_output,
-    replace_output,
-    stage_lock,
+    ZERO_FILLED,
+    per_series,
     with_hour,
 )
+from common.session import build_session
+from common.storage import exit_code_of, read_output, replace_output, stage_lock
 
 STAGE = "cleaner"
 log = config.get_logger(STAGE)
@@ -55,17 +61,14 @@ NEAREST = "nearest"
 ZERO = "zero"
 FILL_METHODS = (LINEAR, FORWARD_FILL, BACKWARD_FILL, NEAREST, ZERO)
 
-MEASURED = "measured"
-MISSING = "missing"
 #: The quality flag of a slot filled by each method.
 FILLED_FLAG = {
-    LINEAR: "interpolated",
-    FORWARD_FILL: "forward_filled",
-    BACKWARD_FILL: "backward_filled",
-    NEAREST: "nearest_filled",
-    ZERO: "zero_filled",
+    LINEAR: INTERPOLATED,
+    FORWARD_FILL: FORWARD_FILLED,
+    BACKWARD_FILL: BACKWARD_FILLED,
+    NEAREST: NEAREST_FILLED,
+    ZERO: ZERO_FILLED,
 }
-QUALITY_FLAGS = (MEASURED, *FILLED_FLAG.values(), MISSING)
 
 DEFAULT_MAX_GAP_SECONDS = 3600
 DEFAULT_FILL = {m.SIGNAL_IMPORT: LINEAR, m.SIGNAL_EXPORT: LINEAR}
@@ -230,23 +233,11 @@ def _grid_columns(slot_micros: int, max_gap_slots: int) -> list[Column]:
 def assign_fill_methods(config_: CleanerConfig):
     """Return a transform that adds each series' ``fill_method`` from the configuration.
 
-    Series overrides and signal-name defaults are resolved with two lookups on the small
-    configuration (literal maps), not per series in Python.
+    A series' own method wins over its signal name's, and that over the default (``per_series``).
     """
-    by_series = {name: method for name, method in config_.fill.items() if m.SERIES_SEPARATOR in name}
-    by_signal = {name: method for name, method in config_.fill.items() if m.SERIES_SEPARATOR not in name}
-
-    def lookup(mapping: dict[str, str], key: Column) -> Column:
-        if not mapping:
-            return F.lit(None).cast("string")
-        literal_map = F.create_map(*[F.lit(x) for pair in mapping.items() for x in pair])
-        return F.try_element_at(literal_map, key)
 
     def transform(measured: DataFrame) -> DataFrame:
-        series = F.concat_ws(m.SERIES_SEPARATOR, m.DEVICE_ID, m.SIGNAL_NAME)
-        method = F.coalesce(
-            lookup(by_series, series), lookup(by_signal, F.col(m.SIGNAL_NAME)), F.lit(config_.default_fill)
-        )
+        method = per_series(config_.fill, config_.default_fill)
         return measured.withColumn("fill_method", method)
 
     return transform

@@ -41,18 +41,10 @@ from pyspark.sql.streaming import StreamingQuery
 
 from common import config
 from common import message as m
-from common.spark import (
-    RAW_SCHEMA,
-    SINK_LOG,
-    build_session,
-    exit_code_of,
-    generation_folder,
-    kafka_connector_jars,
-    list_files,
-    read_text,
-    stage_lock,
-    write_text,
-)
+from common.contracts import RAW_SCHEMA
+from common.raw_input import generation_folder
+from common.session import build_session, kafka_connector_jars
+from common.storage import SINK_LOG, exit_code_of, list_files, read_text, stage_lock, write_text
 
 STAGE = "consumer"
 #: In the checkpoint folder: the topic's id and the current generation (see ``choose_generation``).

@@ -57,18 +57,21 @@ import consumer
 import processor
 from common import config
 from common import message as m
-from common.spark import (
+from common.contracts import (
     CLEANED_SCHEMA,
     PARTITION,
     PARTITION_FORMAT,
     PROCESSED_SCHEMA,
     QUARANTINE_SCHEMA,
     RAW_SCHEMA,
-    SINK_LOG,
     UNKNOWN_SERIES_SCHEMA,
-    delete_path,
-    generation_folders,
     hour_value,
+    with_hour,
+)
+from common.raw_input import generation_folders, sink_log_entries
+from common.storage import (
+    SINK_LOG,
+    delete_path,
     list_files,
     make_folder,
     parquet_writer,
@@ -77,9 +80,7 @@ from common.spark import (
     read_text,
     rename_path,
     replace_output,
-    sink_log_entries,
     stage_lock,
-    with_hour,
     write_text,
 )
 

@@ -28,11 +28,8 @@ import consumer
 import live
 import processor
 from common import config
-from common.spark import (
-    build_session,
-    exit_code_of,
-    kafka_connector_jars,
-)
+from common.session import build_session, kafka_connector_jars
+from common.storage import exit_code_of
 
 log = config.get_logger("pipeline")
 

@@ -25,17 +25,10 @@ from pyspark.sql import types as T
 
 from common import config
 from common import message as m
-from common.spark import (
-    PARTITION,
-    PROCESSED_SCHEMA,
-    QUARANTINE_SCHEMA,
-    build_session,
-    exit_code_of,
-    read_raw,
-    replace_output,
-    stage_lock,
-    with_hour,
-)
+from common.contracts import PARTITION, PROCESSED_SCHEMA, QUARANTINE_SCHEMA, with_hour
+from common.raw_input import read_raw
+from common.session import build_session
+from common.storage import exit_code_of, replace_output, stage_lock
 
 STAGE = "processor"
 log = config.get_logger(STAGE)

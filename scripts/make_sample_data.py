@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
 
-    from common.spark import RAW_SCHEMA, build_session
+    from common.contracts import RAW_SCHEMA
+    from common.session import build_session
 
     spark = build_session("meter-stream sample data")
     rows = raw_rows(sample_payloads(args.hours, args.seed))

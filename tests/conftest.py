@@ -11,7 +11,7 @@ import pytest
 from pyspark.sql import SparkSession
 
 from common import config
-from common.spark import kafka_connector_jars
+from common.session import kafka_connector_jars
 from tests.helpers import ROOT
 
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 from pyspark.sql import DataFrame, SparkSession
 
-from common.spark import RAW_SCHEMA
+from common.contracts import RAW_SCHEMA
 from make_sample_data import raw_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

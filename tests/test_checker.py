@@ -9,7 +9,7 @@ import pytest
 
 from checker import CheckerConfig, check_cleaned, exit_code, format_table, run
 from common import message as m
-from common.spark import CLEANED_SCHEMA, UNKNOWN_SERIES_SCHEMA
+from common.contracts import CLEANED_SCHEMA, UNKNOWN_SERIES_SCHEMA
 
 START = datetime(2024, 5, 22, 9, 0, 0)
 RANGES = {

@@ -9,7 +9,7 @@ from chispa import assert_approx_df_equality, assert_df_equality
 from pyspark.sql import Observation
 
 from cleaner import CleanerConfig, clean, parse_args, run, slot_counts
-from common.spark import CLEANED_SCHEMA, PROCESSED_SCHEMA
+from common.contracts import CLEANED_SCHEMA, PROCESSED_SCHEMA
 from tests.helpers import utc
 
 IMPORT = ("device1", "energy import")

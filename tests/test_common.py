@@ -10,16 +10,8 @@ from pyspark.sql import functions as F
 
 from common import config
 from common import message as m
-from common.spark import (
-    PREVIOUS_SUFFIX,
-    PROCESSED_SCHEMA,
-    RAW_SCHEMA,
-    StageInputError,
-    hour_of,
-    hour_value,
-    read_output,
-    replace_output,
-)
+from common.contracts import PROCESSED_SCHEMA, RAW_SCHEMA, hour_of, hour_value
+from common.storage import PREVIOUS_SUFFIX, StageInputError, read_output, replace_output
 
 log = logging.getLogger("test")
 

@@ -13,7 +13,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 import checker
 import cleaner
 import processor
-from common.spark import RAW_SCHEMA
+from common.contracts import RAW_SCHEMA
 from consumer import ConsumerError, client_options, run
 from tests.helpers import run_python
 

@@ -11,7 +11,7 @@ import time
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from common.spark import read_raw
+from common.raw_input import read_raw
 from consumer import log as consumer_log
 from consumer import run
 from tests.conftest import free_port

@@ -19,14 +19,8 @@ import cleaner
 import live
 import processor
 from common import config
-from common.spark import (
-    CLEANED_SCHEMA,
-    PROCESSED_SCHEMA,
-    QUARANTINE_SCHEMA,
-    RAW_SCHEMA,
-    UNKNOWN_SERIES_SCHEMA,
-    read_output,
-)
+from common.contracts import CLEANED_SCHEMA, PROCESSED_SCHEMA, QUARANTINE_SCHEMA, RAW_SCHEMA, UNKNOWN_SERIES_SCHEMA
+from common.storage import read_output
 from make_sample_data import raw_rows
 from tests.helpers import ROOT, epoch, message, run_python, utc
 from tests.test_consumer import new_topic

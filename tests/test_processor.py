@@ -9,7 +9,8 @@ import os
 import pytest
 from chispa import assert_df_equality
 
-from common.spark import PROCESSED_SCHEMA, QUARANTINE_SCHEMA, RAW_SCHEMA, read_raw
+from common.contracts import PROCESSED_SCHEMA, QUARANTINE_SCHEMA, RAW_SCHEMA
+from common.raw_input import read_raw
 from processor import (
     Accounting,
     collapse_replays,

@@ -19,7 +19,8 @@ import checker
 import cleaner
 import processor
 from common import message as m
-from common.spark import PROCESSED_SCHEMA, RAW_SCHEMA, StageBusyError, read_output, stage_lock
+from common.contracts import PROCESSED_SCHEMA, RAW_SCHEMA
+from common.storage import StageBusyError, read_output, stage_lock
 from make_sample_data import sample_payloads
 from tests.helpers import ROOT, raw_frame, run_python
 

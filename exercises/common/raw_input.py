@@ -1,0 +1,117 @@
+"""Reading consumer_data: its topic generations and file-sink logs, also when copied from another machine."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+from pyspark.sql import DataFrame, SparkSession
+
+from common.contracts import RAW_SCHEMA
+from common.storage import SINK_LOG, StageInputError, list_files, local_path, path_exists, read_text
+
+GENERATION_PREFIX = "generation-"
+
+
+def generation_folder(root: str, generation: int) -> str:
+    """The folder of a consumer generation: the root itself for 0, ``ROOT/generation-N`` after.
+
+    The consumer starts a new generation (new output folder and checkpoint) when its topic was
+    deleted and recreated, since Spark cannot rewind a checkpointed Kafka source.
+    """
+    return root if generation == 0 else f"{root.rstrip('/')}/{GENERATION_PREFIX}{generation}"
+
+
+def read_raw(spark: SparkSession, path: str, log: logging.Logger) -> DataFrame:
+    """Read consumer_data, every generation of it, robust to a log written on another machine.
+
+    Generation 0 is the folder itself, later ones its ``generation-N`` subfolders (see
+    ``generation_folder``); each is a file-sink output read as ``_read_sink_output`` says.
+
+    Raises:
+        StageInputError: when the folder does not exist.
+    """
+    if not path_exists(spark, path):
+        raise StageInputError(f"{path} does not exist: run the consumer first (or point --consumer-data at raw data)")
+    first, *later = generation_folders(spark, path)
+    frame = _read_sink_output(spark, first, log, nested=not later)
+    for folder in later:
+        frame = frame.unionByName(_read_sink_output(spark, folder, log, nested=True))
+    return frame
+
+
+def generation_folders(spark: SparkSession, path: str) -> list[str]:
+    """consumer_data's generation folders, oldest first: the folder itself, then ``generation-N``."""
+    later = {
+        int(match.group(1)): folder
+        for folder in list_files(spark, f"{path.rstrip('/')}/{GENERATION_PREFIX}*", folders=True)
+        if (match := re.search(rf"/{GENERATION_PREFIX}(\d+)$", folder))
+    }
+    return [path] + [folder for _generation, folder in sorted(later.items())]
+
+
+def _read_sink_output(spark: SparkSession, path: str, log: logging.Logger, nested: bool) -> DataFrame:
+    """Read one file-sink output folder.
+
+    With a file-sink log, Spark reads only the files the log names: right on the machine that wrote
+    them (files of failed batches are left out), but a copied folder's log names absolute paths that
+    do not exist here, and Spark then reads nothing at all. So: when every file the log names is
+    present, Spark reads through the log; otherwise the files present whose names the log lists are
+    read (with a warning), and when the log lists none of them, every parquet file present. Without a
+    log, every parquet file in the folder is read, and in its subfolders too when ``nested``.
+    """
+    reader = spark.read.schema(RAW_SCHEMA)
+    sink_log = f"{path.rstrip('/')}/{SINK_LOG}"
+    glob_path = f"{path.rstrip('/')}/*.parquet"
+    if not path_exists(spark, sink_log):
+        if nested:
+            return reader.parquet(path)
+        present = list_files(spark, glob_path)
+        return reader.parquet(*present) if present else spark.createDataFrame([], RAW_SCHEMA)
+    # One spelling per file: file:///x and file:/x are the same local file.
+    logged = {local_path(name) or name for name in _sink_log_files(spark, sink_log)}
+    # A glob is not a folder, so Spark lists the files instead of reading the log.
+    present = {local_path(f) or f: f for f in list_files(spark, glob_path)}
+    if logged <= present.keys():
+        return reader.parquet(path)
+    logged_names = {name.rsplit("/", 1)[-1] for name in logged}
+    matched = [f for local, f in present.items() if local.rsplit("/", 1)[-1] in logged_names]
+    log.warning(
+        "%s: %d of the %d files named by its %s log are not there (was the folder copied from "
+        "another machine?); reading the %d files present%s",
+        path,
+        len(logged - present.keys()),
+        len(logged),
+        SINK_LOG,
+        len(matched) or len(present),
+        " that the log names" if matched else "",
+    )
+    if not present:
+        return spark.createDataFrame([], RAW_SCHEMA)
+    return reader.parquet(*(matched or present.values()))
+
+
+def _sink_log_files(spark: SparkSession, sink_log: str) -> set[str]:
+    """The files a file-sink log adds, over its batch and compact files."""
+    return {
+        entry["path"]
+        for log_file in list_files(spark, f"{sink_log}/*")
+        if re.fullmatch(r"\d+(\.compact)?", log_file.rsplit("/", 1)[-1])
+        for entry in sink_log_entries(spark, log_file)
+    }
+
+
+def sink_log_entries(spark: SparkSession, log_file: str) -> list[dict]:
+    """The ``add`` entries of one file-sink log file: JSON lines after a version line.
+
+    Read in the driver through Hadoop: the log is metadata (a line per file written), and Spark's
+    own readers skip folders whose names start with an underscore.
+    """
+    entries = []
+    for line in (read_text(spark, log_file) or "").splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if entry.get("action") == "add" and entry.get("path"):
+                entries.append(entry)
+    return entries
