@@ -36,7 +36,10 @@ from collections.abc import Iterator
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "exercises"))
 
-from common import config  # noqa: E402
+from common import (
+    config,  # noqa: E402
+    kafka_client,  # noqa: E402
+)
 from common import message as m  # noqa: E402
 
 #: Value range of each simulated series, as in the original feed.
@@ -191,7 +194,7 @@ def parse_duration(text: str) -> float:
 
 def kafka_client_config(bootstrap_servers: str) -> dict:
     """Return the confluent-kafka configuration, with security options from the environment."""
-    return {"bootstrap.servers": bootstrap_servers, **config.kafka_security_from_env()}
+    return {"bootstrap.servers": bootstrap_servers, **kafka_client.kafka_security_from_env()}
 
 
 class KafkaClientError(Exception):
@@ -208,7 +211,7 @@ class Sender:
         self.delivered = 0
         self.failed = 0
         self.errors: set[str] = set()
-        self.client_errors = config.KafkaClientErrors()
+        self.client_errors = kafka_client.KafkaClientErrors()
         self._queued = 0
         self._producer = Producer(
             {
@@ -221,7 +224,7 @@ class Sender:
                 "message.timeout.ms": 30000,
                 "on_delivery": self._on_delivery,
                 "error_cb": self.client_errors,
-                "logger": config.silent_logger(),
+                "logger": kafka_client.silent_logger(),
             }
         )
 
@@ -323,12 +326,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--bootstrap-servers",
-        default=config.env_default(config.ENV_BOOTSTRAP_SERVERS, m.DEFAULT_BOOTSTRAP_SERVERS),
+        default=config.env_default(kafka_client.ENV_BOOTSTRAP_SERVERS, m.DEFAULT_BOOTSTRAP_SERVERS),
         help="Kafka brokers [env KAFKA_BOOTSTRAP_SERVERS] (default %(default)s)",
     )
     parser.add_argument(
         "--topic",
-        default=config.env_default(config.ENV_TOPIC, m.DEFAULT_TOPIC),
+        default=config.env_default(kafka_client.ENV_TOPIC, m.DEFAULT_TOPIC),
         help="topic [env KAFKA_TOPIC] (default %(default)s)",
     )
     parser.add_argument(

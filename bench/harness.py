@@ -306,11 +306,12 @@ def bench_consumer(spark, work: str, messages: int, bootstrap: str) -> list[dict
     # another topic warms the JVM up, as the size runs' first pass does; its figures are dropped.
     warm_up = max(1, messages // 2)
     produce(bootstrap, f"{topic}-warm-up", warm_up)
-    consumer.run(spark, config.Paths.under(os.path.join(work, "consumer-warm-up")), bootstrap, f"{topic}-warm-up", {})
+    warm_up_paths = config.Paths.under(os.path.join(work, "consumer-warm-up"))
+    consumer.run(spark, warm_up_paths, consumer.ConsumerConfig(bootstrap, f"{topic}-warm-up"))
     produce(bootstrap, topic, messages)
     paths = config.Paths.under(os.path.join(work, "consumer"))
     started = time.perf_counter()
-    ingested = consumer.run(spark, paths, bootstrap, topic, {})
+    ingested = consumer.run(spark, paths, consumer.ConsumerConfig(bootstrap, topic))
     seconds = time.perf_counter() - started
     java = os.path.join(
         subprocess.check_output([os.path.join(ROOT, "scripts", "java-home")], text=True).strip(), "bin", "java"

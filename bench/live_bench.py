@@ -49,7 +49,7 @@ import harness  # noqa: E402
 
 import live  # noqa: E402
 import producer  # noqa: E402
-from common import config  # noqa: E402
+from common import kafka_client  # noqa: E402
 
 PYTHON = sys.executable
 #: The --watch interval of the runs (--trigger).
@@ -65,7 +65,7 @@ class Feed:
         self.topic = f"bench-live-{uuid.uuid4().hex[:8]}"
         admin = AdminClient({"bootstrap.servers": bootstrap})
         admin.create_topics([NewTopic(self.topic, 1, 1)])[self.topic].result(timeout=30)
-        self.env = {**os.environ, config.ENV_BOOTSTRAP_SERVERS: bootstrap, config.ENV_TOPIC: self.topic}
+        self.env = {**os.environ, kafka_client.ENV_BOOTSTRAP_SERVERS: bootstrap, kafka_client.ENV_TOPIC: self.topic}
         self.datastore = os.path.join(work, name)
         self.fleet = [] if series == 4 else ["--devices", str(series // 2)]
         self.catalog = [] if series == 4 else ["--expected-series", "all"]

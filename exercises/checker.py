@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
+import check_report
 from common import config
 from common import message as m
 from common.contracts import CLEANED_SCHEMA, MEASURED, MISSING, PARTITION, QUALITY, UNKNOWN_SERIES_SCHEMA, per_series
@@ -38,7 +38,6 @@ from common.storage import (
     path_exists,
     recover_output,
     stage_lock,
-    write_bytes,
     write_text,
 )
 
@@ -49,10 +48,6 @@ ERROR = "error"
 WARN = "warn"
 SEVERITIES = (ERROR, WARN)
 REPORT_FILE = "check_report.json"
-CHART_FILE = "cleaned_series.png"
-#: The chart shows at most this many series (by name) over the last CHART_HOURS of data.
-CHART_SERIES = 8
-CHART_HOURS = 24
 
 
 @dataclass(frozen=True)
@@ -100,13 +95,17 @@ class CheckerConfig:
 
 @dataclass(frozen=True)
 class Check:
-    """One per-series check: its metric column, how it passes, and its severity."""
+    """One per-series check: a series passes when its ``metric`` is at most ``threshold``."""
 
     name: str
     severity: str
     metric: str
-    threshold: object
-    passes: Column
+    threshold: float
+
+    @property
+    def passes(self) -> Column:
+        """Whether a row of ``series_metrics`` passes (a missing metric fails)."""
+        return F.coalesce(F.col(self.metric) <= F.lit(self.threshold), F.lit(False))
 
 
 @dataclass
@@ -190,34 +189,12 @@ def annotate_rows(config_: CheckerConfig):
             F.sum(value * value).over(recent_rows).alias("_recent_squares"),
         )
         index = F.col("_index")
-        # The first rows' windows reach back into the carried values (nulls left out, as sums leave them).
-        from_tail = F.lit(window) - (index - 1)
-        tail = F.filter(
-            F.slice(F.col(CARRY_TAIL), F.greatest(F.size(CARRY_TAIL) - from_tail + 1, F.lit(1)), window),
-            lambda x: x.isNotNull(),
-        )
-        reaches_tail = (index <= window) & F.col(CARRY_TAIL).isNotNull()
-
-        def with_tail(here: Column, of_tail: Column) -> Column:
-            return F.coalesce(here, F.lit(0)) + F.when(reaches_tail, of_tail).otherwise(0)
-
-        count = with_tail(F.col("_recent_n"), F.size(tail))
-        mean = F.try_divide(with_tail(F.col("_recent_sum"), F.aggregate(tail, F.lit(0.0), lambda a, x: a + x)), count)
-        squares = with_tail(F.col("_recent_squares"), F.aggregate(tail, F.lit(0.0), lambda a, x: a + x * x))
-        spread = F.sqrt(F.greatest(F.try_divide(squares, count) - mean * mean, F.lit(0.0)))
+        count, mean, spread = _recent_statistics(window, index)
         previous_value = F.when(index == 1, F.col(CARRY_VALUE)).otherwise(F.col("_lag_value"))
         run_break = F.when(~is_filled, index).otherwise(0)
         last_change = F.max(F.when(~value.eqNullSafe(previous_value), index)).over(so_far)
-        deviation = F.abs(value - mean)
         # Only against a full window of recent values: the first few values of a series say little.
-        is_spike = (count >= window) & (
-            deviation
-            > F.greatest(
-                spread * config_.spike_sigmas,
-                F.abs(mean) * config_.spike_min_relative,
-                F.lit(config_.spike_min_deviation),
-            )
-        )
+        is_spike = (count >= window) & (F.abs(value - mean) > _spike_threshold(config_, mean, spread))
         return with_context.select(
             "*",
             (index - F.max(run_break).over(so_far)).alias("_filled_run"),
@@ -228,6 +205,38 @@ def annotate_rows(config_: CheckerConfig):
         )
 
     return transform
+
+
+def _recent_statistics(window: int, index: Column) -> tuple[Column, Column, Column]:
+    """Count, mean and spread of a row's previous ``window`` values (``_recent_*`` columns).
+
+    A series' first rows' windows reach back into the carried values (nulls left out, as sums
+    leave them).
+    """
+    from_tail = F.lit(window) - (index - 1)
+    tail = F.filter(
+        F.slice(F.col(CARRY_TAIL), F.greatest(F.size(CARRY_TAIL) - from_tail + 1, F.lit(1)), window),
+        lambda x: x.isNotNull(),
+    )
+    reaches_tail = (index <= window) & F.col(CARRY_TAIL).isNotNull()
+
+    def with_tail(here: Column, of_tail: Column) -> Column:
+        return F.coalesce(here, F.lit(0)) + F.when(reaches_tail, of_tail).otherwise(0)
+
+    count = with_tail(F.col("_recent_n"), F.size(tail))
+    mean = F.try_divide(with_tail(F.col("_recent_sum"), F.aggregate(tail, F.lit(0.0), lambda a, x: a + x)), count)
+    squares = with_tail(F.col("_recent_squares"), F.aggregate(tail, F.lit(0.0), lambda a, x: a + x * x))
+    spread = F.sqrt(F.greatest(F.try_divide(squares, count) - mean * mean, F.lit(0.0)))
+    return count, mean, spread
+
+
+def _spike_threshold(config_: CheckerConfig, mean: Column, spread: Column) -> Column:
+    """How far a value may be from the recent mean before it is a spike."""
+    return F.greatest(
+        spread * config_.spike_sigmas,
+        F.abs(mean) * config_.spike_min_relative,
+        F.lit(config_.spike_min_deviation),
+    )
 
 
 def series_figures(config_: CheckerConfig, *keys: str, extra: Sequence[Column] = ()):
@@ -297,37 +306,17 @@ def series_checks(config_: CheckerConfig) -> list[Check]:
     """Return the per-series checks on the columns of ``series_metrics``."""
     c = config_
     return [
-        Check("unique_slots", ERROR, "duplicate_slots", 0, F.col("duplicate_slots") == 0),
-        Check("regular_grid", ERROR, "irregular_steps", 0, F.col("irregular_steps") == 0),
-        Check("value_not_negative", ERROR, "negative_values", 0, F.col("negative_values") == 0),
-        Check("value_within_bounds", ERROR, "out_of_bounds", 0, F.col("out_of_bounds") == 0),
-        Check("filled_share", ERROR, "filled_share", c.max_filled_share, F.col("filled_share") <= c.max_filled_share),
-        Check(
-            "longest_filled_run",
-            WARN,
-            "longest_filled_run",
-            c.max_filled_run,
-            F.col("longest_filled_run") <= c.max_filled_run,
-        ),
-        Check(
-            "missing_slots", WARN, "missing_slots", c.max_missing_slots, F.col("missing_slots") <= c.max_missing_slots
-        ),
-        Check(
-            "report_before_measurement",
-            WARN,
-            "report_before_share",
-            c.max_report_before_share,
-            F.col("report_before_share") <= c.max_report_before_share,
-        ),
-        Check(
-            "report_delay",
-            WARN,
-            "report_delay_seconds",
-            c.max_report_delay_seconds,
-            F.col("report_delay_seconds") <= c.max_report_delay_seconds,
-        ),
-        Check("flat_line", WARN, "longest_flat_run", c.max_flat_slots, F.col("longest_flat_run") <= c.max_flat_slots),
-        Check("spikes", WARN, "spikes", c.max_spikes, F.col("spikes") <= c.max_spikes),
+        Check("unique_slots", ERROR, "duplicate_slots", 0),
+        Check("regular_grid", ERROR, "irregular_steps", 0),
+        Check("value_not_negative", ERROR, "negative_values", 0),
+        Check("value_within_bounds", ERROR, "out_of_bounds", 0),
+        Check("filled_share", ERROR, "filled_share", c.max_filled_share),
+        Check("longest_filled_run", WARN, "longest_filled_run", c.max_filled_run),
+        Check("missing_slots", WARN, "missing_slots", c.max_missing_slots),
+        Check("report_before_measurement", WARN, "report_before_share", c.max_report_before_share),
+        Check("report_delay", WARN, "report_delay_seconds", c.max_report_delay_seconds),
+        Check("flat_line", WARN, "longest_flat_run", c.max_flat_slots),
+        Check("spikes", WARN, "spikes", c.max_spikes),
     ]
 
 
@@ -394,30 +383,37 @@ def evaluate(
         listed = metrics.orderBy(F.desc("_failures"), m.DEVICE_ID, m.SIGNAL_NAME).take(config_.max_series_in_report)
     finally:
         metrics.unpersist()
+    results += verdicts(checks, totals.asDict(), [row.asDict() for row in listed])
+    results.append(_unknown_series_result(unknown))
+    return results, listed
+
+
+def verdicts(checks: Sequence[Check], totals: Mapping[str, int], listed: Sequence[Mapping]) -> list[Result]:
+    """The per-series results: each check for each listed series, and a count over all when not all are listed.
+
+    Args:
+        checks: the per-series checks (``series_checks``).
+        totals: ``series`` (how many series were checked) and, per check name, how many failed it.
+        listed: the metrics rows (``series_metrics``) of the series to list, in the report's order.
+    """
+    results = []
     for check in checks:
         if totals["series"] > len(listed):
-            results.append(
-                Result(
-                    check.name,
-                    check.severity,
-                    totals[check.name] == 0,
-                    {"failing_series": totals[check.name], "series": totals["series"]},
-                    check.threshold,
-                )
-            )
+            observed = {"failing_series": totals[check.name], "series": totals["series"]}
+            results.append(Result(check.name, check.severity, totals[check.name] == 0, observed, check.threshold))
         for row in listed:
+            value = row[check.metric]
             results.append(
                 Result(
                     check.name,
                     check.severity,
-                    bool(row[f"_pass_{check.name}"]),
-                    _round(row[check.metric]),
+                    value is not None and value <= check.threshold,
+                    _round(value),
                     check.threshold,
                     m.series_name(row[m.DEVICE_ID], row[m.SIGNAL_NAME]),
                 )
             )
-    results.append(_unknown_series_result(unknown))
-    return results, listed
+    return results
 
 
 def _expected_series_result(metrics: DataFrame, config_: CheckerConfig) -> Result:
@@ -444,125 +440,6 @@ def _unknown_series_result(unknown: DataFrame | None) -> Result:
     return Result("unknown_series", WARN, count == 0, observed, 0)
 
 
-def format_table(results: list[Result]) -> str:
-    """Return the results as a fixed-width table."""
-    header = ("check", "severity", "series", "result", "observed", "threshold")
-    rows = [
-        (
-            r.name,
-            r.severity,
-            r.series or "-",
-            "pass" if r.passed else "FAIL",
-            json.dumps(r.observed, default=str)[:60],
-            json.dumps(r.threshold, default=str)[:30],
-        )
-        for r in results
-    ]
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]
-    )
-
-
-def format_summary(listed: list) -> str:
-    """Return the per-series summary (slots, measured, filled, missing, share filled) as a table."""
-    header = ("series", "slots", "measured", "filled", "missing", "filled share")
-    rows = [
-        (
-            m.series_name(r[m.DEVICE_ID], r[m.SIGNAL_NAME]),
-            r["slots"],
-            r["measured"],
-            r["filled"],
-            r["missing_slots"],
-            f"{r['filled_share']:.1%}",
-        )
-        for r in sorted(listed, key=lambda r: (r[m.DEVICE_ID], r[m.SIGNAL_NAME]))
-    ]
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-        for row in [header, *rows]
-    ]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def chart_points(cleaned: DataFrame, series: list[tuple[str, str]]) -> DataFrame:
-    """The rows the chart draws: the given series over the last CHART_HOURS of their data."""
-    catalog = cleaned.sparkSession.createDataFrame(series, [m.DEVICE_ID, m.SIGNAL_NAME])
-    chosen = cleaned.join(F.broadcast(catalog), on=[m.DEVICE_ID, m.SIGNAL_NAME], how="left_semi")
-    newest = chosen.agg(F.max(m.T_MEASUREMENT).alias("newest"))
-    return (
-        chosen.crossJoin(newest)
-        .where(F.col(m.T_MEASUREMENT) > F.col("newest") - F.expr(f"INTERVAL {CHART_HOURS} HOURS"))
-        .select(m.DEVICE_ID, m.SIGNAL_NAME, m.T_MEASUREMENT, m.VALUE, QUALITY)
-    )
-
-
-def draw_chart(points: list, png_path_writer) -> None:
-    """Draw one panel per series: measured dots, filled rings, missing stretches shaded.
-
-    Args:
-        points: rows of ``chart_points``, any order.
-        png_path_writer: called with the PNG bytes.
-    """
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.dates as mdates
-    import matplotlib.pyplot as plt
-
-    by_series: dict[str, list] = {}
-    for row in sorted(points, key=lambda r: (r[m.DEVICE_ID], r[m.SIGNAL_NAME], r[m.T_MEASUREMENT])):
-        by_series.setdefault(m.series_name(row[m.DEVICE_ID], row[m.SIGNAL_NAME]), []).append(row)
-    figure, axes = plt.subplots(
-        max(1, len(by_series)), 1, sharex=True, squeeze=False, figsize=(12, 2.2 * max(1, len(by_series)) + 0.8)
-    )
-    for axis, (name, rows) in zip(axes[:, 0], by_series.items(), strict=False):
-        times = [r[m.T_MEASUREMENT] for r in rows]
-        axis.plot(times, [r[m.VALUE] for r in rows], color="0.75", linewidth=0.6, zorder=1)
-        for flag, style in (
-            ("measured", dict(marker="o", s=6, color="tab:blue", label="measured")),
-            (
-                "filled",
-                dict(marker="o", s=10, facecolors="none", edgecolors="tab:orange", linewidths=0.7, label="filled"),
-            ),
-        ):
-            chosen = [r for r in rows if (r[QUALITY] == MEASURED) == (flag == "measured") and r[QUALITY] != MISSING]
-            axis.scatter([r[m.T_MEASUREMENT] for r in chosen], [r[m.VALUE] for r in chosen], zorder=2, **style)
-        missing = [r[m.T_MEASUREMENT] for r in rows if r[QUALITY] == MISSING]
-        for start, end in _stretches(missing):
-            axis.axvspan(start, end, color="tab:red", alpha=0.15, label="missing" if start == missing[0] else None)
-        filled_share = sum(r[QUALITY] not in (MEASURED, MISSING) for r in rows) / len(rows)
-        axis.set_title(
-            f"{name}: {len(rows)} slots, {filled_share:.0%} filled, {len(missing)} missing", loc="left", fontsize=9
-        )
-        axis.set_ylabel("value")
-        axis.grid(alpha=0.3)
-    axes[0, 0].legend(loc="upper right", fontsize=8, ncols=3)
-    axes[-1, 0].xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M"))
-    axes[-1, 0].set_xlabel("slot start (UTC)")
-    figure.suptitle("cleaned_data: measured and filled values per series", fontsize=11)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    png_path_writer(buffer.getvalue())
-
-
-def _stretches(times: list, gap: timedelta | None = None) -> list[tuple]:
-    """Group sorted slot times into (first, last) runs of consecutive slots."""
-    gap = gap or timedelta(seconds=60)
-    runs: list[list] = []
-    for t in times:
-        if runs and t - runs[-1][1] <= gap:
-            runs[-1][1] = t
-        else:
-            runs.append([t, t])
-    return [(a, b) for a, b in runs]
-
-
 def exit_code(results: list[Result]) -> int:
     """Return 1 when an error-severity check failed, else 0."""
     return 1 if any(not r.passed and r.severity == ERROR for r in results) else 0
@@ -584,16 +461,8 @@ def run(spark: SparkSession, paths: config.Paths, config_: CheckerConfig, show: 
         cleaned = spark.read.parquet(paths.cleaned_data).drop(PARTITION)
         results, listed = check_and_summarize(cleaned, read_unknown(spark, paths), config_)
         report_path = write_report(spark, paths, results)
-        if listed and show:
-            print(format_summary(listed) + "\n")
-            series = sorted((r[m.DEVICE_ID], r[m.SIGNAL_NAME]) for r in listed)[:CHART_SERIES]
-            # The chart needs its points in the driver: a few series over a bounded time span.
-            points = chart_points(cleaned, series).collect()
-            chart_path = config.join_path(paths.reports, CHART_FILE)
-            draw_chart(points, lambda png: write_bytes(spark, chart_path, png))
-            log.info("chart of %d series: %s", len(series), chart_path)
         if show:
-            print(format_table(results))
+            check_report.show(cleaned, listed, results, config.join_path(paths.reports, check_report.CHART_FILE))
         log_outcome(results, report_path, started)
         return results
 

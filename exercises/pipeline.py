@@ -68,13 +68,14 @@ def parse_args(argv: list[str] | None):
         parser.error(str(error))
 
 
-def run(spark, args, paths, cleaner_config, checker_config) -> int:
-    """Run the stages in order; return the first non-zero exit code, else 0."""
+def run(spark, paths, consumer_config, cleaner_config, checker_config) -> int:
+    """Run the stages in order (without ``consumer_config``, from consumer_data as it is); return the
+    first non-zero exit code, else 0."""
 
     def consume() -> int:
         try:
-            consumer.ingest(spark, paths, args)
-        except consumer.ConsumerError as error:
+            consumer.run(spark, paths, consumer_config)
+        except (consumer.ConsumerError, OSError, ValueError) as error:
             consumer.log.error("%s", error)
             return 1
         return 0
@@ -90,7 +91,7 @@ def run(spark, args, paths, cleaner_config, checker_config) -> int:
         return checker.exit_code(checker.run(spark, paths, checker_config))
 
     stages = [("processor", process), ("cleaner", clean), ("checker", check)]
-    if not args.skip_consumer:
+    if consumer_config is not None:
         stages.insert(0, ("consumer", consume))
     for name, stage in stages:
         started = time.monotonic()
@@ -110,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     started = time.monotonic()
     try:
-        if not args.skip_consumer:
-            consumer.kafka_options_from_args(args)  # fail on bad settings before Spark starts
+        # Bad Kafka settings fail here, before Spark starts.
+        consumer_config = None if args.skip_consumer else consumer.config_from_args(args)
         jars = None if args.skip_consumer else kafka_connector_jars(pyspark.__version__)
         spark = build_session("meter-stream pipeline", verbose=args.verbose, jars=jars)
     except (consumer.ConsumerError, OSError, ValueError) as error:
@@ -121,9 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         # After the session: PySpark's SparkContext sets its own SIGINT handler.
         should_stop = config.StopRequest(log)
         settings = live.Settings(cleaner_config, checker_config, args.report_window)
-        code = exit_code_of(lambda: live.watch(spark, args, paths, settings, should_stop), log)
+        consumer_live = None if consumer_config is None else consumer_config.continuous(float(args.watch))
+        code = exit_code_of(lambda: live.watch(spark, paths, settings, consumer_live, should_stop), log)
     else:
-        code = run(spark, args, paths, cleaner_config, checker_config)
+        code = run(spark, paths, consumer_config, cleaner_config, checker_config)
     log.info("pipeline %s in %.1f s", "done" if code == 0 else "stopped", time.monotonic() - started)
     return code
 

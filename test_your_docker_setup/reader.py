@@ -24,7 +24,10 @@ import uuid
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "exercises"))
 
-from common import config  # noqa: E402
+from common import (
+    config,  # noqa: E402
+    kafka_client,  # noqa: E402
+)
 from common import message as m  # noqa: E402
 
 BROKER_CHECK_SECONDS = 10.0
@@ -43,7 +46,7 @@ def describe(value: bytes | None) -> str:
     return " ".join(f"{field}={parsed.get(field)!r}" for field in m.FIELDS)
 
 
-def _broker_problem(consumer, errors: config.KafkaClientErrors) -> str | None:
+def _broker_problem(consumer, errors: kafka_client.KafkaClientErrors) -> str | None:
     """Return why the broker cannot be used (unreachable, authentication), or None when it can."""
     from confluent_kafka import KafkaException
 
@@ -65,13 +68,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--bootstrap-servers",
-        default=config.env_default(config.ENV_BOOTSTRAP_SERVERS, m.DEFAULT_BOOTSTRAP_SERVERS),
-        help=f"Kafka brokers [env {config.ENV_BOOTSTRAP_SERVERS}] (default %(default)s)",
+        default=config.env_default(kafka_client.ENV_BOOTSTRAP_SERVERS, m.DEFAULT_BOOTSTRAP_SERVERS),
+        help=f"Kafka brokers [env {kafka_client.ENV_BOOTSTRAP_SERVERS}] (default %(default)s)",
     )
     parser.add_argument(
         "--topic",
-        default=config.env_default(config.ENV_TOPIC, m.DEFAULT_TOPIC),
-        help=f"topic [env {config.ENV_TOPIC}] (default %(default)s)",
+        default=config.env_default(kafka_client.ENV_TOPIC, m.DEFAULT_TOPIC),
+        help=f"topic [env {kafka_client.ENV_TOPIC}] (default %(default)s)",
     )
     parser.add_argument("--group", default=None, help="consumer group (default: a new one, so it reads from the start)")
     parser.add_argument("--max-messages", type=int, default=None, help="stop after this many messages")
@@ -84,16 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     from confluent_kafka import Consumer
 
     args = parse_args(argv)
-    errors = config.KafkaClientErrors()
+    errors = kafka_client.KafkaClientErrors()
     consumer = Consumer(
         {
             "bootstrap.servers": args.bootstrap_servers,
             "group.id": args.group or f"meter-stream-reader-{uuid.uuid4().hex[:8]}",
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
-            "logger": config.silent_logger(),
+            "logger": kafka_client.silent_logger(),
             "error_cb": errors,
-            **config.kafka_security_from_env(),
+            **kafka_client.kafka_security_from_env(),
         }
     )
     cause = _broker_problem(consumer, errors)

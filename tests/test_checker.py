@@ -7,7 +7,8 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from checker import CheckerConfig, check_cleaned, exit_code, format_table, run
+from check_report import format_table
+from checker import CheckerConfig, check_cleaned, exit_code, run
 from common import message as m
 from common.contracts import CLEANED_SCHEMA, UNKNOWN_SERIES_SCHEMA
 

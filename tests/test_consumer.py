@@ -14,7 +14,9 @@ import checker
 import cleaner
 import processor
 from common.contracts import RAW_SCHEMA
-from consumer import ConsumerError, client_options, run
+from common.kafka_client import client_options
+from common.raw_input import CheckpointMismatchError
+from consumer import ConsumerConfig, run
 from tests.helpers import run_python
 
 pytestmark = pytest.mark.integration
@@ -45,7 +47,7 @@ def test_every_message_lands_once_with_the_kafka_schema(spark, kafka, paths):
     values = [f'{{"n": {i}}}'.encode() for i in range(50)]
     produce(kafka, topic, [{"value": v} for v in values])
 
-    result = run(spark, paths, kafka, topic, {})
+    result = run(spark, paths, ConsumerConfig(kafka, topic))
 
     rows = consumed(spark, paths).collect()
     assert result.rows == 50 and result.end_offsets == {topic: {"0": 50}}
@@ -58,12 +60,12 @@ def test_every_message_lands_once_with_the_kafka_schema(spark, kafka, paths):
 def test_reruns_add_only_new_messages(spark, kafka, paths):
     topic = new_topic(kafka)
     produce(kafka, topic, [{"value": b"first-%d" % i} for i in range(30)])
-    run(spark, paths, kafka, topic, {})
+    run(spark, paths, ConsumerConfig(kafka, topic))
     produce(kafka, topic, [{"value": b"second-%d" % i} for i in range(20)])
 
-    second = run(spark, paths, kafka, topic, {})
+    second = run(spark, paths, ConsumerConfig(kafka, topic))
     files_after_second = sorted(os.listdir(paths.consumer_data))
-    third = run(spark, paths, kafka, topic, {})
+    third = run(spark, paths, ConsumerConfig(kafka, topic))
 
     offsets = [r.offset for r in consumed(spark, paths).collect()]
     assert second.rows == 20 and third.rows == 0
@@ -80,7 +82,7 @@ def test_partitions_keys_headers_and_null_values(spark, kafka, paths):
     ]
     produce(kafka, topic, messages)
 
-    run(spark, paths, kafka, topic, {})
+    run(spark, paths, ConsumerConfig(kafka, topic))
 
     rows = consumed(spark, paths).collect()
     assert len(rows) == 14 and len({(r.partition, r.offset) for r in rows}) == 14
@@ -94,7 +96,7 @@ def test_partitions_keys_headers_and_null_values(spark, kafka, paths):
 def test_small_triggers_make_several_batches(spark, kafka, paths):
     topic = new_topic(kafka)
     produce(kafka, topic, [{"value": b"%d" % i} for i in range(50)])
-    result = run(spark, paths, kafka, topic, {}, max_offsets_per_trigger=20)
+    result = run(spark, paths, ConsumerConfig(kafka, topic, max_offsets_per_trigger=20))
     assert (result.batches, result.rows) == (3, 50)
     assert consumed(spark, paths).count() == 50
 
@@ -102,11 +104,11 @@ def test_small_triggers_make_several_batches(spark, kafka, paths):
 def test_missing_checkpoint_beside_existing_output_is_refused(spark, kafka, paths):
     topic = new_topic(kafka)
     produce(kafka, topic, [{"value": b"x"}])
-    run(spark, paths, kafka, topic, {})
+    run(spark, paths, ConsumerConfig(kafka, topic))
     os.rename(paths.checkpoint_consumer, paths.checkpoint_consumer + ".lost")
     produce(kafka, topic, [{"value": b"y"}])
-    with pytest.raises(ConsumerError, match="silently skip the new batches"):
-        run(spark, paths, kafka, topic, {})
+    with pytest.raises(CheckpointMismatchError, match="silently skip the new batches"):
+        run(spark, paths, ConsumerConfig(kafka, topic))
     assert consumed(spark, paths).count() == 1
 
 
@@ -137,7 +139,7 @@ def test_credentials_become_a_jaas_config_and_properties_win():
         'username="meter" password="s3cr\\"et";',
         "kafka.ssl.endpoint.identification.algorithm": "",
     }
-    with pytest.raises(ConsumerError, match="KAFKA_SASL_PASSWORD"):
+    with pytest.raises(ValueError, match="KAFKA_SASL_PASSWORD"):
         client_options({"sasl.username": "meter"}, {})
 
 
@@ -159,7 +161,7 @@ def test_producer_backfill_through_every_stage(spark, kafka, paths):
     assert produced.returncode == 0, produced.stderr
     delivered = int(produced.stderr.split("producer: ")[1].split()[0])
 
-    ingest = run(spark, paths, kafka, topic, {})
+    ingest = run(spark, paths, ConsumerConfig(kafka, topic))
     accounting = processor.run(spark, paths)
     cleaner.run(spark, paths, cleaner.CleanerConfig())
     results = checker.run(spark, paths, checker.CheckerConfig())
@@ -171,7 +173,7 @@ def test_producer_backfill_through_every_stage(spark, kafka, paths):
 def test_empty_topic_flows_through_every_stage_and_each_says_so(spark, kafka, paths, caplog):
     topic = new_topic(kafka)
     with caplog.at_level("INFO"):
-        assert run(spark, paths, kafka, topic, {}).rows == 0
+        assert run(spark, paths, ConsumerConfig(kafka, topic)).rows == 0
         assert processor.run(spark, paths) == processor.Accounting(0, 0, 0, 0)
         counts = cleaner.run(spark, paths, cleaner.CleanerConfig())
         results = checker.run(spark, paths, checker.CheckerConfig())

@@ -12,8 +12,8 @@ import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from common.raw_input import read_raw
+from consumer import ConsumerConfig, run
 from consumer import log as consumer_log
-from consumer import run
 from tests.conftest import free_port
 from tests.helpers import ROOT
 from tests.test_consumer import new_topic, produce
@@ -69,7 +69,7 @@ def test_sigkill_mid_ingest_then_rerun_lands_every_offset_once(spark, kafka, pat
     victim.wait()
     assert offsets_read_as_the_processor_reads(spark, paths) != [(0, i) for i in range(20_000)]
 
-    run(spark, paths, kafka, topic, {}, max_offsets_per_trigger=5_000)
+    run(spark, paths, ConsumerConfig(kafka, topic, max_offsets_per_trigger=5_000))
 
     assert offsets_read_as_the_processor_reads(spark, paths) == [(0, i) for i in range(20_000)]
 
@@ -99,12 +99,12 @@ def test_broker_restarted_between_runs_resumes_from_the_checkpoint(spark, own_br
     kafka, control = own_broker
     topic = new_topic(kafka)
     produce(kafka, topic, [{"value": b"before-%d" % i} for i in range(300)])
-    run(spark, paths, kafka, topic, {})
+    run(spark, paths, ConsumerConfig(kafka, topic))
     control("stop")
     control("start")
     produce(kafka, topic, [{"value": b"after-%d" % i} for i in range(200)])
 
-    second = run(spark, paths, kafka, topic, {})
+    second = run(spark, paths, ConsumerConfig(kafka, topic))
 
     assert second.rows == 200
     assert offsets_read_as_the_processor_reads(spark, paths) == [(0, i) for i in range(500)]
@@ -125,7 +125,7 @@ def test_broker_stopped_during_a_run_fails_it_and_the_next_run_completes(spark, 
     assert time.monotonic() - stopped < 180
     control("start")
 
-    run(spark, paths, kafka, topic, {})
+    run(spark, paths, ConsumerConfig(kafka, topic))
 
     assert offsets_read_as_the_processor_reads(spark, paths) == [(0, i) for i in range(30_000)]
 
@@ -147,14 +147,14 @@ def raw_values(spark, paths):
 def test_recreated_topic_is_read_again_from_its_start(spark, kafka, paths, caplog, new_messages):
     topic = new_topic(kafka)
     produce(kafka, topic, [{"value": b"old-%d" % i} for i in range(20)])
-    first = run(spark, paths, kafka, topic, {})
+    first = run(spark, paths, ConsumerConfig(kafka, topic))
     recreate(kafka, topic)
     produce(kafka, topic, [{"value": b"new-%d" % i} for i in range(new_messages)])
 
     with caplog.at_level("WARNING", logger=consumer_log.name):
-        recreated = run(spark, paths, kafka, topic, {})
+        recreated = run(spark, paths, ConsumerConfig(kafka, topic))
     produce(kafka, topic, [{"value": b"newer-%d" % i} for i in range(30)])
-    after = run(spark, paths, kafka, topic, {})
+    after = run(spark, paths, ConsumerConfig(kafka, topic))
 
     assert (first.generation, recreated.generation, after.generation) == (0, 1, 1)
     assert f"topic {topic} was deleted and recreated" in caplog.text
@@ -173,7 +173,7 @@ def test_topic_recreated_during_a_run_is_read_again_by_the_next(spark, kafka, pa
     produce(kafka, topic, [{"value": b"new-%d" % i} for i in range(5)])
     _out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-2000:]
-    after = run(spark, paths, kafka, topic, {})
+    after = run(spark, paths, ConsumerConfig(kafka, topic))
 
     assert f"topic {topic} was deleted and recreated" in err
     assert after.generation == 1 and after.rows == 0
@@ -212,7 +212,7 @@ def test_continuous_run_keeps_reading_and_stops_cleanly_on_sigterm(spark, kafka,
         for name in ("offsets", "commits")
     }
     assert max(batches["offsets"]) == max(batches["commits"])  # stopped between batches
-    rerun = run(spark, paths, kafka, topic, {})
+    rerun = run(spark, paths, ConsumerConfig(kafka, topic))
     # Whatever the stopped run had not read, the next one reads; nothing twice.
     assert offsets_read_as_the_processor_reads(spark, paths) == [(0, i) for i in range(300)]
     assert rerun.rows < 300

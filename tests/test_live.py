@@ -18,7 +18,7 @@ import checker
 import cleaner
 import live
 import processor
-from common import config
+from common import config, kafka_client
 from common.contracts import CLEANED_SCHEMA, PROCESSED_SCHEMA, QUARANTINE_SCHEMA, RAW_SCHEMA, UNKNOWN_SERIES_SCHEMA
 from common.storage import read_output
 from make_sample_data import raw_rows
@@ -183,7 +183,7 @@ def wait_for_cycles(path, count, process, timeout=300):
 
 def start_feed(kafka, options, seed):
     """A new topic with 5 minutes of backfill (replays mixed in) and a producer sending every second."""
-    env = {**os.environ, config.ENV_BOOTSTRAP_SERVERS: kafka, config.ENV_TOPIC: new_topic(kafka)}
+    env = {**os.environ, kafka_client.ENV_BOOTSTRAP_SERVERS: kafka, kafka_client.ENV_TOPIC: new_topic(kafka)}
     feed = ["--quiet", "--replay-share", "0.1", *options]
     assert run_python("producer.py", "--backfill", "5m", "--seed", str(seed), *feed, env=env).returncode == 0
     return env, subprocess.Popen([sys.executable, "producer.py", "--interval", "1", *feed], cwd=ROOT, env=env)

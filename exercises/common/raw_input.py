@@ -1,4 +1,9 @@
-"""Reading consumer_data: its topic generations and file-sink logs, also when copied from another machine."""
+"""consumer_data's layout: one file-sink output per topic generation, and how to read it.
+
+The consumer chooses the generation it writes (``choose_generation``) and checks that its sink and
+checkpoint agree; the processor and the live runner read every generation (``read_raw``), also when
+the folder was copied from another machine.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,17 @@ import re
 
 from pyspark.sql import DataFrame, SparkSession
 
+from common import config
 from common.contracts import RAW_SCHEMA
-from common.storage import SINK_LOG, StageInputError, list_files, local_path, path_exists, read_text
+from common.storage import SINK_LOG, StageInputError, list_files, local_path, path_exists, read_text, write_text
 
 GENERATION_PREFIX = "generation-"
+#: In the consumer's checkpoint folder: the topic's id and the current generation (``choose_generation``).
+GENERATION_STATE = "generation.json"
+
+
+class CheckpointMismatchError(ValueError):
+    """consumer_data's sink log is ahead of the consumer's checkpoint; the message says how to fix it."""
 
 
 def generation_folder(root: str, generation: int) -> str:
@@ -115,3 +127,77 @@ def sink_log_entries(spark: SparkSession, log_file: str) -> list[dict]:
             if entry.get("action") == "add" and entry.get("path"):
                 entries.append(entry)
     return entries
+
+
+# --- the consumer's side ------------------------------------------------------------------------
+
+
+def choose_generation(
+    spark: SparkSession, paths: config.Paths, topic: str, current_id: str | None, log: logging.Logger
+) -> int:
+    """Return the generation to ingest into: a new one when the topic was recreated since the last run.
+
+    Spark cannot rewind a checkpointed Kafka source: after a topic is deleted and recreated, it
+    would skip the new topic's messages up to the old offsets. So the consumer keeps the topic's id
+    with the checkpoint; when the id changes, it starts generation N+1, a new checkpoint and output
+    subfolder (``generation_folder``) read from the new topic's earliest offset. The processor reads
+    every generation. The record is written before the stream starts, so a failed run resumes the
+    same generation.
+    """
+    state_path = f"{paths.checkpoint_consumer.rstrip('/')}/{GENERATION_STATE}"
+    text = read_text(spark, state_path)
+    state = json.loads(text) if text else {}
+    generation = int(state.get("generation", 0))
+    recorded = state.get("topic_id") if state.get("topic") == topic else None
+    if current_id is None or current_id == recorded:
+        return generation
+    if recorded is not None:
+        generation += 1
+        log.warning(
+            "topic %s was deleted and recreated (its id changed from %s to %s): reading it "
+            "from its earliest offset into %s, with the checkpoint %s. What was ingested from the old topic "
+            "stays in %s.",
+            topic,
+            recorded,
+            current_id,
+            generation_folder(paths.consumer_data, generation),
+            generation_folder(paths.checkpoint_consumer, generation),
+            paths.consumer_data,
+        )
+    state = {"topic": topic, "topic_id": current_id, "generation": generation}
+    write_text(spark, state_path, json.dumps(state, indent=2) + "\n")
+    return generation
+
+
+def _latest_batch(spark: SparkSession, folder: str) -> int:
+    """The highest batch id among a streaming log folder's files (``N`` or ``N.compact``); -1 if none."""
+    ids = [
+        int(match.group(1))
+        for name in list_files(spark, f"{folder}/*")
+        if (match := re.fullmatch(r"(\d+)(\.compact)?", name.rsplit("/", 1)[-1]))
+    ]
+    return max(ids, default=-1)
+
+
+def check_sink_matches_checkpoint(spark: SparkSession, output: str, checkpoint: str) -> None:
+    """Refuse to run when the file sink would silently skip the next batches.
+
+    The parquet sink skips every batch whose id is not above the latest one in its
+    ``_spark_metadata`` log. When the log is ahead of the checkpoint's commits (the checkpoint was
+    deleted, or belongs to other output), new data would be dropped without a word.
+
+    Raises:
+        CheckpointMismatchError: naming both folders and how to fix it.
+    """
+    sink_batch = _latest_batch(spark, f"{output.rstrip('/')}/{SINK_LOG}")
+    if sink_batch < 0:
+        return
+    committed = _latest_batch(spark, f"{checkpoint.rstrip('/')}/commits")
+    if sink_batch > committed:
+        raise CheckpointMismatchError(
+            f"{output} holds a {SINK_LOG} log up to batch {sink_batch}, but the checkpoint "
+            f"{checkpoint} has committed only up to batch {committed} (missing, or made for "
+            "other output); Spark would silently skip the new batches. Restore the checkpoint that belongs "
+            "to this output, or move the output aside (or point --consumer-data and --checkpoint-consumer "
+            "at new folders) and consume again from the earliest offset."
+        )

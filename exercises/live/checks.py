@@ -1,0 +1,182 @@
+"""The live checks: the new grid rows' figures continued from each series' state, the running figures of the
+report window, and the report."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+import checker
+import cleaner
+from common import config
+from common import message as m
+from common.contracts import (
+    PARTITION,
+    UNKNOWN_SERIES_SCHEMA,
+)
+from common.storage import (
+    path_exists,
+    replace_output,
+    stage_lock,
+)
+from live.store import (
+    FIGURES,
+    FIGURES_SCHEMA,
+    KEYS,
+    REPLACES,
+    SERIES_STATE_SCHEMA,
+    Cursor,
+    Settings,
+    conform,
+    hour_of_micros,
+    read_figures,
+    write_state,
+)
+
+if TYPE_CHECKING:
+    from live.cycle import Grid
+
+log = config.get_logger("live")
+
+
+def check_state(grid: Grid, settings: Settings) -> tuple[DataFrame, DataFrame, int | None]:
+    """Annotate the cycle's grid rows for the checks; return (figures per series and hour, state updates, newest).
+
+    The state updates are, per series with new rows: its last slot and value, the flat run it ends
+    with and the tail of its last ``spike_window`` values, from which the next cycle's checks go on.
+    One aggregation per (series, hour) gives the figures and each hour's last slot, value, flat run
+    and values; the updates come from those few rows per series. (With the annotated rows persisted
+    for two aggregations and the tail carried through them: 9.5-11 s at 100,000 series × 2 slots on
+    2 cores; so: 4.3-4.6 s.)
+    """
+    config_ = settings.checker
+    window = config_.spike_window
+    slot = F.unix_micros(m.T_MEASUREMENT)
+    # The values in slot order, nulls included (a struct is never null); the last `window` of them.
+    values = F.array_sort(F.collect_list(F.struct(slot.alias("slot"), F.col(m.VALUE).alias("value"))))
+    hourly = (
+        grid.rows.transform(checker.annotate_rows(config_))
+        .transform(
+            checker.series_figures(
+                config_,
+                PARTITION,
+                REPLACES,
+                extra=[
+                    F.max(slot).alias("_last_slot"),
+                    F.max_by(m.VALUE, slot).alias("_last_value"),
+                    F.max_by("_flat_run", slot).cast("long").alias("_last_flat_run"),
+                    _last(values, window).alias("_values"),
+                ],
+            )
+        )
+        .persist()
+    )
+    figures = hourly.drop("_last_slot", "_last_value", "_last_flat_run", "_values")
+    hours = F.array_sort(F.collect_list(F.struct(F.col("_last_slot"), F.col("_values"))))
+    # Read once, by the state's merge: not persisted.
+    updates = hourly.groupBy(*KEYS).agg(
+        F.max("_last_slot").alias("last_slot"),
+        F.max_by("_last_value", "_last_slot").alias("last_value"),
+        F.max_by("_last_flat_run", "_last_slot").alias("flat_run"),
+        _last(F.transform(F.flatten(F.transform(hours, lambda x: x["_values"])), lambda x: x["value"]), window).alias(
+            "new_values"
+        ),
+        F.max(REPLACES).alias(REPLACES),
+    )
+    newest = hourly.agg(F.max("_last_slot")).first()[0]
+    return figures, updates, newest
+
+
+def _last(items: Column, count: int) -> Column:
+    """The last ``count`` elements of an array (all of a shorter one)."""
+    return F.slice(items, F.greatest(F.size(items) - count + 1, F.lit(1)), count)
+
+
+def update_figures(
+    spark: SparkSession,
+    paths: config.Paths,
+    settings: Settings,
+    cursor: Cursor,
+    new: DataFrame,
+    newest: int | None,
+    cycle: int,
+) -> DataFrame:
+    """Write, and return, the running check figures per series and hour of the report window after this cycle.
+
+    New rows' figures add to their (series, hour); a recomputed series' figures replace its old
+    ones for the hours it was recomputed in (they cover those hours whole).
+    """
+    old = read_figures(spark, paths, cursor.cycle)
+    replaced = new.where(F.col(REPLACES)).select(*KEYS, PARTITION)
+    old = old.join(replaced, [*KEYS, PARTITION], "left_anti")
+    newest = max(filter(None, [cursor.newest, newest]), default=None)
+    merged = old.unionByName(new.drop(REPLACES))
+    figures = merged.groupBy(*KEYS, PARTITION).agg(
+        *[F.sum(name).alias(name) for name in checker.SUMMED_FIGURES],
+        *[F.max(name).alias(name) for name in checker.LARGEST_FIGURES],
+    )
+    if newest is not None:
+        since = hour_of_micros(newest - int(settings.report_window_seconds * 1_000_000))
+        figures = figures.where(F.col(PARTITION) >= since)
+    write_state(conform(figures, FIGURES_SCHEMA), paths, FIGURES, cycle)
+    return read_figures(spark, paths, cycle)
+
+
+def merge_state(state: DataFrame, processed: DataFrame, grid: DataFrame, window: int) -> DataFrame:
+    """The per-series state after a cycle: the old rows with the processor's and the cleaner's updates.
+
+    A grown series' tail is its old tail and the new values, the last ``window`` of them; a
+    recomputed one's is its new values.
+    """
+    old = state.select(*KEYS, *[F.col(c).alias(f"old_{c}") for c in SERIES_STATE_SCHEMA.fieldNames()[2:]])
+    gained = processed.select(*KEYS, F.col("rows").alias("new_rows"), F.col("max_t").alias("new_max_t"))
+    grown = grid.select(*KEYS, F.lit(True).alias("_grown"), *[F.col(c).alias(f"new_{c}") for c in grid.columns[2:]])
+    merged = old.join(gained, KEYS, "full").join(grown, KEYS, "full")
+    none = F.array().cast("array<double>")
+    carried = F.when(F.col(f"new_{REPLACES}"), none).otherwise(F.coalesce("old_tail", none))
+    new = {
+        "last_slot": F.col("new_last_slot"),
+        "last_value": F.col("new_last_value"),
+        "flat_run": F.col("new_flat_run"),
+        "tail": _last(F.concat(carried, "new_new_values"), window),
+    }
+    return merged.select(
+        *KEYS,
+        (F.coalesce("old_rows", F.lit(0)) + F.coalesce("new_rows", F.lit(0))).alias("rows"),
+        F.greatest("old_max_t", "new_max_t").alias("max_t"),
+        *[F.when(F.col("_grown"), column).otherwise(F.col(f"old_{name}")).alias(name) for name, column in new.items()],
+    )
+
+
+def write_unknown(
+    spark: SparkSession,
+    paths: config.Paths,
+    config_: cleaner.CleanerConfig,
+    state: DataFrame,
+    touched: DataFrame | None = None,
+) -> None:
+    """Write unknown_series from the state: always, or with ``touched``, when it has a series outside the catalog."""
+    catalog = cleaner.catalog_frame(spark, config_)
+    if catalog is None:
+        if not path_exists(spark, paths.unknown_series):
+            replace_output(spark.createDataFrame([], UNKNOWN_SERIES_SCHEMA), paths.unknown_series, log)
+        return
+    exists = path_exists(spark, paths.unknown_series)
+    if touched is not None and exists and touched.join(F.broadcast(catalog), KEYS, "left_anti").isEmpty():
+        return
+    unknown = state.join(F.broadcast(catalog), KEYS, "left_anti").where(F.col("rows") > 0).select(*KEYS, "rows")
+    replace_output(unknown, paths.unknown_series, log)
+
+
+def write_report(spark: SparkSession, paths: config.Paths, config_: checker.CheckerConfig, figures: DataFrame) -> int:
+    """Check the running figures of the report window, write the report; return the checker's exit code."""
+    with stage_lock(paths.reports, checker.STAGE, checker.log):
+        started = time.monotonic()
+        schema = checker.Result("schema", checker.ERROR, True, "as declared", "cleaned_data contract")
+        metrics = checker.summarize_figures(figures)
+        results, _listed = checker.evaluate(metrics, checker.read_unknown(spark, paths), config_, [schema])
+        checker.log_outcome(results, checker.write_report(spark, paths, results), started)
+        return checker.exit_code(results)

@@ -1,0 +1,276 @@
+"""The runner behind ``pipeline.py --watch``: the start (a full run when there is no usable state), the
+consumer in a thread, and a cycle whenever new raw files are committed."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+import checker
+import cleaner
+import consumer
+import processor
+from common import config
+from common import message as m
+from common.contracts import (
+    CLEANED_SCHEMA,
+    PARTITION,
+    PROCESSED_SCHEMA,
+    QUARANTINE_SCHEMA,
+)
+from common.storage import (
+    delete_path,
+    make_folder,
+    path_exists,
+    read_partitioned,
+    replace_output,
+    stage_lock,
+    write_text,
+)
+from live.checks import write_unknown
+from live.compaction import Compactor
+from live.cycle import CycleResult, run_cycle
+from live.store import (
+    FIGURES,
+    FIGURES_SCHEMA,
+    KEYS,
+    SERIES_STATE,
+    SERIES_STATE_SCHEMA,
+    Cursor,
+    Settings,
+    SinkPosition,
+    commit_cursor,
+    conform,
+    hour_of_micros,
+    new_raw_files,
+    read_cursor,
+    read_series_state,
+    recover,
+    state_folder,
+    write_state,
+)
+
+log = config.get_logger("live")
+
+
+#: In reports: the live runner's recent cycles with their latency histograms.
+LIVE_CYCLES = "live_cycles.json"
+KEPT_CYCLES = 2000
+
+
+def percentile(histogram: dict[float, int], share: float) -> float | None:
+    """The bucket (upper edge) below which ``share`` of the counted latencies lie."""
+    total = sum(histogram.values())
+    if not total:
+        return None
+    seen = 0
+    for bucket in sorted(histogram):
+        seen += histogram[bucket]
+        if seen >= share * total:
+            return round(bucket + 0.1, 1)
+    return None
+
+
+def start(spark: SparkSession, paths: config.Paths, settings: Settings) -> Cursor:
+    """Return the committed cursor to go on from, after repairing what an interrupted cycle left.
+
+    Without a cursor made with these settings (first start, other settings, or a batch run
+    replaced the outputs since: the state says nothing about them then), one full run first: the
+    batch stages, then the state and the figures built from their outputs.
+    """
+    cursor = read_cursor(spark, paths)
+    if cursor is not None and cursor.settings == settings.fingerprint and _outputs_match(spark, paths, cursor):
+        log.info("live: going on after cycle %d", cursor.cycle)
+        recover(spark, paths, cursor)
+        # The interrupted cycle may have written it from its own state.
+        write_unknown(spark, paths, settings.cleaner, read_series_state(spark, paths, cursor.cycle))
+        return cursor
+    delete_path(spark, paths.live_state)
+    # Positions before the full run: a file that arrives during it is read twice, not missed.
+    _files, positions = new_raw_files(spark, paths, {})
+    if path_exists(spark, paths.consumer_data):
+        log.info("live: no usable live state in %s: one full run first", paths.live_state)
+        processor.run(spark, paths)
+        cleaner.run(spark, paths, settings.cleaner)
+        checker.run(spark, paths, settings.checker, show=False)
+    state, figures, newest = initial_state(spark, paths, settings)
+    if not path_exists(spark, paths.quarantine_data):  # cycles add to it only when they reject a row
+        replace_output(spark.createDataFrame([], QUARANTINE_SCHEMA), paths.quarantine_data, log)
+    for output in (paths.processed_data, paths.cleaned_data):
+        make_folder(spark, output)
+        write_text(spark, config.join_path(output, LIVE_MARKER), "kept up to date by the live mode\n")
+    write_state(state, paths, SERIES_STATE, 0)
+    write_state(figures, paths, FIGURES, 0)
+    cursor = Cursor(0, positions, settings.fingerprint, newest, {})
+    commit_cursor(spark, paths, cursor)
+    return cursor
+
+
+def _outputs_match(spark: SparkSession, paths: config.Paths, cursor: Cursor) -> bool:
+    """Whether the outputs are still the ones the state describes (a batch run leaves no live marker)."""
+    return path_exists(spark, state_folder(paths, SERIES_STATE, cursor.cycle)) and all(
+        path_exists(spark, config.join_path(output, LIVE_MARKER))
+        for output in (paths.processed_data, paths.cleaned_data)
+    )
+
+
+#: In processed_data and cleaned_data: written when the live state is built; a batch run replaces the
+#: folder without it.
+LIVE_MARKER = "_live"
+
+
+def initial_state(
+    spark: SparkSession, paths: config.Paths, settings: Settings
+) -> tuple[DataFrame, DataFrame, int | None]:
+    """Build the per-series state and the report window's figures from full outputs (after a full run)."""
+    if not path_exists(spark, paths.cleaned_data):
+        return spark.createDataFrame([], SERIES_STATE_SCHEMA), spark.createDataFrame([], FIGURES_SCHEMA), None
+    processed = read_partitioned(spark, paths.processed_data, PROCESSED_SCHEMA)
+    counts = processed.groupBy(*KEYS).agg(F.count(F.lit(1)).alias("rows"), F.max(m.T_MEASUREMENT).alias("max_t"))
+    cleaned = read_partitioned(spark, paths.cleaned_data, CLEANED_SCHEMA)
+    step = settings.cleaner.slot_seconds * 1_000_000
+    window = settings.checker.spike_window
+    slot = F.unix_micros(m.T_MEASUREMENT)
+    ends = cleaned.groupBy(*KEYS).agg(F.max(slot).alias("last_slot"), F.max_by(m.VALUE, slot).alias("last_value"))
+    tail = F.array_sort(F.collect_list(F.when(slot > F.col("last_slot") - window * step, F.struct(slot, m.VALUE))))
+    grid = (
+        cleaned.join(ends, KEYS)
+        .groupBy(*KEYS, "last_slot", "last_value")
+        .agg(
+            F.max(F.when(~F.col(m.VALUE).eqNullSafe(F.col("last_value")), slot)).alias("_break"),
+            F.min(slot).alias("_first"),
+            tail.alias("_tail"),
+        )
+        .select(
+            *KEYS,
+            "last_slot",
+            "last_value",
+            ((F.col("last_slot") - F.coalesce("_break", F.col("_first") - step)) / step).cast("long").alias("flat_run"),
+            F.transform("_tail", lambda x: x[m.VALUE]).alias("tail"),
+        )
+    )
+    state = conform(counts.join(grid, KEYS, "full"), SERIES_STATE_SCHEMA)
+    newest = ends.agg(F.max("last_slot")).first()[0]
+    figures = spark.createDataFrame([], FIGURES_SCHEMA)
+    if newest is not None:
+        since = hour_of_micros(newest - int(settings.report_window_seconds * 1_000_000))
+        figures = (
+            cleaned.where(F.col(PARTITION) >= since)
+            .transform(checker.annotate_rows(settings.checker))
+            .transform(checker.series_figures(settings.checker, PARTITION))
+            .transform(lambda frame: conform(frame, FIGURES_SCHEMA))
+        )
+    return state, figures, newest
+
+
+class LiveRunner:
+    """The live mode behind ``--watch``: a continuous consumer and a cycle whenever it committed new files."""
+
+    def __init__(self, spark, paths, settings, should_stop) -> None:
+        self.spark, self.paths, self.settings = spark, paths, settings
+        self.should_stop = should_stop
+        self.cycles: list[dict] = []
+        self.consumer_errors: list[Exception] = []
+        self.compactor = Compactor(background=True)
+
+    def start_consumer(self, config_: consumer.ConsumerConfig) -> threading.Thread:
+        """Run the consumer (continuous: a batch every ``config_.interval_seconds``) in a thread of this session."""
+
+        def consume() -> None:
+            try:
+                consumer.run(self.spark, self.paths, config_, self.should_stop)
+            except Exception as error:  # reported by the main loop, which then stops
+                consumer.log.error("%s", error)
+                self.consumer_errors.append(error)
+
+        thread = threading.Thread(target=consume, name="consumer", daemon=True)
+        thread.start()
+        return thread
+
+    def cycle(self, cursor: Cursor, files: list[str], positions: dict[str, SinkPosition]) -> Cursor:
+        """Run one cycle under the stages' locks; log and keep its metrics; return the new cursor."""
+        started, wall = time.monotonic(), time.time()
+        with stage_lock(self.paths.processed_data, "processor", processor.log):
+            with stage_lock(self.paths.cleaned_data, "cleaner", cleaner.log):
+                cursor, result = run_cycle(
+                    self.spark, self.paths, self.settings, cursor, files, positions, self.compactor
+                )
+        metrics = cycle_metrics(len(self.cycles) + 1, wall, time.monotonic() - started, result)
+        self.cycles = [*self.cycles, metrics][-KEPT_CYCLES:]
+        write_text(self.spark, config.join_path(self.paths.reports, LIVE_CYCLES), json.dumps(self.cycles) + "\n")
+        log.info(
+            "cycle %d: %d raw rows = %d new + %d quarantined + %d duplicates; latency p50 %s s, p95 %s s, "
+            "max %s s; freshness %s s; checks exit %s; %.1f s (processor %.1f, cleaner %.1f, checker %.1f)",
+            *(metrics[k] for k in ("cycle", "raw_rows", "processed", "quarantined", "duplicates")),
+            *(metrics[k] for k in ("latency_p50_s", "latency_p95_s", "latency_max_s", "freshness_s")),
+            *(metrics[k] for k in ("checker_exit_code", "seconds", "processor_s", "cleaner_s", "checker_s")),
+        )
+        return cursor
+
+
+def cycle_metrics(number: int, wall: float, seconds: float, result: CycleResult) -> dict:
+    """One entry of ``reports/live_cycles.json``."""
+    histogram, accounting = result.latency_histogram, result.accounting
+    return {
+        "cycle": number,
+        "at": datetime.fromtimestamp(wall, UTC).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 2),
+        **{name: round(value, 2) for name, value in result.seconds.items()},
+        "raw_rows": accounting.raw,
+        "processed": accounting.processed,
+        "quarantined": accounting.quarantined,
+        "duplicates": accounting.duplicates,
+        "measurements": sum(histogram.values()),
+        "latency_p50_s": percentile(histogram, 0.5),
+        "latency_p95_s": percentile(histogram, 0.95),
+        "latency_max_s": percentile(histogram, 1.0),
+        "freshness_s": None if result.newest is None else round(time.time() - result.newest / 1_000_000, 1),
+        "checker_exit_code": result.exit_code,
+        "latency_histogram": {f"{bucket:.1f}": count for bucket, count in sorted(histogram.items())},
+    }
+
+
+def watch(
+    spark: SparkSession,
+    paths: config.Paths,
+    settings: Settings,
+    consumer_config: consumer.ConsumerConfig | None,
+    should_stop: Callable[[], bool],
+) -> int:
+    """Run the live mode until ``should_stop()``; return the exit code.
+
+    After ``start`` (a full run only when there is no usable state), the consumer runs continuously
+    in a thread of this session (a batch every ``consumer_config.interval_seconds``; without
+    ``consumer_config``, another process fills consumer_data). A cycle starts as soon as new raw
+    files are committed. On SIGTERM or Ctrl-C the
+    consumer ends after its batch, a last cycle takes what it wrote, and the run exits 0.
+    """
+    runner = LiveRunner(spark, paths, settings, should_stop)
+    cursor = start(spark, paths, settings)
+    # A cycle's data is small: one shuffle partition per core, not Spark's default of 200.
+    spark.conf.set("spark.sql.shuffle.partitions", str(spark.sparkContext.defaultParallelism))
+    thread = None if consumer_config is None else runner.start_consumer(consumer_config)
+    log.info(
+        "live: a cycle as soon as new raw data is committed%s; Ctrl-C stops",
+        "" if consumer_config is None else f" (consumer every {consumer_config.interval_seconds:g} s)",
+    )
+    while True:
+        finished = thread is None or not thread.is_alive()
+        files, after = new_raw_files(spark, paths, cursor.positions)
+        if files:
+            cursor = runner.cycle(cursor, files, after)
+            continue
+        if runner.consumer_errors:
+            runner.compactor.close(spark)
+            return 1
+        if should_stop() and finished:
+            runner.compactor.close(spark)
+            log.info("live: stopped after %d cycles", len(runner.cycles))
+            return 0
+        time.sleep(0.5)

@@ -1,0 +1,303 @@
+"""What the live mode keeps and how it writes: the cursor over consumer_data's sink logs, the per-series state,
+and the file protocol (appended files, swapped hours, recovery) that makes a cycle atomic."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+import checker
+import cleaner
+from common import config
+from common import message as m
+from common.contracts import (
+    PARTITION,
+    PARTITION_FORMAT,
+    hour_value,
+)
+from common.raw_input import generation_folders, sink_log_entries
+from common.storage import (
+    SINK_LOG,
+    delete_path,
+    list_files,
+    make_folder,
+    parquet_writer,
+    path_exists,
+    read_text,
+    rename_path,
+    write_text,
+)
+
+log = config.get_logger("live")
+
+
+KEYS = [m.DEVICE_ID, m.SIGNAL_NAME]
+CURSOR_FILE = "cursor.json"
+SERIES_STATE = "series"
+FIGURES = "figures"
+CYCLE_TAG = "cycle-"
+UNDO_SUFFIX = ".undo-"
+STAGING_SUFFIX = ".staging-"
+#: Marks the grid rows of a recomputed series: their figures replace the old ones of their hours.
+REPLACES = "_replaces"
+#: Written into the cursor: state written by another layout or other settings needs a full run.
+LAYOUT = f"live-2 {PARTITION}={PARTITION_FORMAT}"
+
+#: The running check figures: one row per series and hour (``checker.series_figures``).
+FIGURES_SCHEMA = T.StructType(
+    [
+        *[T.StructField(key, T.StringType()) for key in KEYS],
+        T.StructField(PARTITION, T.LongType()),
+        *[T.StructField(name, T.LongType()) for name in checker.SUMMED_FIGURES],
+        *[
+            T.StructField(name, T.DoubleType() if name == "report_delay_seconds" else T.LongType())
+            for name in checker.LARGEST_FIGURES
+        ],
+    ]
+)
+
+#: One row per series: what a cycle needs to know of it (see the module docstring).
+SERIES_STATE_SCHEMA = T.StructType(
+    [
+        T.StructField(m.DEVICE_ID, T.StringType()),
+        T.StructField(m.SIGNAL_NAME, T.StringType()),
+        T.StructField("rows", T.LongType()),
+        T.StructField("max_t", T.TimestampType()),
+        T.StructField("last_slot", T.LongType()),
+        T.StructField("last_value", T.DoubleType()),
+        T.StructField("flat_run", T.LongType()),
+        T.StructField("tail", T.ArrayType(T.DoubleType())),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class SinkPosition:
+    """How far a reader has read a file-sink output: its latest log batch and file time (ms)."""
+
+    batch: int = -1
+    modified_ms: int = -1
+
+
+def new_sink_files(spark: SparkSession, folder: str, since: SinkPosition) -> tuple[list[str], SinkPosition]:
+    """Return the files a file-sink output committed after ``since``, and the position after them.
+
+    Batch log files above ``since.batch`` hold only new files. A compact log file (every tenth
+    batch) repeats the older ones too; of those, the files modified after ``since.modified_ms`` are
+    new: the sink commits batches one after another, so a later batch's files are written after
+    every file of the batches before it.
+    """
+    files: set[str] = set()
+    batch, modified = since.batch, since.modified_ms
+    for log_file in list_files(spark, f"{folder.rstrip('/')}/{SINK_LOG}/*"):
+        match = re.fullmatch(r"(\d+)(\.compact)?", log_file.rsplit("/", 1)[-1])
+        if not match or int(match.group(1)) <= since.batch:
+            continue
+        batch = max(batch, int(match.group(1)))
+        for entry in sink_log_entries(spark, log_file):
+            if match.group(2) and entry["modificationTime"] <= since.modified_ms:
+                continue
+            files.add(entry["path"])
+            modified = max(modified, int(entry["modificationTime"]))
+    return sorted(files), SinkPosition(batch, modified)
+
+
+def new_raw_files(
+    spark: SparkSession, paths: config.Paths, since: dict[str, SinkPosition]
+) -> tuple[list[str], dict[str, SinkPosition]]:
+    """Return (new raw files, positions after them) over every generation of consumer_data."""
+    files, positions = [], {}
+    for folder in generation_folders(spark, paths.consumer_data):
+        key = "." if folder == paths.consumer_data else folder.rsplit("/", 1)[-1]
+        new, positions[key] = new_sink_files(spark, folder, since.get(key, SinkPosition()))
+        files += new
+    return files, positions
+
+
+@dataclass
+class Cursor:
+    """The committed state of the live mode (``live_state/cursor.json``).
+
+    Attributes:
+        cycle: the last committed cycle (0: the full run).
+        positions: consumer_data's positions after that cycle, per generation folder.
+        settings: the layout and the cleaner's and checker's settings the state was made with.
+        newest: the newest slot in cleaned_data (epoch microseconds), or None.
+        open_hours: per output, the hours cycles appended to that are not compacted yet.
+    """
+
+    cycle: int
+    positions: dict[str, SinkPosition]
+    settings: str
+    newest: int | None = None
+    open_hours: dict[str, list[int]] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        fields = asdict(self)
+        fields["positions"] = {key: asdict(position) for key, position in self.positions.items()}
+        return json.dumps(fields, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Cursor:
+        fields = json.loads(text)
+        fields["positions"] = {key: SinkPosition(**value) for key, value in fields["positions"].items()}
+        return cls(**fields)
+
+
+def read_cursor(spark: SparkSession, paths: config.Paths) -> Cursor | None:
+    """The committed cursor, or None when there is none."""
+    text = read_text(spark, config.join_path(paths.live_state, CURSOR_FILE))
+    return Cursor.from_json(text) if text else None
+
+
+def commit_cursor(spark: SparkSession, paths: config.Paths, cursor: Cursor) -> None:
+    """Commit a cycle: one atomic write (a rename) of ``cursor.json``."""
+    write_text(spark, config.join_path(paths.live_state, CURSOR_FILE), cursor.to_json())
+
+
+def state_folder(paths: config.Paths, kind: str, cycle: int) -> str:
+    return config.join_path(paths.live_state, f"{kind}-{cycle}")
+
+
+def read_series_state(spark: SparkSession, paths: config.Paths, cycle: int) -> DataFrame:
+    return spark.read.schema(SERIES_STATE_SCHEMA).parquet(state_folder(paths, SERIES_STATE, cycle))
+
+
+def read_figures(spark: SparkSession, paths: config.Paths, cycle: int) -> DataFrame:
+    return spark.read.schema(FIGURES_SCHEMA).parquet(state_folder(paths, FIGURES, cycle))
+
+
+def conform(frame: DataFrame, schema: T.StructType) -> DataFrame:
+    return frame.select(*[F.col(f.name).cast(f.dataType) for f in schema.fields])
+
+
+def write_state(frame: DataFrame, paths: config.Paths, kind: str, cycle: int) -> None:
+    """Write one of a cycle's state tables (a folder of its own, named by the cycle; a file per task)."""
+    frame.write.mode("overwrite").parquet(state_folder(paths, kind, cycle))
+
+
+def _hour_of_file(path: str) -> int | None:
+    match = re.search(rf"/{PARTITION}=(\d+)/[^/]+$", path)
+    return int(match.group(1)) if match else None
+
+
+def append_files(frame: DataFrame, output: str, cycle: int, partitioned: bool = True) -> list[int]:
+    """Add ``frame``'s rows to ``output`` as new files named for the cycle; return the hours written.
+
+    The files are written to a staging folder first and then renamed into place one by one, so a
+    reader sees only whole files. Each is one task's rows of one hour: no folder is rewritten.
+    """
+    spark = frame.sparkSession
+    staging = f"{output}{STAGING_SUFFIX}{cycle}"
+    delete_path(spark, staging)
+    writer = parquet_writer(frame).mode("overwrite")
+    (writer.partitionBy(PARTITION) if partitioned else writer).parquet(staging)
+    hours = set()
+    for file in list_files(spark, f"{staging}/{PARTITION}=*/*.parquet" if partitioned else f"{staging}/*.parquet"):
+        hour = _hour_of_file(file)
+        folder = f"{output}/{PARTITION}={hour}" if partitioned else output
+        make_folder(spark, folder)
+        rename_path(spark, file, f"{folder}/{CYCLE_TAG}{cycle:08d}-{file.rsplit('/', 1)[-1]}")
+        if hour is not None:
+            hours.add(hour)
+    delete_path(spark, staging)
+    return sorted(hours)
+
+
+def rewrite_hours(frame: DataFrame, output: str, hours: list[int], cycle: int) -> None:
+    """Replace the ``hours`` folders of ``output`` with ``frame``'s rows (which have the hour column).
+
+    The new folders are written to staging first and then swapped in (``swap_hours``).
+    """
+    staging = f"{output}{STAGING_SUFFIX}{cycle}"
+    delete_path(frame.sparkSession, staging)
+    parquet_writer(frame).mode("overwrite").partitionBy(PARTITION).parquet(staging)
+    swap_hours(frame.sparkSession, output, staging, hours, cycle)
+
+
+def swap_hours(spark: SparkSession, output: str, staging: str, hours: list[int], cycle: int) -> None:
+    """Swap the ``hours`` folders of ``staging`` into ``output``, then delete ``staging``.
+
+    Each old folder is renamed into ``OUTPUT.undo-N`` and the new one into place, so a reader sees
+    one or the other, never both. The undo copies are deleted once the cycle is committed, or
+    restored by ``recover``.
+    """
+    undo = f"{output}{UNDO_SUFFIX}{cycle}"
+    make_folder(spark, undo)
+    make_folder(spark, output)
+    for hour in hours:
+        name = f"{PARTITION}={hour}"
+        if path_exists(spark, f"{output}/{name}") and not path_exists(spark, f"{undo}/{name}"):
+            rename_path(spark, f"{output}/{name}", f"{undo}/{name}")
+        delete_path(spark, f"{output}/{name}")
+        if path_exists(spark, f"{staging}/{name}"):
+            rename_path(spark, f"{staging}/{name}", f"{output}/{name}")
+    delete_path(spark, staging)
+
+
+def _cycle_of(name: str, suffix: str) -> int | None:
+    match = re.search(rf"{re.escape(suffix)}(\d+)$", name)
+    return int(match.group(1)) if match else None
+
+
+def recover(spark: SparkSession, paths: config.Paths, cursor: Cursor) -> None:
+    """Undo what cycles after the committed one left, and remove what the committed one no longer needs.
+
+    Swapped hours come back from their undo copies, files named for a later cycle are deleted, and
+    staging folders and older state tables go.
+    """
+    outputs = (paths.processed_data, paths.cleaned_data, paths.quarantine_data)
+    for output in outputs:
+        parent, name = output.rstrip("/").rsplit("/", 1)
+        for folder in list_files(spark, f"{parent}/{name}{UNDO_SUFFIX}*", folders=True):
+            cycle = _cycle_of(folder, UNDO_SUFFIX)
+            if cycle is not None and cycle > cursor.cycle:
+                for hour_folder in list_files(spark, f"{folder}/{PARTITION}=*", folders=True):
+                    target = f"{output}/{hour_folder.rsplit('/', 1)[-1]}"
+                    log.warning("restoring %s as it was before the interrupted cycle %d", target, cycle)
+                    delete_path(spark, target)
+                    rename_path(spark, hour_folder, target)
+            delete_path(spark, folder)
+        for folder in list_files(spark, f"{parent}/{name}{STAGING_SUFFIX}*", folders=True):
+            delete_path(spark, folder)
+        for pattern in (f"{output}/{PARTITION}=*/{CYCLE_TAG}*", f"{output}/{CYCLE_TAG}*"):
+            for file in list_files(spark, pattern):
+                cycle = int(file.rsplit("/", 1)[-1][len(CYCLE_TAG) :].split("-", 1)[0])
+                if cycle > cursor.cycle:
+                    log.warning("removing %s, written by the interrupted cycle %d", file, cycle)
+                    delete_path(spark, file)
+    keep = {state_folder(paths, kind, cursor.cycle).rsplit("/", 1)[-1] for kind in (SERIES_STATE, FIGURES)}
+    for folder in list_files(spark, config.join_path(paths.live_state, "*-*"), folders=True):
+        if folder.rsplit("/", 1)[-1] not in keep:
+            delete_path(spark, folder)
+
+
+def cleanup(spark: SparkSession, paths: config.Paths, committed: int) -> None:
+    """After a commit: the undo copies of that cycle and the state tables before it are not needed."""
+    for output in (paths.processed_data, paths.cleaned_data, paths.quarantine_data):
+        delete_path(spark, f"{output}{UNDO_SUFFIX}{committed}")
+    for kind in (SERIES_STATE, FIGURES):
+        delete_path(spark, state_folder(paths, kind, committed - 1))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a cycle needs besides its input: the cleaner's and the checker's configurations."""
+
+    cleaner: cleaner.CleanerConfig
+    checker: checker.CheckerConfig
+    report_window_seconds: float
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{LAYOUT} {self.cleaner!r} {self.checker!r}"
+
+
+def hour_of_micros(micros: int) -> int:
+    return hour_value(datetime.fromtimestamp(micros / 1_000_000, UTC))
