@@ -117,26 +117,7 @@ def draw_chart(points: Sequence, png_path_writer: Callable[[bytes], None]) -> No
         max(1, len(by_series)), 1, sharex=True, squeeze=False, figsize=(12, 2.2 * max(1, len(by_series)) + 0.8)
     )
     for axis, (name, rows) in zip(axes[:, 0], by_series.items(), strict=False):
-        times = [r[m.T_MEASUREMENT] for r in rows]
-        axis.plot(times, [r[m.VALUE] for r in rows], color="0.75", linewidth=0.6, zorder=1)
-        for flag, style in (
-            ("measured", dict(marker="o", s=6, color="tab:blue", label="measured")),
-            (
-                "filled",
-                dict(marker="o", s=10, facecolors="none", edgecolors="tab:orange", linewidths=0.7, label="filled"),
-            ),
-        ):
-            chosen = [r for r in rows if (r[QUALITY] == MEASURED) == (flag == "measured") and r[QUALITY] != MISSING]
-            axis.scatter([r[m.T_MEASUREMENT] for r in chosen], [r[m.VALUE] for r in chosen], zorder=2, **style)
-        missing = [r[m.T_MEASUREMENT] for r in rows if r[QUALITY] == MISSING]
-        for start, end in _stretches(missing):
-            axis.axvspan(start, end, color="tab:red", alpha=0.15, label="missing" if start == missing[0] else None)
-        filled_share = sum(r[QUALITY] not in (MEASURED, MISSING) for r in rows) / len(rows)
-        axis.set_title(
-            f"{name}: {len(rows)} slots, {filled_share:.0%} filled, {len(missing)} missing", loc="left", fontsize=9
-        )
-        axis.set_ylabel("value")
-        axis.grid(alpha=0.3)
+        _draw_series(axis, name, rows)
     axes[0, 0].legend(loc="upper right", fontsize=8, ncols=3)
     axes[-1, 0].xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M"))
     axes[-1, 0].set_xlabel("slot start (UTC)")
@@ -146,6 +127,30 @@ def draw_chart(points: Sequence, png_path_writer: Callable[[bytes], None]) -> No
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
     png_path_writer(buffer.getvalue())
+
+
+def _draw_series(axis, name: str, rows: list) -> None:
+    """One panel: a series' values, measured dots, filled rings and missing stretches shaded."""
+    times = [r[m.T_MEASUREMENT] for r in rows]
+    axis.plot(times, [r[m.VALUE] for r in rows], color="0.75", linewidth=0.6, zorder=1)
+    for flag, style in (
+        ("measured", dict(marker="o", s=6, color="tab:blue", label="measured")),
+        (
+            "filled",
+            dict(marker="o", s=10, facecolors="none", edgecolors="tab:orange", linewidths=0.7, label="filled"),
+        ),
+    ):
+        chosen = [r for r in rows if (r[QUALITY] == MEASURED) == (flag == "measured") and r[QUALITY] != MISSING]
+        axis.scatter([r[m.T_MEASUREMENT] for r in chosen], [r[m.VALUE] for r in chosen], zorder=2, **style)
+    missing = [r[m.T_MEASUREMENT] for r in rows if r[QUALITY] == MISSING]
+    for start, end in _stretches(missing):
+        axis.axvspan(start, end, color="tab:red", alpha=0.15, label="missing" if start == missing[0] else None)
+    filled_share = sum(r[QUALITY] not in (MEASURED, MISSING) for r in rows) / len(rows)
+    axis.set_title(
+        f"{name}: {len(rows)} slots, {filled_share:.0%} filled, {len(missing)} missing", loc="left", fontsize=9
+    )
+    axis.set_ylabel("value")
+    axis.grid(alpha=0.3)
 
 
 def _stretches(times: list, gap: timedelta | None = None) -> list[tuple]:

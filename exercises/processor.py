@@ -90,6 +90,48 @@ def _timestamp(seconds: Column) -> Column:
     return F.timestamp_micros(F.floor(seconds * 1_000_000 + 0.5))
 
 
+def _rejection(value: Column) -> Column:
+    """The quarantine reason of a row of converted fields (the first failing condition, in order)."""
+    non_finite = (
+        F.upper(F.trim("_value_text")).isin(*_NON_FINITE_TEXT) | F.isnan(value) | F.abs(value).eqNullSafe(float("inf"))
+    )
+    reason = F.when(F.col("raw_value").isNull() | (F.trim("raw_value") == ""), REASON_EMPTY)
+    reason = reason.when(~F.is_valid_utf8("raw_value"), REASON_NOT_UTF8)
+    reason = reason.when(
+        F.col(_CORRUPT).isNotNull(),
+        F.when(F.try_parse_json("raw_value").isNull(), REASON_MALFORMED).otherwise(REASON_NOT_OBJECT),
+    )
+    for field in m.FIELDS:
+        field_text = F.trim(F.col(field))
+        missing = field_text.isNull() | (field_text == "") | (field_text == "null")
+        reason = reason.when(missing, REASON_MISSING + field)
+    for field in (m.T_MEASUREMENT, m.T_REPORT):
+        plausible = F.col(f"_{field}_plausible")
+        reason = reason.when(plausible.isNull(), REASON_BAD_TIMESTAMP + field)
+        reason = reason.when(~plausible, REASON_IMPLAUSIBLE_TIMESTAMP + field)
+    reason = reason.when(non_finite, REASON_NON_FINITE).when(value.isNull(), REASON_NON_NUMERIC)
+    return reason
+
+
+def _usable(value: Column) -> Column:
+    """Whether a row of converted fields is usable: one test that nearly every record passes.
+
+    The JSON parsed, both times plausible, the value a finite number and the names not blank. Each
+    failure of it fails a condition of ``_rejection``, so that chain (whose conditions trim and
+    convert again) runs only for the rest.
+    """
+    return (
+        F.col(_CORRUPT).isNull()
+        & F.is_valid_utf8("raw_value")
+        & F.col(f"_{m.T_MEASUREMENT}_plausible")
+        & F.col(f"_{m.T_REPORT}_plausible")
+        & ~F.isnan(value)
+        & (F.abs(value) < float("inf"))
+        & ~F.coalesce(F.trim(F.col(m.DEVICE_ID)).isin("", "null"), F.lit(True))
+        & ~F.coalesce(F.trim(F.col(m.SIGNAL_NAME)).isin("", "null"), F.lit(True))
+    )
+
+
 def parse_measurements(raw: DataFrame) -> DataFrame:
     """Parse raw Kafka rows into typed columns plus a quarantine ``reason`` (null when usable).
 
@@ -123,38 +165,7 @@ def parse_measurements(raw: DataFrame) -> DataFrame:
         *[F.col(f"_{name}_s").between(low, high).alias(f"_{name}_plausible") for name in (m.T_MEASUREMENT, m.T_REPORT)],
     )
     value = F.col("_value")
-    non_finite = (
-        F.upper(F.trim("_value_text")).isin(*_NON_FINITE_TEXT) | F.isnan(value) | F.abs(value).eqNullSafe(float("inf"))
-    )
-    reason = F.when(F.col("raw_value").isNull() | (F.trim("raw_value") == ""), REASON_EMPTY)
-    reason = reason.when(~F.is_valid_utf8("raw_value"), REASON_NOT_UTF8)
-    reason = reason.when(
-        F.col(_CORRUPT).isNotNull(),
-        F.when(F.try_parse_json("raw_value").isNull(), REASON_MALFORMED).otherwise(REASON_NOT_OBJECT),
-    )
-    for field in m.FIELDS:
-        field_text = F.trim(F.col(field))
-        missing = field_text.isNull() | (field_text == "") | (field_text == "null")
-        reason = reason.when(missing, REASON_MISSING + field)
-    for field in (m.T_MEASUREMENT, m.T_REPORT):
-        plausible = F.col(f"_{field}_plausible")
-        reason = reason.when(plausible.isNull(), REASON_BAD_TIMESTAMP + field)
-        reason = reason.when(~plausible, REASON_IMPLAUSIBLE_TIMESTAMP + field)
-    reason = reason.when(non_finite, REASON_NON_FINITE).when(value.isNull(), REASON_NON_NUMERIC)
-    # Nearly every record is usable, and one test shows it: the JSON parsed, both times plausible,
-    # the value a finite number and the names not blank. Each failure of it fails a condition of
-    # the chain above, so the chain (whose conditions trim and convert again) runs only for the rest.
-    usable = (
-        F.col(_CORRUPT).isNull()
-        & F.is_valid_utf8("raw_value")
-        & F.col(f"_{m.T_MEASUREMENT}_plausible")
-        & F.col(f"_{m.T_REPORT}_plausible")
-        & ~F.isnan(value)
-        & (F.abs(value) < float("inf"))
-        & ~F.coalesce(F.trim(F.col(m.DEVICE_ID)).isin("", "null"), F.lit(True))
-        & ~F.coalesce(F.trim(F.col(m.SIGNAL_NAME)).isin("", "null"), F.lit(True))
-    )
-    reason = F.when(usable, F.lit(None).cast(T.StringType())).otherwise(reason)
+    reason = F.when(_usable(value), F.lit(None).cast(T.StringType())).otherwise(_rejection(value))
 
     return converted.select(
         *[

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 
 from pyspark import StorageLevel
-from pyspark.sql import Column, DataFrame, Observation, SparkSession
+from pyspark.sql import Column, DataFrame, Observation, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -79,12 +79,7 @@ def run_cycle(
     state = read_series_state(spark, paths, cursor.cycle).persist()
     parsed = processor.parse_and_cache(spark.read.schema(RAW_SCHEMA).parquet(*files), Observation(f"parse-{cycle}"))
     try:
-        # This job parses and fills the cache.
-        counts = parsed.agg(
-            F.count(F.lit(1)).alias("raw"),
-            F.count_if(F.col("reason").isNull()).alias("valid"),
-            F.count_if(F.col("reason").isNotNull()).alias("quarantined"),
-        ).first()
+        counts = _count(parsed)
         valid = parsed.where(F.col("reason").isNull()).drop("raw_value")
         processed = _process(spark, paths, valid, state, cycle)
         if counts["quarantined"]:
@@ -105,12 +100,8 @@ def run_cycle(
             SERIES_STATE,
             cycle,
         )
-        new_state = read_series_state(spark, paths, cycle)
-        write_unknown(spark, paths, settings.cleaner, new_state, processed.updates)
-        open_hours = {
-            output: sorted(set(cursor.open_hours.get(output, [])) | set(hours))
-            for output, hours in (("processed_data", processed.appended_hours), ("cleaned_data", grid.appended_hours))
-        }
+        write_unknown(spark, paths, settings.cleaner, read_series_state(spark, paths, cycle), processed.updates)
+        open_hours = _open_hours(cursor, processed, grid)
         open_hours = (compactor or Compactor(background=False)).step(spark, paths, open_hours, newest, cycle)
         committed = Cursor(cycle, positions, settings.fingerprint, newest, open_hours)
         commit_cursor(spark, paths, committed)
@@ -119,16 +110,35 @@ def run_cycle(
     finally:
         # Everything a cycle cached is the cycle's own.
         spark.catalog.clearCache()
-    seconds = {
-        f"{part}_s": later - earlier
-        for part, earlier, later in zip(
-            ("processor", "cleaner", "checker", "commit"), marks[:-1], marks[1:], strict=True
-        )
-    }
     accounting = processor.Accounting(
         counts["raw"], processed.gained, counts["quarantined"], counts["valid"] - processed.gained
     )
-    return committed, CycleResult(accounting, histogram, newest, exit_code, seconds)
+    return committed, CycleResult(accounting, histogram, newest, exit_code, _part_seconds(marks))
+
+
+def _count(parsed: DataFrame) -> Row:
+    """The cycle's raw, valid and quarantined rows; this job parses and fills the cache."""
+    counts = parsed.agg(
+        F.count(F.lit(1)).alias("raw"),
+        F.count_if(F.col("reason").isNull()).alias("valid"),
+        F.count_if(F.col("reason").isNotNull()).alias("quarantined"),
+    ).first()
+    assert counts is not None  # an aggregation without grouping gives one row
+    return counts
+
+
+def _open_hours(cursor: Cursor, processed: Processed, grid: Grid) -> dict[str, list[int]]:
+    """The hours of each output that cycles appended to and that are not compacted yet."""
+    return {
+        output: sorted(set(cursor.open_hours.get(output, [])) | set(hours))
+        for output, hours in (("processed_data", processed.appended_hours), ("cleaned_data", grid.appended_hours))
+    }
+
+
+def _part_seconds(marks: list[float]) -> dict[str, float]:
+    """The seconds of a cycle's parts from the times they ended (the first mark: the start)."""
+    parts = ("processor", "cleaner", "checker", "commit")
+    return {f"{part}_s": later - earlier for part, earlier, later in zip(parts, marks[:-1], marks[1:], strict=True)}
 
 
 @dataclass
@@ -181,36 +191,54 @@ def _process(spark: SparkSession, paths: config.Paths, valid: DataFrame, state: 
     updates = appended.groupBy(*KEYS).agg(F.count(F.lit(1)).alias("rows"), F.max(m.T_MEASUREMENT).alias("max_t"))
     late_series = spark.createDataFrame([], T.StructType([*[T.StructField(k, T.StringType()) for k in KEYS]]))
     if late_hours:
-        stored = read_partitioned(spark, paths.processed_data, PROCESSED_SCHEMA, late_hours).drop(PARTITION)
-        kafka = [F.lit(None).cast(RAW_SCHEMA[c].dataType).alias(c) for c in ("topic", "partition", "offset")]
-        candidates = (
-            stored.select("*", *kafka)
-            .unionByName(appended.where(F.col(PARTITION).isin(*late_hours)).drop(PARTITION).select("*", *kafka))
-            .withColumn("reason", F.lit(None).cast("string"))
-            .unionByName(late.select(*PROCESSED_SCHEMA.fieldNames(), "topic", "partition", "offset", "reason"))
-        )
-        merged = processor.collapse_replays(candidates, with_partition=True).localCheckpoint()
-        # Counted before the swap: afterwards the stored files are in the undo folder.
-        delta = (
-            merged.groupBy(*KEYS)
-            .agg(F.count(F.lit(1)).alias("rows"))
-            .join(stored.groupBy(*KEYS).agg(F.count(F.lit(1)).alias("old")), KEYS, "full")
-            .select(*KEYS, (F.coalesce("rows", F.lit(0)) - F.coalesce("old", F.lit(0))).alias("rows"))
-            .localCheckpoint()
-        )
-        rewrite_hours(merged, paths.processed_data, late_hours, cycle)
-        late_max = late.groupBy(*KEYS).agg(F.max(m.T_MEASUREMENT).alias("max_t"))
-        updates = (
-            updates.join(appended.where(F.col(PARTITION).isin(*late_hours)).groupBy(*KEYS).count(), KEYS, "left")
-            .select(*KEYS, (F.col("rows") - F.coalesce("count", F.lit(0))).alias("rows"), "max_t")
-            .unionByName(delta.withColumn("max_t", F.lit(None).cast("timestamp")))
-            .unionByName(late_max.withColumn("rows", F.lit(0).cast("long")))
-            .groupBy(*KEYS)
-            .agg(F.sum("rows").alias("rows"), F.max("max_t").alias("max_t"))
-        )
+        updates = _merge_late(spark, paths, late, appended, late_hours, updates, cycle)
         gained = updates.agg(F.sum("rows")).first()[0] or 0
         late_series = late.groupBy(*KEYS).agg(F.min(_slot_micros(F.col(m.T_MEASUREMENT), 1)).alias("since"))
     return Processed(appended, late_series, updates.persist(), appended_hours, late_hours, gained)
+
+
+def _merge_late(
+    spark: SparkSession,
+    paths: config.Paths,
+    late: DataFrame,
+    appended: DataFrame,
+    late_hours: list[int],
+    updates: DataFrame,
+    cycle: int,
+) -> DataFrame:
+    """Rewrite the hours late measurements fall in, collapsed with their stored rows; return the updates.
+
+    The cycle's fresh measurements in those hours go into the rewrite instead of being appended.
+    The returned per-series updates (rows gained, latest t_measurement) count the rewrite in.
+    """
+    stored = read_partitioned(spark, paths.processed_data, PROCESSED_SCHEMA, late_hours).drop(PARTITION)
+    kafka = [F.lit(None).cast(RAW_SCHEMA[c].dataType).alias(c) for c in ("topic", "partition", "offset")]
+    candidates = (
+        stored.select("*", *kafka)
+        .unionByName(appended.where(F.col(PARTITION).isin(*late_hours)).drop(PARTITION).select("*", *kafka))
+        .withColumn("reason", F.lit(None).cast("string"))
+        .unionByName(late.select(*PROCESSED_SCHEMA.fieldNames(), "topic", "partition", "offset", "reason"))
+    )
+    merged = processor.collapse_replays(candidates, with_partition=True).localCheckpoint()
+    # Counted before the swap: afterwards the stored files are in the undo folder.
+    delta = (
+        merged.groupBy(*KEYS)
+        .agg(F.count(F.lit(1)).alias("rows"))
+        .join(stored.groupBy(*KEYS).agg(F.count(F.lit(1)).alias("old")), KEYS, "full")
+        .select(*KEYS, (F.coalesce("rows", F.lit(0)) - F.coalesce("old", F.lit(0))).alias("rows"))
+        .localCheckpoint()
+    )
+    rewrite_hours(merged, paths.processed_data, late_hours, cycle)
+    late_max = late.groupBy(*KEYS).agg(F.max(m.T_MEASUREMENT).alias("max_t"))
+    updates = (
+        updates.join(appended.where(F.col(PARTITION).isin(*late_hours)).groupBy(*KEYS).count(), KEYS, "left")
+        .select(*KEYS, (F.col("rows") - F.coalesce("count", F.lit(0))).alias("rows"), "max_t")
+        .unionByName(delta.withColumn("max_t", F.lit(None).cast("timestamp")))
+        .unionByName(late_max.withColumn("rows", F.lit(0).cast("long")))
+        .groupBy(*KEYS)
+        .agg(F.sum("rows").alias("rows"), F.max("max_t").alias("max_t"))
+    )
+    return updates
 
 
 def _slot_micros(t_measurement: Column, slot_seconds: int) -> Column:
@@ -256,6 +284,25 @@ def _clean(
         late = late.join(F.broadcast(catalog), KEYS, "left_semi")
     late = late.persist()
     growing = appended.join(late.select(*KEYS), KEYS, "left_anti")
+    grown = _grow(state, growing, config_)
+    written = [*CLEANED_SCHEMA.fieldNames(), PARTITION]
+    if not processed.late_hours or late.isEmpty():
+        return Grid(grown, append_files(grown.select(*written), paths.cleaned_data, cycle))
+    recomputed, hours = _recompute_late(spark, paths, config_, late, grown.select(*written), cycle)
+    appended_hours = append_files(
+        grown.where(~F.col(PARTITION).isin(*hours)).select(*written), paths.cleaned_data, cycle
+    )
+    late_rows = recomputed.join(late.select(*KEYS), KEYS, "left_semi").withColumn(REPLACES, F.lit(True))
+    return Grid(grown.unionByName(late_rows, allowMissingColumns=True), appended_hours)
+
+
+def _grow(state: DataFrame, growing: DataFrame, config_: cleaner.CleanerConfig) -> DataFrame:
+    """The new grid rows of series that only grew: from each one's last slot (the state's anchor) on.
+
+    Returns:
+        The new rows (cleaned columns, hour, ``REPLACES`` false) with what the checks carry over
+        from the state, checkpointed.
+    """
     series = state.join(growing.select(*KEYS).distinct(), KEYS, "left_semi").where(F.col("last_slot").isNotNull())
     anchors = series.select(
         F.timestamp_micros("last_slot").alias(m.T_MEASUREMENT),
@@ -273,18 +320,7 @@ def _clean(
     )
     # The anchor's slot is written already: only the slots after it are new.
     is_new = F.col(checker.CARRY_SLOT).isNull() | (F.unix_micros(m.T_MEASUREMENT) > F.col(checker.CARRY_SLOT))
-    grown = (
-        with_hour(grown.join(carry, KEYS, "left").where(is_new)).withColumn(REPLACES, F.lit(False)).localCheckpoint()
-    )
-    written = [*CLEANED_SCHEMA.fieldNames(), PARTITION]
-    if not processed.late_hours or late.isEmpty():
-        return Grid(grown, append_files(grown.select(*written), paths.cleaned_data, cycle))
-    recomputed, hours = _recompute_late(spark, paths, config_, late, grown.select(*written), cycle)
-    appended_hours = append_files(
-        grown.where(~F.col(PARTITION).isin(*hours)).select(*written), paths.cleaned_data, cycle
-    )
-    late_rows = recomputed.join(late.select(*KEYS), KEYS, "left_semi").withColumn(REPLACES, F.lit(True))
-    return Grid(grown.unionByName(late_rows, allowMissingColumns=True), appended_hours)
+    return with_hour(grown.join(carry, KEYS, "left").where(is_new)).withColumn(REPLACES, F.lit(False)).localCheckpoint()
 
 
 def _recompute_late(
@@ -297,16 +333,43 @@ def _recompute_late(
 ) -> tuple[DataFrame, list[int]]:
     """Recompute the grid of series with late measurements and rewrite the hours it touches.
 
-    Each series is recomputed from the last measured slot before its earliest late one (its anchor)
-    to its end: the anchor is looked for in the last ``max_gap + slot`` seconds of processed_data
-    first, and only for a series without one there in all of it. The rewritten hours keep the
-    other series' rows and get the cycle's grown rows for them.
+    Each series is recomputed from its anchor (``_recompute_regions``) to its end. The rewritten
+    hours keep the other series' rows and get the cycle's grown rows for them.
 
     Returns:
         The rewritten hours' rows (cleaned columns and hour), and the hours.
     """
     slot = _slot_micros(F.col(m.T_MEASUREMENT), config_.slot_seconds)
     processed = read_partitioned(spark, paths.processed_data, PROCESSED_SCHEMA).withColumn("slot", slot)
+    regions = _recompute_regions(processed, late, config_)
+    start = regions.agg(F.min("start")).first()[0]
+    changed = (
+        processed.where(F.col(PARTITION) >= hour_of_micros(start))
+        .join(regions, KEYS)
+        .where(F.col("slot") >= F.col("start"))
+        .select(*PROCESSED_SCHEMA.fieldNames())
+    )
+    recomputed = with_hour(cleaner.clean(changed, config_, None)[0]).persist()
+    # The hour names the recomputed slots fall in: a handful, not data.
+    hours = sorted(r[0] for r in recomputed.select(PARTITION).distinct().collect())
+    kept = (
+        read_partitioned(spark, paths.cleaned_data, CLEANED_SCHEMA, hours)
+        .join(regions, KEYS, "left")
+        .where(F.col("start").isNull() | (F.unix_micros(m.T_MEASUREMENT) < F.col("start")))
+        .select(*CLEANED_SCHEMA.fieldNames(), PARTITION)
+    )
+    content = kept.unionByName(recomputed).unionByName(grown.where(F.col(PARTITION).isin(*hours))).localCheckpoint()
+    rewrite_hours(content, paths.cleaned_data, hours, cycle)
+    return content, hours
+
+
+def _recompute_regions(processed: DataFrame, late: DataFrame, config_: cleaner.CleanerConfig) -> DataFrame:
+    """Per series with late measurements, the slot its grid is recomputed from (``start``): its anchor.
+
+    The anchor is the last measured slot before the series' earliest late one, looked for in the
+    last ``max_gap + slot`` seconds first and only for a series without one there in all of
+    ``processed`` (rows with their ``slot``); without any, the late slot itself.
+    """
     lookback = (config_.max_gap_seconds + config_.slot_seconds) * 1_000_000
     # From the start of the slot of the earliest late measurement: its slot may change its value.
     slot_micros = config_.slot_seconds * 1_000_000
@@ -330,26 +393,7 @@ def _recompute_late(
             .agg(F.max("slot").alias("far"))
         )
         regions = regions.join(far_anchors, KEYS, "left").withColumn("anchor", F.coalesce("anchor", "far"))
-    regions = regions.select(*KEYS, F.coalesce("anchor", "since").alias("start")).persist()
-    start = regions.agg(F.min("start")).first()[0]
-    changed = (
-        processed.where(F.col(PARTITION) >= hour_of_micros(start))
-        .join(regions, KEYS)
-        .where(F.col("slot") >= F.col("start"))
-        .select(*PROCESSED_SCHEMA.fieldNames())
-    )
-    recomputed = with_hour(cleaner.clean(changed, config_, None)[0]).persist()
-    # The hour names the recomputed slots fall in: a handful, not data.
-    hours = sorted(r[0] for r in recomputed.select(PARTITION).distinct().collect())
-    kept = (
-        read_partitioned(spark, paths.cleaned_data, CLEANED_SCHEMA, hours)
-        .join(regions, KEYS, "left")
-        .where(F.col("start").isNull() | (F.unix_micros(m.T_MEASUREMENT) < F.col("start")))
-        .select(*CLEANED_SCHEMA.fieldNames(), PARTITION)
-    )
-    content = kept.unionByName(recomputed).unionByName(grown.where(F.col(PARTITION).isin(*hours))).localCheckpoint()
-    rewrite_hours(content, paths.cleaned_data, hours, cycle)
-    return content, hours
+    return regions.select(*KEYS, F.coalesce("anchor", "since").alias("start")).persist()
 
 
 def latency_histogram(measurements: DataFrame, done: float) -> dict[float, int]:
