@@ -17,16 +17,17 @@ KAFKA_PORT ?= 9093
 WATCH ?= 10
 export BACKFILL DATASTORE KAFKA_PORT KAFKA_BOOTSTRAP_SERVERS SEED WATCH
 
-.PHONY: run live bench bench-live setup test lint format clean-data help
+.PHONY: run live bench bench-live setup test test-fast lint format clean-data help
 
 help:
 	@echo "make run     set up, start a local Kafka broker, backfill, run the four stages, stop it"
-	@echo "make test    set up and run the test suite"
+	@echo "make test    set up, check lint, format and types, and run the whole test suite (what CI runs)"
+	@echo "make test-fast  the tests that need no broker, no subprocess and no SIGKILL; stops at the first failure"
 	@echo "make setup   create .venv, install requirements.txt, fetch the jars"
 	@echo "make live    like make run, then keep every output fresh while a producer sends live; Ctrl-C stops"
 	@echo "make bench   benchmarks (bench/results.json, BENCHMARKS.md); not part of make test"
 	@echo "make bench-live  the live runner's latency, cycle time and catch-up up to 100,000 series (about 45 minutes)"
-	@echo "make lint    ruff check and format check"
+	@echo "make lint    ruff check, ruff format check and the type check (mypy)"
 
 run: setup
 	scripts/run-pipeline
@@ -56,13 +57,17 @@ $(VENV)/.installed: requirements.txt
 	scripts/fetch-jars
 	touch $@
 
-test: setup $(VENV)/.bench-installed
-	$(VENV)/bin/ruff check .
+test: lint $(VENV)/.bench-installed
 	$(PY) -m pytest
 
-lint: setup
+# The quick loop while changing code: one in-process SparkSession, no broker, a smaller hypothesis profile.
+test-fast: setup $(VENV)/.bench-installed
+	HYPOTHESIS_PROFILE=fast $(PY) -m pytest -x -q -m "not integration and not slow"
+
+lint: setup $(VENV)/.bench-installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 format: setup
 	$(VENV)/bin/ruff format .

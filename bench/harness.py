@@ -278,7 +278,10 @@ def bench_size(spark, work: str, rows: int) -> list[dict]:
 
 def kafka_jars() -> str:
     with open(os.path.join(ROOT, "scripts", "maven", "kafka-broker.pom.xml")) as handle:
-        version = re.search(r"<kafka.version>(.*)</kafka.version>", handle.read()).group(1)
+        found = re.search(r"<kafka.version>(.*)</kafka.version>", handle.read())
+    if found is None:
+        raise ValueError("scripts/maven/kafka-broker.pom.xml names no <kafka.version>")
+    version = found.group(1)
     return os.path.join(os.environ.get("METER_JAR_CACHE") or os.path.join(ROOT, ".cache", "jars"), f"kafka-{version}")
 
 

@@ -238,7 +238,7 @@ def check_complete(datastore: str, sent: int, series: int) -> None:
     processed = os.path.join(datastore, "processed_data", "*", "*.parquet")
     cleaned = os.path.join(datastore, "cleaned_data", "*", "*.parquet")
     slot = "epoch_us(t_measurement) - epoch_us(t_measurement) % 10000000"
-    (row,) = duckdb.sql(
+    relation = duckdb.sql(
         f"""
         with p as (
             select device_id, signal_name, value, {slot} as slot,
@@ -252,8 +252,9 @@ def check_complete(datastore: str, sent: int, series: int) -> None:
                     and p.slot = c.slot where p.nth = 1 and c.quality = 'measured' and c.value = p.value),
                (select count(*) - count(distinct (device_id, signal_name, slot)) from c)
         """
-    ).fetchall()
-    stored, firsts, measured, twice = row
+    )
+    assert relation is not None  # a query, not a statement
+    ((stored, firsts, measured, twice),) = relation.fetchall()
     print(
         f"{series} series: {sent} sent, {stored} in processed_data, {measured} of {firsts} first-in-slot "
         f"measured in cleaned_data, {twice} (series, slot) twice",

@@ -31,7 +31,7 @@ import check_report
 from common import config
 from common import message as m
 from common.contracts import CLEANED_SCHEMA, MEASURED, MISSING, PARTITION, QUALITY, UNKNOWN_SERIES_SCHEMA, per_series
-from common.session import build_session
+from common.session import build_session, one_row
 from common.storage import (
     StageInputError,
     exit_code_of,
@@ -370,14 +370,16 @@ def evaluate(
     metrics = metrics.select(
         "*",
         *[check.passes.alias(f"_pass_{check.name}") for check in checks],
-        sum(F.when(check.passes, 0).otherwise(1) for check in checks).alias("_failures"),
+        sum((F.when(check.passes, 0).otherwise(1) for check in checks), F.lit(0)).alias("_failures"),
     ).persist()
     try:
-        totals = metrics.agg(
-            F.count(F.lit(1)).alias("series"),
-            F.coalesce(F.sum("null_keys"), F.lit(0)).alias("null_keys"),
-            *[F.count_if(~F.col(f"_pass_{c.name}")).alias(c.name) for c in checks],
-        ).first()
+        totals = one_row(
+            metrics.agg(
+                F.count(F.lit(1)).alias("series"),
+                F.coalesce(F.sum("null_keys"), F.lit(0)).alias("null_keys"),
+                *[F.count_if(~F.col(f"_pass_{c.name}")).alias(c.name) for c in checks],
+            )
+        )
         results.append(Result("keys_not_null", ERROR, totals["null_keys"] == 0, totals["null_keys"], 0))
         results.append(_expected_series_result(metrics, config_))
         listed = metrics.orderBy(F.desc("_failures"), m.DEVICE_ID, m.SIGNAL_NAME).take(config_.max_series_in_report)

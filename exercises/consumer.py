@@ -38,7 +38,7 @@ from pyspark.errors import StreamingQueryException
 from pyspark.sql import SparkSession
 from pyspark.sql.streaming import StreamingQuery
 
-from common import config, kafka_client
+from common import config, kafka_client, session
 from common import message as m
 from common.contracts import RAW_SCHEMA
 from common.raw_input import check_sink_matches_checkpoint, choose_generation, generation_folder
@@ -104,7 +104,7 @@ def topic_id(spark: SparkSession, bootstrap_servers: str, topic: str, kafka_opti
 
     Asked with Kafka's Java admin client and the same client options (security) as the stream.
     """
-    jvm = spark.sparkContext._jvm
+    jvm = session.jvm(spark)
     properties = jvm.java.util.Properties()
     properties.put("bootstrap.servers", bootstrap_servers)
     for key, value in {**kafka_client.TIMEOUT_OPTIONS, **kafka_options}.items():
@@ -205,7 +205,8 @@ def await_stream(
     query, next_id_check = stream.query, time.monotonic() + ID_CHECK_SECONDS
     bootstrap_servers, topic = config_.bootstrap_servers, config_.topic
     try:
-        while not query.awaitTermination(0.5):
+        # Spark takes the seconds as a float; its type hint says int.
+        while not query.awaitTermination(0.5):  # type: ignore[arg-type]
             if should_stop():
                 stop_after_batch(query)
                 break
@@ -359,7 +360,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--interval",
         type=float,
-        default=config.env_default(ENV_INTERVAL, DEFAULT_INTERVAL_SECONDS),
+        default=config.env_default(ENV_INTERVAL, str(DEFAULT_INTERVAL_SECONDS)),
         help=f"seconds between micro-batches with --continuous [env {ENV_INTERVAL}]",
     )
     group.add_argument(

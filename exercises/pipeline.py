@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None):
     live.add_argument(
         "--report-window",
         type=float,
-        default=config.env_default("METER_REPORT_WINDOW_SECONDS", DEFAULT_REPORT_WINDOW_SECONDS),
+        default=config.env_default("METER_REPORT_WINDOW_SECONDS", str(DEFAULT_REPORT_WINDOW_SECONDS)),
         help="with --watch, the check report covers the hours of this many seconds before the newest slot "
         "[env METER_REPORT_WINDOW_SECONDS]",
     )

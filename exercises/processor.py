@@ -253,7 +253,7 @@ def parse_and_cache(raw: DataFrame, counts: Observation) -> DataFrame:
     try:
         return parsed.persist(StorageLevel.DISK_ONLY)
     finally:
-        spark.conf.set(CACHE_COMPRESSED, previous)
+        spark.conf.set(CACHE_COMPRESSED, previous or "true")
 
 
 def run(spark: SparkSession, paths: config.Paths) -> Accounting:

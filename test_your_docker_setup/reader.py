@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.timeout is not None and time.monotonic() - last_message >= args.timeout:
                     break
                 continue
-            if msg.error():
-                print(f"reader: {msg.error().str()}", file=sys.stderr)
+            if (error := msg.error()) is not None:
+                print(f"reader: {error.str()}", file=sys.stderr)
                 continue
             count, last_message = count + 1, time.monotonic()
             print(f"{msg.topic()}[{msg.partition()}]@{msg.offset()}: {describe(msg.value())}", flush=True)

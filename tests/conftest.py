@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from collections.abc import Iterator
 
 import pyspark
 import pytest
@@ -16,7 +17,7 @@ from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="session")
-def spark() -> SparkSession:
+def spark() -> Iterator[SparkSession]:
     """A local session: 2 cores, UTC, few shuffle partitions, no UI."""
     session = (
         SparkSession.builder.master("local[2]")
@@ -48,7 +49,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def kafka(tmp_path_factory) -> str:
+def kafka(tmp_path_factory) -> Iterator[str]:
     """A real local Kafka broker for the test session; yields its bootstrap servers."""
     port = free_port()
     env = {

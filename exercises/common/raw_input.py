@@ -84,24 +84,24 @@ def _read_sink_output(spark: SparkSession, path: str, log: logging.Logger, neste
     # One spelling per file: file:///x and file:/x are the same local file.
     logged = {local_path(name) or name for name in _sink_log_files(spark, sink_log)}
     # A glob is not a folder, so Spark lists the files instead of reading the log.
-    present = {local_path(f) or f: f for f in list_files(spark, glob_path)}
-    if logged <= present.keys():
+    present_by_local = {local_path(f) or f: f for f in list_files(spark, glob_path)}
+    if logged <= present_by_local.keys():
         return reader.parquet(path)
     logged_names = {name.rsplit("/", 1)[-1] for name in logged}
-    matched = [f for local, f in present.items() if local.rsplit("/", 1)[-1] in logged_names]
+    matched = [f for local, f in present_by_local.items() if local.rsplit("/", 1)[-1] in logged_names]
     log.warning(
         "%s: %d of the %d files named by its %s log are not there (was the folder copied from "
         "another machine?); reading the %d files present%s",
         path,
-        len(logged - present.keys()),
+        len(logged - present_by_local.keys()),
         len(logged),
         SINK_LOG,
-        len(matched) or len(present),
+        len(matched) or len(present_by_local),
         " that the log names" if matched else "",
     )
-    if not present:
+    if not present_by_local:
         return spark.createDataFrame([], RAW_SCHEMA)
-    return reader.parquet(*(matched or present.values()))
+    return reader.parquet(*(matched or present_by_local.values()))
 
 
 def _sink_log_files(spark: SparkSession, sink_log: str) -> set[str]:

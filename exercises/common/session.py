@@ -1,12 +1,14 @@
-"""The SparkSession builder: UTC, quiet, ``local[*]`` only as a fallback, and the Kafka connector's jars."""
+"""The SparkSession builder (UTC, quiet, ``local[*]`` only as a fallback), the Kafka connector's jars, and
+the driver-side helpers every stage uses (the row of a global aggregation, the JVM gateway)."""
 
 from __future__ import annotations
 
 import glob
 import os
+from typing import Any
 
 from pyspark import SparkConf, SparkContext
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, Row, SparkSession
 
 from common.config import get_logger
 
@@ -97,3 +99,20 @@ def kafka_connector_jars(spark_version: str) -> list[str]:
             "scripts/fetch-jars) once with access to Maven Central, or pass it to spark-submit with --packages"
         )
     return jars
+
+
+def one_row(aggregate: DataFrame) -> Row:
+    """The row of a global aggregation (``frame.agg(...)`` without grouping): always exactly one.
+
+    Raises:
+        ValueError: when the frame has no row (it is not a global aggregation).
+    """
+    row = aggregate.first()
+    if row is None:
+        raise ValueError("a global aggregation gave no row")
+    return row
+
+
+def jvm(spark: SparkSession) -> Any:
+    """The JVM behind the session (Py4J gateway), for Hadoop's file system and Kafka's admin client."""
+    return spark.sparkContext._jvm

@@ -16,6 +16,7 @@ from pyspark.sql import types as T
 
 from common import message as m
 from common.contracts import PARTITION
+from common.session import jvm
 
 STAGING_SUFFIX = ".staging"
 PREVIOUS_SUFFIX = ".previous"
@@ -93,8 +94,7 @@ def stage_lock(path: str, stage: str, log: logging.Logger) -> Iterator[None]:
 
 def _fs_path(spark: SparkSession, path: str):
     """Return (Hadoop FileSystem, Hadoop Path) for a local path or URI."""
-    jvm = spark.sparkContext._jvm
-    hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
+    hadoop_path = jvm(spark).org.apache.hadoop.fs.Path(path)
     return hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), hadoop_path
 
 
@@ -219,10 +219,9 @@ def read_text(spark: SparkSession, path: str) -> str | None:
     fs, hadoop_path = _fs_path(spark, path)
     if not fs.exists(hadoop_path):
         return None
-    jvm = spark.sparkContext._jvm
     stream = fs.open(hadoop_path)
     try:
-        return bytes(jvm.org.apache.commons.io.IOUtils.toByteArray(stream)).decode("utf-8")
+        return bytes(jvm(spark).org.apache.commons.io.IOUtils.toByteArray(stream)).decode("utf-8")
     finally:
         stream.close()
 

@@ -17,6 +17,7 @@ from common.contracts import (
     PARTITION,
     UNKNOWN_SERIES_SCHEMA,
 )
+from common.session import one_row
 from common.storage import (
     path_exists,
     replace_output,
@@ -86,7 +87,7 @@ def check_state(grid: Grid, settings: Settings) -> tuple[DataFrame, DataFrame, i
         ),
         F.max(REPLACES).alias(REPLACES),
     )
-    newest = hourly.agg(F.max("_last_slot")).first()[0]
+    newest = one_row(hourly.agg(F.max("_last_slot")))[0]
     return figures, updates, newest
 
 

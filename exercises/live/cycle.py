@@ -22,6 +22,7 @@ from common.contracts import (
     RAW_SCHEMA,
     with_hour,
 )
+from common.session import one_row
 from common.storage import (
     read_partitioned,
 )
@@ -118,13 +119,13 @@ def run_cycle(
 
 def _count(parsed: DataFrame) -> Row:
     """The cycle's raw, valid and quarantined rows; this job parses and fills the cache."""
-    counts = parsed.agg(
-        F.count(F.lit(1)).alias("raw"),
-        F.count_if(F.col("reason").isNull()).alias("valid"),
-        F.count_if(F.col("reason").isNotNull()).alias("quarantined"),
-    ).first()
-    assert counts is not None  # an aggregation without grouping gives one row
-    return counts
+    return one_row(
+        parsed.agg(
+            F.count(F.lit(1)).alias("raw"),
+            F.count_if(F.col("reason").isNull()).alias("valid"),
+            F.count_if(F.col("reason").isNotNull()).alias("quarantined"),
+        )
+    )
 
 
 def _open_hours(cursor: Cursor, processed: Processed, grid: Grid) -> dict[str, list[int]]:
@@ -192,7 +193,7 @@ def _process(spark: SparkSession, paths: config.Paths, valid: DataFrame, state: 
     late_series = spark.createDataFrame([], T.StructType([*[T.StructField(k, T.StringType()) for k in KEYS]]))
     if late_hours:
         updates = _merge_late(spark, paths, late, appended, late_hours, updates, cycle)
-        gained = updates.agg(F.sum("rows")).first()[0] or 0
+        gained = one_row(updates.agg(F.sum("rows")))[0] or 0
         late_series = late.groupBy(*KEYS).agg(F.min(_slot_micros(F.col(m.T_MEASUREMENT), 1)).alias("since"))
     return Processed(appended, late_series, updates.persist(), appended_hours, late_hours, gained)
 
@@ -342,7 +343,7 @@ def _recompute_late(
     slot = _slot_micros(F.col(m.T_MEASUREMENT), config_.slot_seconds)
     processed = read_partitioned(spark, paths.processed_data, PROCESSED_SCHEMA).withColumn("slot", slot)
     regions = _recompute_regions(processed, late, config_)
-    start = regions.agg(F.min("start")).first()[0]
+    start = one_row(regions.agg(F.min("start")))[0]
     changed = (
         processed.where(F.col(PARTITION) >= hour_of_micros(start))
         .join(regions, KEYS)
@@ -375,7 +376,7 @@ def _recompute_regions(processed: DataFrame, late: DataFrame, config_: cleaner.C
     slot_micros = config_.slot_seconds * 1_000_000
     late = late.withColumn("since", F.col("since") - F.pmod("since", F.lit(slot_micros)))
     # Scalars that bound the partitions read: one aggregate row.
-    earliest = late.agg(F.min("since")).first()[0]
+    earliest = one_row(late.agg(F.min("since")))[0]
     anchors = (
         processed.where(F.col(PARTITION) >= hour_of_micros(earliest - lookback))
         .join(late, KEYS)

@@ -24,6 +24,7 @@ from common.contracts import (
     PROCESSED_SCHEMA,
     QUARANTINE_SCHEMA,
 )
+from common.session import one_row
 from common.storage import (
     delete_path,
     make_folder,
@@ -156,7 +157,7 @@ def initial_state(
         )
     )
     state = conform(counts.join(grid, KEYS, "full"), SERIES_STATE_SCHEMA)
-    newest = ends.agg(F.max("last_slot")).first()[0]
+    newest = one_row(ends.agg(F.max("last_slot")))[0]
     figures = spark.createDataFrame([], FIGURES_SCHEMA)
     if newest is not None:
         since = hour_of_micros(newest - int(settings.report_window_seconds * 1_000_000))
