@@ -9,11 +9,17 @@ from collections.abc import Iterator
 
 import pyspark
 import pytest
+from hypothesis import settings
 from pyspark.sql import SparkSession
 
 from common import config
 from common.session import kafka_connector_jars
 from tests.helpers import ROOT
+
+# Fuzzed inputs: 40 examples in the full suite, 10 in make test-fast (HYPOTHESIS_PROFILE=fast).
+settings.register_profile("full", max_examples=40)
+settings.register_profile("fast", max_examples=10)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "full"))
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 import pytest
 
 from check_report import format_table
-from checker import CheckerConfig, check_cleaned, exit_code, run
+from checker import ERROR, WARN, Check, CheckerConfig, Result, check_cleaned, exit_code, run, verdicts
 from common import message as m
 from common.contracts import CLEANED_SCHEMA, UNKNOWN_SERIES_SCHEMA
 
@@ -225,3 +225,21 @@ def test_run_writes_the_json_report_and_prints_a_table(spark, paths, capsys):
 def test_expected_catalog_is_configurable(spark):
     rows = [r for r in healthy_rows() if r[2] == "device1"]
     assert failing(results_of(spark, rows, expected_series=(("device1", m.SIGNAL_EXPORT),))) == {}
+
+
+def test_verdicts_list_each_series_and_count_all_when_not_all_are_listed():
+    checks = [Check("unique_slots", ERROR, "duplicate_slots", 0), Check("spikes", WARN, "spikes", 2)]
+    listed = [
+        {m.DEVICE_ID: "d1", m.SIGNAL_NAME: "s", "duplicate_slots": 1, "spikes": 2},
+        {m.DEVICE_ID: "d2", m.SIGNAL_NAME: "s", "duplicate_slots": 0, "spikes": None},
+    ]
+    totals = {"series": 3, "unique_slots": 1, "spikes": 1}
+    assert verdicts(checks, totals, listed) == [
+        Result("unique_slots", ERROR, False, {"failing_series": 1, "series": 3}, 0),
+        Result("unique_slots", ERROR, False, 1, 0, "d1/s"),
+        Result("unique_slots", ERROR, True, 0, 0, "d2/s"),
+        Result("spikes", WARN, False, {"failing_series": 1, "series": 3}, 2),
+        Result("spikes", WARN, True, 2, 2, "d1/s"),
+        Result("spikes", WARN, False, None, 2, "d2/s"),
+    ]
+    assert verdicts(checks, {"series": 2, "unique_slots": 1, "spikes": 1}, listed)[0].series == "d1/s"

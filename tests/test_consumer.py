@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from types import SimpleNamespace
 
 import pytest
 from confluent_kafka import Producer
@@ -16,10 +17,8 @@ import processor
 from common.contracts import RAW_SCHEMA
 from common.kafka_client import client_options
 from common.raw_input import CheckpointMismatchError
-from consumer import ConsumerConfig, run
+from consumer import ConsumerConfig, config_from_args, run, summarize
 from tests.helpers import run_python
-
-pytestmark = pytest.mark.integration
 
 
 def new_topic(kafka: str, partitions: int = 1) -> str:
@@ -42,6 +41,7 @@ def consumed(spark, paths):
     return spark.read.schema(RAW_SCHEMA).parquet(paths.consumer_data)
 
 
+@pytest.mark.integration
 def test_every_message_lands_once_with_the_kafka_schema(spark, kafka, paths):
     topic = new_topic(kafka)
     values = [f'{{"n": {i}}}'.encode() for i in range(50)]
@@ -57,6 +57,7 @@ def test_every_message_lands_once_with_the_kafka_schema(spark, kafka, paths):
     assert {(r.topic, r.timestampType, r.key) for r in rows} == {(topic, 0, None)}
 
 
+@pytest.mark.integration
 def test_reruns_add_only_new_messages(spark, kafka, paths):
     topic = new_topic(kafka)
     produce(kafka, topic, [{"value": b"first-%d" % i} for i in range(30)])
@@ -73,6 +74,7 @@ def test_reruns_add_only_new_messages(spark, kafka, paths):
     assert sorted(os.listdir(paths.consumer_data)) == files_after_second
 
 
+@pytest.mark.integration
 def test_partitions_keys_headers_and_null_values(spark, kafka, paths):
     topic = new_topic(kafka, partitions=3)
     messages = [{"value": b"v%d" % i, "key": b"k%d" % i, "partition": i % 3} for i in range(12)]
@@ -93,6 +95,7 @@ def test_partitions_keys_headers_and_null_values(spark, kafka, paths):
     assert bytes(by_key[None].value) == b"with-headers"
 
 
+@pytest.mark.integration
 def test_small_triggers_make_several_batches(spark, kafka, paths):
     topic = new_topic(kafka)
     produce(kafka, topic, [{"value": b"%d" % i} for i in range(50)])
@@ -101,6 +104,7 @@ def test_small_triggers_make_several_batches(spark, kafka, paths):
     assert consumed(spark, paths).count() == 50
 
 
+@pytest.mark.integration
 def test_missing_checkpoint_beside_existing_output_is_refused(spark, kafka, paths):
     topic = new_topic(kafka)
     produce(kafka, topic, [{"value": b"x"}])
@@ -112,6 +116,7 @@ def test_missing_checkpoint_beside_existing_output_is_refused(spark, kafka, path
     assert consumed(spark, paths).count() == 1
 
 
+@pytest.mark.slow
 def test_unreachable_broker_fails_fast_with_a_clear_message(tmp_path):
     started = time.monotonic()
     result = run_python(
@@ -143,6 +148,7 @@ def test_credentials_become_a_jaas_config_and_properties_win():
         client_options({"sasl.username": "meter"}, {})
 
 
+@pytest.mark.integration
 def test_producer_backfill_through_every_stage(spark, kafka, paths):
     topic = new_topic(kafka)
     produced = run_python(
@@ -170,6 +176,7 @@ def test_producer_backfill_through_every_stage(spark, kafka, paths):
     assert checker.exit_code(results) == 0
 
 
+@pytest.mark.integration
 def test_empty_topic_flows_through_every_stage_and_each_says_so(spark, kafka, paths, caplog):
     topic = new_topic(kafka)
     with caplog.at_level("INFO"):
@@ -180,3 +187,55 @@ def test_empty_topic_flows_through_every_stage_and_each_says_so(spark, kafka, pa
     assert sum(counts.values()) == 0
     assert checker.exit_code(results) == 1
     assert "holds no raw rows" in caplog.text and "no expected series" in caplog.text
+
+
+def test_config_refuses_numbers_that_are_not_positive():
+    with pytest.raises(ValueError, match="--max-offsets-per-trigger must be positive"):
+        ConsumerConfig(max_offsets_per_trigger=0)
+    with pytest.raises(ValueError, match="--interval must be positive"):
+        ConsumerConfig().continuous(0)
+    assert ConsumerConfig(topic="t").continuous(2.5) == ConsumerConfig(topic="t", interval_seconds=2.5)
+
+
+def test_config_from_options_reads_properties_and_keeps_secrets_out_of_its_repr(tmp_path, monkeypatch):
+    properties = tmp_path / "client.properties"
+    properties.write_text("# comment\nsasl.jaas.config=secret-jaas\nssl.truststore.location=/ca.pem\n")
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    args = SimpleNamespace(
+        bootstrap_servers="b:9092",
+        topic="meters",
+        kafka_properties=str(properties),
+        max_offsets_per_trigger="500",
+        continuous=True,
+        interval="5",
+    )
+    config_ = config_from_args(args)
+    assert config_ == ConsumerConfig(
+        "b:9092",
+        "meters",
+        {
+            "kafka.security.protocol": "SASL_SSL",
+            "kafka.sasl.jaas.config": "secret-jaas",
+            "kafka.ssl.truststore.location": "/ca.pem",
+        },
+        max_offsets_per_trigger=500,
+        interval_seconds=5.0,
+    )
+    assert "secret-jaas" not in repr(config_)
+
+
+def _progress(rows, start, end, ms=100):
+    source = SimpleNamespace(startOffset=start, endOffset=end)
+    return SimpleNamespace(numInputRows=rows, sources=[source], durationMs={"triggerExecution": ms})
+
+
+def test_summary_counts_batches_with_rows_and_finds_offsets_that_went_back():
+    progress = [
+        _progress(10, None, '{"t": {"0": 10}}'),
+        _progress(0, '{"t": {"0": 10}}', '{"t": {"0": 10}}'),
+        _progress(3, '{"t": {"0": 10}}', '{"t": {"0": 3}}', ms=50),
+    ]
+    result = summarize(progress, generation=2)
+    assert (result.batches, result.rows, result.end_offsets) == (2, 13, {"t": {"0": 3}})
+    assert result.rewound == (("t", "0", 10, 3),)
+    assert (result.generation, result.batch_seconds) == (2, 0.15)

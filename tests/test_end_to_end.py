@@ -67,6 +67,7 @@ def test_stage_help_names_options_and_environment(stage):
     assert "--datastore" in result.stdout and "METER_DATASTORE" in result.stdout and "Usage:" in result.stdout
 
 
+@pytest.mark.slow
 def test_shipped_sample_runs_through_the_scripts_with_spark_submit_and_python(tmp_path):
     datastore = str(tmp_path / "datastore")
     spark_submit = os.path.join(os.path.dirname(sys.executable), "spark-submit")
@@ -91,6 +92,7 @@ def test_shipped_sample_runs_through_the_scripts_with_spark_submit_and_python(tm
         assert {entry["name"] for entry in json.load(handle)} >= {"schema", "regular_grid", "spikes"}
 
 
+@pytest.mark.slow
 def test_missing_input_is_a_clear_error(tmp_path):
     result = run_python("exercises/cleaner.py", "--datastore", str(tmp_path))
     assert result.returncode == 2

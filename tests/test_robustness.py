@@ -76,7 +76,7 @@ payloads = st.lists(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(values=payloads)
 def test_fuzzed_values_never_crash_and_every_row_is_accounted_for(spark, values):
     parsed = processor.parse_measurements(raw_frame(spark, values)).cache()
@@ -104,6 +104,7 @@ def test_empty_processed_data_gives_an_empty_grid_and_the_checker_says_series_ar
     assert len(absent.observed["absent"]) == 4 and checker.exit_code(results) == 1
 
 
+@pytest.mark.slow
 def test_missing_consumer_data_is_a_clear_error(tmp_path):
     result = run_python("exercises/processor.py", "--datastore", str(tmp_path))
     assert result.returncode == 2
@@ -209,6 +210,7 @@ def test_lock_refuses_a_second_holder_and_names_the_lock(tmp_path):
         pass
 
 
+@pytest.mark.slow
 def test_second_run_of_a_stage_is_refused_and_output_stays_intact(spark, tmp_path):
     datastore = str(tmp_path / "datastore")
     _write_large_raw(spark, f"{datastore}/consumer_data")
@@ -221,6 +223,7 @@ def test_second_run_of_a_stage_is_refused_and_output_stays_intact(spark, tmp_pat
     assert spark.read.parquet(f"{datastore}/processed_data").count() == 400_000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.0, 2.0, 5.0])
 def test_sigkill_at_any_moment_leaves_the_previous_output_and_the_next_run_recovers(spark, tmp_path, delay):
     datastore = str(tmp_path / "datastore")
