@@ -4,7 +4,7 @@ Runs the four stages in order in one JVM (the scripts one after another start fo
 first stage that fails, exiting with that stage's code. It takes the options of all four stages.
 ``--skip-consumer`` starts from the raw data already in ``consumer_data`` (or ``--consumer-data``).
 
-``--watch INTERVAL`` is the live mode (``live.py``): after one full run, the consumer reads the topic
+``--watch INTERVAL`` is the live mode (the ``live`` package): after one full run, the consumer reads the topic
 every INTERVAL seconds and each cycle folds only the new raw files into processed_data, cleaned_data
 and the check report, until SIGTERM or Ctrl-C.
 

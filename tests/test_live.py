@@ -144,7 +144,7 @@ def test_a_cycle_interrupted_before_its_commit_is_undone_and_redone(spark, tmp_p
             # the late step rewrites hours of both outputs; the last one adds to an unknown series; each
             # writes all its files and its state, then dies before its commit
             with monkeypatch.context() as patch:
-                patch.setattr(live, "commit_cursor", crash)
+                patch.setattr(live.cycle, "commit_cursor", crash)
                 with pytest.raises(RuntimeError):
                     live.run_cycle(spark, paths, SETTINGS, cursor, step_files, {})
             assert live.read_cursor(spark, paths).cycle == cursor.cycle
