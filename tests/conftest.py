@@ -34,6 +34,9 @@ def spark() -> Iterator[SparkSession]:
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.log.structuredLogging.enabled", "false")
         .config("spark.jars", ",".join(kafka_connector_jars(pyspark.__version__)))
+        .config(
+            map={k: v for k, v in (item.split("=", 1) for item in os.environ.get("XTEST_CONF", "").split() if item)}
+        )
         .getOrCreate()
     )
     session.sparkContext.setLogLevel("ERROR")

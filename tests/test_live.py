@@ -208,34 +208,10 @@ def leftovers(folder):
 
 
 @pytest.mark.integration
-def test_live_runner_stopped_by_sigterm_leaves_what_a_batch_run_gives(spark, kafka, tmp_path):
-    env, producer = start_feed(kafka, ["--malformed-share", "0.05"], seed=3)
-    paths = config.Paths.under(str(tmp_path / "live"))
-    runner = subprocess.Popen(
-        [sys.executable, "exercises/pipeline.py", "--watch", "2", "--datastore", str(tmp_path / "live")],
-        cwd=ROOT,
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        cycles = wait_for_cycles(os.path.join(paths.reports, "live_cycles.json"), 4, runner)
-    finally:
-        stop_producer(producer)
-    err = stop_runner(runner)
-
-    assert "SIGTERM received" in err and "live: stopped after" in err
-    assert not leftovers(tmp_path / "live")
-    assert all(c["latency_p95_s"] is not None and c["freshness_s"] is not None for c in cycles)
-    settings = dataclasses.replace(SETTINGS, cleaner=cleaner.CleanerConfig())
-    batch, accounting = run_batch(spark, tmp_path, paths.consumer_data, settings)
-    assert accounting.quarantined > 0 and accounting.duplicates > 0
-    assert_same_outputs(spark, paths, batch)
-
-
-@pytest.mark.integration
-def test_live_runner_killed_mid_cycle_repairs_at_the_next_start_and_loses_nothing(spark, kafka, tmp_path):
-    env, producer = start_feed(kafka, ["--devices", "20"], seed=4)
+def test_live_runner_killed_mid_cycle_repairs_then_stops_on_sigterm_leaving_what_a_batch_run_gives(
+    spark, kafka, tmp_path
+):
+    env, producer = start_feed(kafka, ["--devices", "20", "--malformed-share", "0.05"], seed=4)
     paths = config.Paths.under(str(tmp_path / "live"))
     command = [sys.executable, "exercises/pipeline.py", "--watch", "1", "--datastore", str(tmp_path / "live")]
     command += ["--expected-series", "all"]
@@ -249,15 +225,18 @@ def test_live_runner_killed_mid_cycle_repairs_at_the_next_start_and_loses_nothin
         victim.wait()
         os.remove(cycles_file)  # the next runner's cycles only
         runner = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-        wait_for_cycles(cycles_file, 2, runner)
+        cycles = wait_for_cycles(cycles_file, 2, runner)
     finally:
         stop_producer(producer)
     err = stop_runner(runner)
 
     assert "live: going on after cycle" in err
+    assert "SIGTERM received" in err and "live: stopped after" in err
+    assert not leftovers(tmp_path / "live")
+    assert all(c["latency_p95_s"] is not None and c["freshness_s"] is not None for c in cycles)
     settings = dataclasses.replace(SETTINGS, cleaner=cleaner.CleanerConfig(expected_series=None))
     batch, accounting = run_batch(spark, tmp_path, paths.consumer_data, settings)
-    assert accounting.duplicates > 0
+    assert accounting.quarantined > 0 and accounting.duplicates > 0
     assert_same_outputs(spark, paths, batch)
 
 
