@@ -11,6 +11,7 @@ from pyspark.sql import functions as F
 from common import config
 from common import message as m
 from common.contracts import PROCESSED_SCHEMA, RAW_SCHEMA, hour_of, hour_value
+from common.raw_input import CheckpointMismatchError, check_sink_matches_checkpoint
 from common.storage import PREVIOUS_SUFFIX, StageInputError, read_output, replace_output
 
 log = logging.getLogger("test")
@@ -99,3 +100,22 @@ def test_hour_partition_value_is_the_utc_hour_as_a_number(spark):
     rows = spark.createDataFrame([(t,) for t in moments], "t timestamp").select(hour_of(F.col("t")).alias("hour"))
     assert [r.hour for r in rows.collect()] == [hour_value(t) for t in moments]
     assert hour_value(moments[0]) == 1969123123
+
+
+def _log_files(folder, batches):
+    folder.mkdir(parents=True, exist_ok=True)
+    for batch in batches:
+        (folder / str(batch)).write_text("v1\n")
+
+
+def test_sink_log_one_batch_ahead_of_the_commits_after_a_crash_is_fine_but_ahead_of_the_offsets_is_refused(
+    spark, tmp_path
+):
+    output, checkpoint = tmp_path / "consumer_data", tmp_path / "checkpoint_consumer"
+    _log_files(output / "_spark_metadata", [0, 1, 2])
+    _log_files(checkpoint / "offsets", [0, 1, 2])
+    _log_files(checkpoint / "commits", [0, 1])  # killed after the sink's log, before the commit
+    check_sink_matches_checkpoint(spark, str(output), str(checkpoint))
+    (checkpoint / "offsets" / "2").unlink()
+    with pytest.raises(CheckpointMismatchError, match="planned only up to batch 1"):
+        check_sink_matches_checkpoint(spark, str(output), str(checkpoint))

@@ -183,8 +183,11 @@ def check_sink_matches_checkpoint(spark: SparkSession, output: str, checkpoint: 
     """Refuse to run when the file sink would silently skip the next batches.
 
     The parquet sink skips every batch whose id is not above the latest one in its
-    ``_spark_metadata`` log. When the log is ahead of the checkpoint's commits (the checkpoint was
-    deleted, or belongs to other output), new data would be dropped without a word.
+    ``_spark_metadata`` log. After a crash between the sink's log and the checkpoint's commit, the
+    log is one batch ahead of the commits: Spark runs that batch again from its offsets log and the
+    sink rightly skips it (its files are written). But when the log is ahead of the checkpoint's
+    offsets log (the checkpoint was deleted, or belongs to other output), new data would be dropped
+    without a word.
 
     Raises:
         CheckpointMismatchError: naming both folders and how to fix it.
@@ -192,11 +195,11 @@ def check_sink_matches_checkpoint(spark: SparkSession, output: str, checkpoint: 
     sink_batch = _latest_batch(spark, f"{output.rstrip('/')}/{SINK_LOG}")
     if sink_batch < 0:
         return
-    committed = _latest_batch(spark, f"{checkpoint.rstrip('/')}/commits")
-    if sink_batch > committed:
+    planned = _latest_batch(spark, f"{checkpoint.rstrip('/')}/offsets")
+    if sink_batch > planned:
         raise CheckpointMismatchError(
             f"{output} holds a {SINK_LOG} log up to batch {sink_batch}, but the checkpoint "
-            f"{checkpoint} has committed only up to batch {committed} (missing, or made for "
+            f"{checkpoint} has planned only up to batch {planned} (missing, or made for "
             "other output); Spark would silently skip the new batches. Restore the checkpoint that belongs "
             "to this output, or move the output aside (or point --consumer-data and --checkpoint-consumer "
             "at new folders) and consume again from the earliest offset."
