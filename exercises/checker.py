@@ -16,6 +16,10 @@ Usage:
     spark-submit exercises/checker.py --datastore DIR
 """
 
+# Longer than the other stages (about 580 lines) on purpose: the checks (the per-series figures, their
+# thresholds and their evaluation, one Spark pass) are kept together in this module, and the live
+# checks (live/checks.py) reuse its figures; only the presentation lives apart (check_report.py).
+
 from __future__ import annotations
 
 import json
