@@ -3,6 +3,6 @@
 FROM python:3.11-slim
 WORKDIR /app
 RUN pip install --no-cache-dir confluent-kafka==2.16.1 tqdm==4.70.1
-COPY exercises/common/__init__.py exercises/common/message.py exercises/common/config.py exercises/common/
+COPY exercises/common/__init__.py exercises/common/message.py exercises/common/config.py exercises/common/kafka_client.py exercises/common/
 COPY producer.py .
 ENTRYPOINT ["python", "producer.py"]

@@ -36,10 +36,7 @@ from collections.abc import Iterator
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "exercises"))
 
-from common import (
-    config,  # noqa: E402
-    kafka_client,  # noqa: E402
-)
+from common import config, kafka_client  # noqa: E402
 from common import message as m  # noqa: E402
 
 #: Value range of each simulated series, as in the original feed.

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 
 import producer
 from common import message as m
+from tests.helpers import ROOT
 
 
 def test_default_series_are_the_original_feeds_four():
@@ -76,3 +82,17 @@ def test_devices_option_is_checked():
     with pytest.raises(SystemExit):
         producer.parse_args(["--devices", "0"])
     assert producer.parse_args(["--devices", "7"]).devices == 7
+
+
+def test_producer_runs_with_only_the_files_its_docker_image_copies(tmp_path):
+    with open(os.path.join(ROOT, "Dockerfile")) as handle:
+        copies = [line.split()[1:] for line in handle if line.startswith("COPY ")]
+    for *sources, target in copies:
+        os.makedirs(tmp_path / target, exist_ok=True)
+        for source in sources:
+            shutil.copy(os.path.join(ROOT, source), tmp_path / target)
+    result = subprocess.run(
+        [sys.executable, "producer.py", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"--bootstrap-servers", result.stdout)
