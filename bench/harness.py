@@ -38,16 +38,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, *(os.path.join(ROOT, folder) for folder in ("exercises", "scripts", "tests"))]
 
 import pyspark  # noqa: E402
+from pyspark.sql import Window  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
+import check_report  # noqa: E402
+import checker  # noqa: E402
 import cleaner  # noqa: E402
 import consumer  # noqa: E402
 import processor  # noqa: E402
 from common import config  # noqa: E402
 from common import message as m  # noqa: E402
-from common.contracts import CLEANED_SCHEMA, PARTITION, PROCESSED_SCHEMA, RAW_SCHEMA  # noqa: E402
+from common.contracts import CLEANED_SCHEMA, PARTITION, PROCESSED_SCHEMA, RAW_SCHEMA, with_hour  # noqa: E402
 from common.session import build_session, kafka_connector_jars  # noqa: E402
-from common.storage import parquet_writer, read_partitioned  # noqa: E402
+from common.storage import parquet_writer  # noqa: E402
 
 SLOTS_PER_DAY = 8640
 START = 1716336000  # 2024-05-22 00:00:00 UTC
@@ -129,26 +132,94 @@ def timed(action) -> float:
 
 
 def processor_floor(spark, source: str, target: str) -> None:
+    """The processor's irreducible work: read the raw rows, parse the JSON with the same schema, shuffle by
+    the collapse key (ranges of hour and series, as the stage does) and write partitioned by hour with the
+    stages' Parquet options. No validation, no quarantine, no accounting, no collapse."""
     raw = spark.read.schema(RAW_SCHEMA).parquet(source)
-    parsed = raw.select(F.from_json(F.col("value").cast("string"), processor.MESSAGE_SCHEMA).alias("msg"))
-    parquet_writer(parsed.select("msg.*")).mode("overwrite").parquet(target)
+    msg = F.from_json(F.col("value").cast("string"), processor.MESSAGE_SCHEMA).alias("msg")
+    seconds = {name: F.col(f"msg.{name}").cast("double") for name in (m.T_MEASUREMENT, m.T_REPORT)}
+    typed = raw.select(msg).select(
+        *[F.timestamp_micros((seconds[name] * 1_000_000).cast("long")).alias(name) for name in seconds],
+        F.col(f"msg.{m.DEVICE_ID}").alias(m.DEVICE_ID),
+        F.col(f"msg.{m.SIGNAL_NAME}").alias(m.SIGNAL_NAME),
+        F.col(f"msg.{m.VALUE}").cast("double").alias(m.VALUE),
+    )
+    shuffled = with_hour(typed).repartitionByRange(PARTITION, m.DEVICE_ID, m.SIGNAL_NAME)
+    parquet_writer(shuffled).mode("overwrite").partitionBy(PARTITION).parquet(target)
 
 
 def cleaner_floor(spark, source: str, target: str) -> None:
+    """The cleaner's irreducible work: read the processed rows, bring each series together in time order
+    (the stage's shuffle and sort), generate exactly the output's slots (one per slot from the series'
+    first to its last measured slot, the value of the measurement at or before it, no flags) and write
+    them partitioned by hour with the stages' Parquet options."""
     keys = [m.DEVICE_ID, m.SIGNAL_NAME]
-    rows = spark.read.schema(PROCESSED_SCHEMA).parquet(source)
-    parquet_writer(rows.repartition(*keys).sortWithinPartitions(*keys, m.T_MEASUREMENT)).mode("overwrite").parquet(
-        target
+    slot_micros = config.DEFAULT_SLOT_SECONDS * 1_000_000
+    micros = F.unix_micros(m.T_MEASUREMENT)
+    rows = spark.read.schema(PROCESSED_SCHEMA).parquet(source).withColumn("slot", micros - F.pmod(micros, slot_micros))
+    by_series = Window.partitionBy(*keys).orderBy("slot", m.T_MEASUREMENT, m.T_REPORT)
+    spans = rows.withColumn("next_slot", F.lead("slot").over(by_series)).where(
+        F.col("next_slot").isNull() | (F.col("next_slot") != F.col("slot"))
     )
+    steps = F.coalesce((F.col("next_slot") - F.col("slot")) / slot_micros, F.lit(1)).cast("int")
+    grid = spans.select(*keys, "slot", m.VALUE, m.T_REPORT, F.explode(F.sequence(F.lit(0), steps - 1)).alias("step"))
+    output = grid.select(
+        F.timestamp_micros(F.col("slot") + F.col("step") * slot_micros).alias(m.T_MEASUREMENT),
+        F.when(F.col("step") == 0, F.col(m.T_REPORT)).alias(m.T_REPORT),
+        *keys,
+        m.VALUE,
+    )
+    parquet_writer(with_hour(output)).mode("overwrite").partitionBy(PARTITION).parquet(target)
 
 
-def output_write(spark, source: str, target: str) -> None:
-    """The write every cleaner does, with no logic: its finished output read and written again as the
-    cleaner writes it (partitioned by hour). The cleaner writes more rows than it reads (the filled
-    slots), so this part of its time grows with the holes, not with the input the floor writes."""
-    parquet_writer(read_partitioned(spark, source, CLEANED_SCHEMA)).mode("overwrite").partitionBy(PARTITION).parquet(
-        target
-    )
+def checker_floor(spark, source: str) -> None:
+    """The checker's irreducible work: read cleaned_data and one per-series aggregation pass (count, min and
+    max of the value and of the slot)."""
+    cleaned = spark.read.schema(CLEANED_SCHEMA).parquet(source)
+    cleaned.groupBy(m.DEVICE_ID, m.SIGNAL_NAME).agg(
+        F.count(F.lit(1)).alias("slots"),
+        F.min(m.VALUE).alias("low"),
+        F.max(m.VALUE).alias("high"),
+        F.min(m.T_MEASUREMENT).alias("first"),
+        F.max(m.T_MEASUREMENT).alias("last"),
+    ).write.format("noop").mode("overwrite").save()
+
+
+def checker_chart(spark, source: str, chart: str) -> None:
+    """The checker's chart alone, as ``make run`` draws it: the first series by name over their last hours."""
+    cleaned = spark.read.schema(CLEANED_SCHEMA).parquet(source)
+    names = cleaned.select(m.DEVICE_ID, m.SIGNAL_NAME).distinct().orderBy(m.DEVICE_ID, m.SIGNAL_NAME)
+    # A handful of names: what the chart draws.
+    series = [(r[0], r[1]) for r in names.take(check_report.CHART_SERIES)]
+    points = check_report.chart_points(cleaned, series).collect()
+
+    def save(png: bytes) -> None:
+        with open(chart, "wb") as handle:
+            handle.write(png)
+
+    check_report.draw_chart(points, save)
+
+
+DUCKDB_PROCESS = """
+COPY (
+  WITH fields AS (
+    SELECT from_json(decode(value), '{{"t_measurement": "VARCHAR", "t_report": "VARCHAR", "device_id": "VARCHAR",
+                                      "signal_name": "VARCHAR", "value": "VARCHAR"}}') AS msg, "partition", "offset"
+    FROM read_parquet('{source}/**/*.parquet')
+  ), typed AS (
+    SELECT make_timestamp(CAST(floor(TRY_CAST(msg.t_measurement AS DOUBLE) * 1e6 + 0.5) AS BIGINT)) AS t_measurement,
+           make_timestamp(CAST(floor(TRY_CAST(msg.t_report AS DOUBLE) * 1e6 + 0.5) AS BIGINT)) AS t_report,
+           msg.device_id AS device_id, msg.signal_name AS signal_name, TRY_CAST(msg.value AS DOUBLE) AS value,
+           "partition", "offset"
+    FROM fields
+  )
+  SELECT t_measurement, t_report, device_id, signal_name, value,
+         CAST(strftime(t_measurement, '%Y%m%d%H') AS BIGINT) AS hour
+  FROM typed
+  QUALIFY row_number() OVER (PARTITION BY device_id, signal_name, t_measurement
+                             ORDER BY t_report DESC, "partition" DESC, "offset" DESC) = 1
+) TO '{target}' (FORMAT parquet, PARTITION_BY (hour))
+"""
 
 
 DUCKDB_GAP_FILL = """
@@ -174,12 +245,12 @@ COPY (
 """
 
 
-def duckdb_gap_fill(source: str, target: str) -> None:
+def duckdb(sql: str, source: str, target: str) -> None:
     import duckdb
 
     connection = duckdb.connect()
     connection.execute(f"SET threads = {os.cpu_count()}")
-    connection.execute(DUCKDB_GAP_FILL.format(source=source, target=target))
+    connection.execute(sql.format(source=source, target=target))
     connection.close()
 
 
@@ -219,31 +290,116 @@ class MemorySampler:
         self._thread.join()
 
 
-def bench_size(spark, work: str, rows: int) -> list[dict]:
+class StageTimes:
+    """Times actions and keeps where their seconds went, stage by stage, from Spark's status store.
+
+    Each action runs in a job group of its own; afterwards its jobs' stages are read from the store
+    the Spark UI reads (in the driver, no UI or event log needed): wall and task seconds, tasks,
+    rows read, shuffled and written, and the call site that started the stage.
+    """
+
+    def __init__(self, spark) -> None:
+        self._spark = spark
+        self.stages: dict[str, list[dict]] = {}
+        self.seconds: dict[str, float] = {}
+
+    def time(self, name: str, action) -> float:
+        context = self._spark.sparkContext
+        context.setJobGroup(name, name)
+        try:
+            seconds = timed(action)
+        finally:
+            context.setLocalProperty("spark.jobGroup.id", None)
+            context.setLocalProperty("spark.job.description", None)
+        self.seconds[name] = seconds
+        self.stages[name] = self._stages_of(name)
+        return seconds
+
+    def _stages_of(self, group: str) -> list[dict]:
+        context = self._spark.sparkContext
+        store = context._jsc.sc().statusStore()
+        scala = context._jvm.scala.jdk.javaapi.CollectionConverters
+        stages = []
+        for job in scala.asJava(store.jobsList(None)):
+            if not job.jobGroup().isDefined() or job.jobGroup().get() != group:
+                continue
+            for stage_id in scala.asJava(job.stageIds()):
+                stage = store.lastStageAttempt(stage_id)
+                if not stage.submissionTime().isDefined() or not stage.completionTime().isDefined():
+                    continue  # skipped: its output was there already
+                start, end = stage.submissionTime().get().getTime(), stage.completionTime().get().getTime()
+                stages.append(
+                    {
+                        "stage": stage.stageId(),
+                        "site": re.sub(r" at .*/", " at ", stage.name()),
+                        "tasks": stage.numTasks(),
+                        "start": start / 1000,
+                        "wall": (end - start) / 1000,
+                        "task": stage.executorRunTime() / 1000,
+                        "input": stage.inputRecords(),
+                        "shuffle_read": stage.shuffleReadRecords(),
+                        "shuffle_write": stage.shuffleWriteRecords(),
+                        "output": stage.outputRecords(),
+                    }
+                )
+        return sorted(stages, key=lambda s: s["stage"])
+
+    def table(self, name: str) -> list[str]:
+        """The action's stages as Markdown, with the time outside any stage (planning, driver, renames)."""
+        stages = self.stages.get(name, [])
+        covered, reach = 0.0, float("-inf")
+        for stage in sorted(stages, key=lambda s: s["start"]):
+            end = stage["start"] + stage["wall"]
+            covered += max(0.0, end - max(stage["start"], reach))
+            reach = max(reach, end)
+        lines = [
+            f"**{name}**: {self.seconds[name]:.1f} s, of which {covered:.1f} s in Spark stages and "
+            f"{self.seconds[name] - covered:.1f} s outside them (planning, the driver, file renames, DuckDB)",
+            "",
+            "| stage | started by | tasks | wall s | task s | read | shuffle read | shuffle write | written |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {s['stage']} | {s['site']} | {s['tasks']} | {s['wall']:.2f} | {s['task']:.2f} | {s['input']:,} | "
+            f"{s['shuffle_read']:,} | {s['shuffle_write']:,} | {s['output']:,} |"
+            for s in stages
+        ]
+        return [*lines, ""]
+
+
+def bench_size(spark, work: str, rows: int) -> tuple[list[dict], StageTimes]:
     folder = os.path.join(work, f"size-{rows}")
     shape = generate(spark, folder, rows)
     paths = config.Paths.under(folder)
     n = shape["rows"]
     spark.catalog.clearCache()
     results = {}
+    times = StageTimes(spark)
+
+    def measure(metric: str, action) -> None:
+        results[metric] = times.time(f"{metric.removesuffix('_seconds')} at {rows:,}", action)
+
+    def scratch(name: str) -> str:
+        return os.path.join(folder, name)
+
     sampler = MemorySampler(spark).__enter__()
-    results["processor_seconds"] = timed(lambda: processor.run(spark, paths))
-    results["processor_floor_seconds"] = timed(
-        lambda: processor_floor(spark, paths.consumer_data, os.path.join(folder, "floor_processor"))
+    measure("processor_seconds", lambda: processor.run(spark, paths))
+    measure("processor_floor_seconds", lambda: processor_floor(spark, paths.consumer_data, scratch("floor_processor")))
+    measure(
+        "processor_duckdb_seconds", lambda: duckdb(DUCKDB_PROCESS, paths.consumer_data, scratch("duckdb_processed"))
     )
     # The cleaner reads the generated processed shape (every series accepted), not the processor's output.
     generated = config.Paths.under(folder, processed_data=os.path.join(folder, "processed_data"))
-    clean_config = cleaner.CleanerConfig(expected_series=None)
-    results["cleaner_seconds"] = timed(lambda: cleaner.run(spark, generated, clean_config))
-    results["cleaner_floor_seconds"] = timed(
-        lambda: cleaner_floor(spark, generated.processed_data, os.path.join(folder, "floor_cleaner"))
+    measure("cleaner_seconds", lambda: cleaner.run(spark, generated, cleaner.CleanerConfig(expected_series=None)))
+    measure("cleaner_floor_seconds", lambda: cleaner_floor(spark, generated.processed_data, scratch("floor_cleaner")))
+    measure(
+        "cleaner_duckdb_seconds",
+        lambda: duckdb(DUCKDB_GAP_FILL, generated.processed_data, scratch("duckdb_cleaned.parquet")),
     )
-    results["cleaner_output_write_seconds"] = timed(
-        lambda: output_write(spark, generated.cleaned_data, os.path.join(folder, "rewritten_cleaned"))
-    )
-    results["duckdb_seconds"] = timed(
-        lambda: duckdb_gap_fill(generated.processed_data, os.path.join(folder, "duckdb_cleaned.parquet"))
-    )
+    check_config = checker.CheckerConfig(expected_series=None, default_bounds=(0.0, 1e9))
+    measure("checker_seconds", lambda: checker.run(spark, generated, check_config, show=False))
+    measure("checker_floor_seconds", lambda: checker_floor(spark, generated.cleaned_data))
+    measure("checker_chart_seconds", lambda: checker_chart(spark, generated.cleaned_data, scratch("chart.png")))
     sampler.__exit__()
     results["driver_peak_mib"] = sampler.used_peak_mib
     results["driver_data_peak_mib"] = sampler.data_peak_mib
@@ -251,15 +407,15 @@ def bench_size(spark, work: str, rows: int) -> list[dict]:
     rows_out = [
         {"metric": k, "rows": n, "value": round(v, 3), "unit": "MiB" if "mib" in k else "s"} for k, v in results.items()
     ]
-    for name, over in (
-        ("processor_over_floor", ("processor_seconds", "processor_floor_seconds")),
-        ("cleaner_over_floor", ("cleaner_seconds", "cleaner_floor_seconds")),
-        ("cleaner_over_duckdb", ("cleaner_seconds", "duckdb_seconds")),
-        ("cleaner_output_write_over_floor", ("cleaner_output_write_seconds", "cleaner_floor_seconds")),
+    for stage, baseline in (
+        ("processor", "floor"),
+        ("processor", "duckdb"),
+        ("cleaner", "floor"),
+        ("cleaner", "duckdb"),
+        ("checker", "floor"),
     ):
-        rows_out.append(
-            {"metric": name, "rows": n, "value": round(results[over[0]] / results[over[1]], 3), "unit": "ratio"}
-        )
+        ratio = results[f"{stage}_seconds"] / results[f"{stage}_{baseline}_seconds"]
+        rows_out.append({"metric": f"{stage}_over_{baseline}", "rows": n, "value": round(ratio, 3), "unit": "ratio"})
     for stage in ("processor", "cleaner"):
         rows_out.append(
             {
@@ -270,7 +426,7 @@ def bench_size(spark, work: str, rows: int) -> list[dict]:
             }
         )
     shutil.rmtree(folder, ignore_errors=True)
-    return rows_out
+    return rows_out, times
 
 
 # --- consumer against Kafka's own tool -----------------------------------------------------------
@@ -400,12 +556,16 @@ def main(argv: list[str] | None = None) -> int:
 
     spark = build_session("meter-stream bench", jars=kafka_connector_jars(pyspark.__version__))
     work = args.work or tempfile.mkdtemp(prefix="meter-bench-")
-    results = []
+    results: list[dict] = []
     # A first pass on a small input warms the JVM up (JIT, class loading), so that no stage pays
     # for it in the figures; its results are dropped.
     bench_size(spark, work, 20_000)
+    breakdown = []
     for size in [int(s) for s in args.sizes.split(",") if s]:
-        results += bench_size(spark, work, size)
+        figures, times = bench_size(spark, work, size)
+        results += figures
+        breakdown = [f"Where the seconds go at {figures[0]['rows']:,} measurements, stage by stage:", ""]
+        breakdown += [line for name in times.seconds for line in times.table(name)]
     cleaner_times = {r["rows"]: r["value"] for r in results if r["metric"] == "cleaner_seconds"}
     if len(cleaner_times) >= 2:
         small, large = min(cleaner_times), max(cleaner_times)
@@ -419,23 +579,39 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.consumer_messages:
         results += with_broker(args.bootstrap_servers, lambda b: bench_consumer(spark, work, args.consumer_messages, b))
-    save_results(args.results, results, args.report)
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+    with open(stages_file(args.results), "w") as handle:
+        handle.write("\n".join(breakdown))
+    save_results(args.results, results, args.report, owns=owns)
     shutil.rmtree(work, ignore_errors=True) if not args.work else None
     return 0
 
 
-def save_results(path: str, results: list[dict], report: str) -> None:
-    """Replace the given metrics in ``path`` (others, from the other benchmark, are kept); rewrite the report."""
+def owns(metric: str) -> bool:
+    """Whether a metric is this benchmark's (the live ones are bench/live_bench.py's)."""
+    return not metric.startswith("live_")
+
+
+def stages_file(results: str) -> str:
+    """The stage-by-stage breakdown of the largest size, written next to the results and shown in the report."""
+    return os.path.join(os.path.dirname(os.path.abspath(results)), "stages.md")
+
+
+def save_results(path: str, results: list[dict], report: str, owns) -> None:
+    """Replace the metrics a benchmark ``owns`` (a test of the name) in ``path`` with ``results``; rewrite the report.
+
+    The other benchmark's metrics are kept; the caller's old ones go, also those it no longer measures.
+    """
     kept = []
     if os.path.exists(path):
         with open(path) as handle:
             new = {r["metric"] for r in results}
-            kept = [r for r in json.load(handle) if r["metric"] not in new]
+            kept = [r for r in json.load(handle) if r["metric"] not in new and not owns(r["metric"])]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as handle:
         json.dump(kept + results, handle, indent=2)
     if report:
-        write_report(report, kept + results, machine())
+        write_report(report, kept + results, machine(), stages_file(path))
 
 
 def with_broker(bootstrap: str | None, action):
@@ -459,7 +635,62 @@ def with_broker(bootstrap: str | None, action):
         shutil.rmtree(env["KAFKA_DATA_DIR"], ignore_errors=True)
 
 
-def write_report(path: str, results: list[dict], host: dict) -> None:
+#: One line per metric: what it means (``<n>``: a series count, ``<h>``: a history length).
+MEANINGS = {
+    "processor_seconds": "the processor (`processor.run`): consumer_data to processed_data and quarantine_data",
+    "processor_floor_seconds": "read the raw rows, parse the JSON with the same schema, shuffle by the collapse key "
+    "(ranges of hour and series), write partitioned by hour",
+    "processor_duckdb_seconds": "DuckDB: the same parse, collapse (latest t_report per measurement) and "
+    "hour-partitioned write as SQL on the same files",
+    "cleaner_seconds": "the cleaner (`cleaner.run`): processed_data to the 10-s grid in cleaned_data",
+    "cleaner_floor_seconds": "read the processed rows, bring each series together in time order (the same shuffle "
+    "and sort), generate exactly the output's slots (value of the measurement at or before, no flags), write "
+    "partitioned by hour",
+    "cleaner_duckdb_seconds": "DuckDB: the same gap fill (linear, one row per slot) as SQL on the same files",
+    "checker_seconds": "the checker (`checker.run` without the tables and chart): every check and the JSON report",
+    "checker_floor_seconds": "read cleaned_data and one per-series aggregation pass (count, min and max of the value "
+    "and of the slot)",
+    "checker_chart_seconds": "the checker's chart alone (8 series over their last 24 h)",
+    "processor_over_floor": "processor_seconds / processor_floor_seconds",
+    "processor_over_duckdb": "processor_seconds / processor_duckdb_seconds",
+    "cleaner_over_floor": "cleaner_seconds / cleaner_floor_seconds",
+    "cleaner_over_duckdb": "cleaner_seconds / cleaner_duckdb_seconds",
+    "checker_over_floor": "checker_seconds / checker_floor_seconds",
+    "processor_rows_per_s": "raw rows per second through the processor",
+    "cleaner_rows_per_s": "measurements per second through the cleaner",
+    "driver_peak_mib": "the largest driver JVM heap in use over a size's runs (garbage included)",
+    "driver_data_peak_mib": "the most memory Spark held for data at once (execution and storage memory)",
+    "scaling_10x": "cleaner_seconds at the largest size / at the smallest (10× the data)",
+    "consumer_msgs_per_s": "the consumer's messages/s from a local broker into consumer_data, from its first batch",
+    "consumer_run_msgs_per_s": "the same over the consumer's whole run (query start and broker probe included)",
+    "kafka_tool_msgs_per_s": "Kafka's ConsumerPerformance tool on the same topic",
+    "consumer_over_kafka_tool": "consumer_msgs_per_s / kafka_tool_msgs_per_s",
+    "live_cycle_s_<h>": "four series, the live runner's median cycle after <h> of history",
+    "live_cycle_<h>_over_<h>": "the median cycle after the longer history / after the shorter",
+    "live_latency_p50_s": "four series: median seconds from t_measurement to its slot in cleaned_data",
+    "live_latency_p95_s": "four series: 95th percentile of the same",
+    "live_latency_p50_s_<n>": "<n> series: median seconds from t_measurement to its slot in cleaned_data",
+    "live_latency_p95_s_<n>": "<n> series: 95th percentile of the same",
+    "live_cycle_s_<n>": "<n> series: the median steady cycle",
+    "live_msgs_per_s_<n>": "<n> series: messages per second the producer sent while live",
+    "live_catch_up_s_<n>": "<n> series: seconds from the runner's start to a 10-minute backlog absorbed",
+}
+
+
+def meaning(metric: str) -> str:
+    """The line of ``MEANINGS`` for a metric, its series count or history length generalised."""
+    for pattern, general in (
+        (r"^(.*)_\d+$", r"\1_<n>"),
+        (r"^live_cycle_\w+_over_\w+$", "live_cycle_<h>_over_<h>"),
+        (r"^live_cycle_s_\w+$", "live_cycle_s_<h>"),
+        (r"^.*$", r"\g<0>"),
+    ):
+        if re.match(pattern, metric) and re.sub(pattern, general, metric) in MEANINGS:
+            return MEANINGS[re.sub(pattern, general, metric)]
+    return "?"
+
+
+def write_report(path: str, results: list[dict], host: dict, stages: str | None = None) -> None:
     lines = [
         "# Benchmarks",
         "",
@@ -475,6 +706,12 @@ def write_report(path: str, results: list[dict], host: dict) -> None:
         "|---|---:|---:|---|",
     ]
     lines += [f"| {r['metric']} | {r['rows']:,} | {r['value']:,} | {r['unit']} |" for r in results]
+    names = list(dict.fromkeys(r["metric"] for r in results))
+    lines += ["", "What each metric measures:", "", "| metric | meaning |", "|---|---|"]
+    lines += [f"| {name} | {meaning(name)} |" for name in names]
+    if stages and os.path.exists(stages):
+        with open(stages) as handle:
+            lines += ["", handle.read().rstrip()]
     marker = "<!-- results above are rewritten by bench/harness.py; notes below are kept -->"
     notes = ""
     if os.path.exists(path):

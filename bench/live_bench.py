@@ -301,7 +301,12 @@ def main(argv: list[str] | None = None) -> int:
             results += run_fleet(bootstrap, work, size, args.live_minutes, args.history, args.backlog)
         return results
 
-    harness.save_results(args.results, harness.with_broker(args.bootstrap_servers, measure), args.report)
+    harness.save_results(
+        args.results,
+        harness.with_broker(args.bootstrap_servers, measure),
+        args.report,
+        owns=lambda metric: metric.startswith("live_"),
+    )
     return 0
 
 

@@ -31,23 +31,38 @@ def test_benchmark_smoke_run_writes_every_metric(kafka, tmp_path):
     assert code == 0
     metrics = {(r["metric"], r["rows"] > 0) for r in json.loads(results.read_text())}
     expected = {
-        "processor_seconds",
-        "processor_floor_seconds",
-        "processor_over_floor",
-        "cleaner_seconds",
-        "cleaner_floor_seconds",
-        "cleaner_over_floor",
-        "duckdb_seconds",
-        "cleaner_over_duckdb",
+        f"{stage}_{part}"
+        for stage, parts in (
+            ("processor", ("seconds", "floor_seconds", "duckdb_seconds", "over_floor", "over_duckdb")),
+            ("cleaner", ("seconds", "floor_seconds", "duckdb_seconds", "over_floor", "over_duckdb")),
+            ("checker", ("seconds", "floor_seconds", "chart_seconds", "over_floor")),
+        )
+        for part in parts
+    } | {
         "consumer_msgs_per_s",
         "kafka_tool_msgs_per_s",
         "consumer_over_kafka_tool",
         "scaling_10x",
         "driver_peak_mib",
-        "cleaner_output_write_over_floor",
     }
     assert {name for name, has_rows in metrics if has_rows} >= expected
-    assert "| cleaner_over_floor |" in report.read_text()
+    text = report.read_text()
+    assert "| cleaner_over_floor |" in text
+    # Every metric has its one line of meaning, and the largest size's stages are shown.
+    assert "| ? |" not in text
+    assert "**processor at 30,000**" in text and "| stage | started by |" in text
+
+
+def test_stale_metrics_of_a_benchmark_go_and_the_other_benchmarks_stay(tmp_path):
+    import harness as bench  # bench/harness.py
+
+    results = tmp_path / "results.json"
+    old = [{"metric": m, "rows": 1, "value": 1.0, "unit": "s"} for m in ("duckdb_seconds", "live_cycle_s_4")]
+    results.write_text(json.dumps(old))
+    bench.save_results(
+        str(results), [{"metric": "cleaner_seconds", "rows": 2, "value": 2.0, "unit": "s"}], "", owns=bench.owns
+    )
+    assert [r["metric"] for r in json.loads(results.read_text())] == ["live_cycle_s_4", "cleaner_seconds"]
 
 
 def test_live_benchmark_smoke_run_writes_its_metrics(kafka, tmp_path):
