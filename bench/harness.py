@@ -1,15 +1,15 @@
-"""Benchmarks: processor, cleaner and consumer against their Spark floors, DuckDB and Kafka's own tool.
+"""Benchmarks: processor, cleaner and checker against their Spark floors and DuckDB; the consumer against Kafka's tool.
 
 For each size (measurements), on the same generated files and in the same run:
-- processor and cleaner: wall time and rows/s (the stage's own ``run``);
-- their floors, the work any correct implementation must do: for the processor, read the raw rows,
-  parse the JSON with the same schema and write; for the cleaner, read the processed rows,
-  repartition by series, sort within partitions and write (every write here uses the stages'
-  Parquet options, ``PARQUET_OPTIONS``);
-- the cleaner's output write alone: its finished output read and written again, partitioned by
-  hour (the part of its time that grows with the filled slots, which its floor does not write);
-- DuckDB: the same gap fill (linear, one row per slot) as SQL on the same processed files;
-- the driver's peak JVM heap in use, and the peak of the memory Spark held for data.
+- processor, cleaner and checker: wall time (the stage's own ``run``; the checker's chart apart);
+- their floors, the irreducible work of a correct stage (``processor_floor``, ``cleaner_floor``,
+  ``checker_floor``: the same reads, shuffles and hour-partitioned writes with the stages' Parquet
+  options, none of the validation, flags or accounting);
+- DuckDB: the processor's parse, collapse and hour-partitioned write, and the cleaner's gap fill, as
+  SQL on the same files;
+- the driver's peak JVM heap in use, and the peak of the memory Spark held for data;
+- at the largest size, where each action's seconds went, stage by stage (``StageTimes``), written to
+  ``stages.md`` next to the results and shown in the report.
 Once, for ``--consumer-messages``: the consumer's messages/s from a local broker into consumer_data
 against Kafka's ConsumerPerformance tool on the same topic.
 
