@@ -185,6 +185,7 @@ def run_fleet(bootstrap: str, work: str, series: int, minutes: float, history: s
     stop(runner, "the live runner after its full run")
     if os.path.exists(cycles := os.path.join(feed.datastore, "reports", live.LIVE_CYCLES)):
         os.remove(cycles)  # the next runner's cycles only
+    history_messages = feed.delivered
     backlog_messages = feed.backfill(backlog, seed=2)
     print(f"{series} series: {backlog_messages} messages of backlog; runner started", flush=True)
     started = time.time()
@@ -200,6 +201,14 @@ def run_fleet(bootstrap: str, work: str, series: int, minutes: float, history: s
     # The first live cycle still holds the end of the backlog: two with measurements, one kept.
     keep_live(feed, runner, minutes, after=caught, cycles=2)
     feed.stop_producer(sender)
+    # SIGTERM ends the consumer after its batch: what the topic still holds would wait for the next
+    # start. The runner takes in every message sent before it is stopped, so all can be looked for.
+    wait_for(
+        lambda: sum(c["raw_rows"] for c in feed.cycles()) >= feed.delivered - history_messages,
+        runner,
+        "the last messages sent",
+        timeout=GRACE_SECONDS,
+    )
     stop(runner, "the live runner")
     steady = [c for c in feed.cycles()[caught:] if c["measurements"]][1:]
     if not steady:
