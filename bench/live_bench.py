@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         args.results,
         harness.with_broker(args.bootstrap_servers, measure),
         args.report,
-        owns=lambda metric: metric.startswith("live_"),
+        owns=lambda metric: not harness.owns(metric),
     )
     return 0
 

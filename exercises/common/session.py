@@ -24,7 +24,7 @@ DEFAULT_LOCAL_DRIVER_MEMORY = "4g"
 ADVISORY_PARTITION_SIZE = "16m"
 #: Lets adaptive execution coalesce the shuffle partitions of a persisted plan too (Spark leaves a
 #: cached plan at ``spark.sql.shuffle.partitions`` otherwise): the checker's persisted per-series
-#: metrics ran 200 tasks of a few hundred rows each, 18 s of a 22-s check of 26 k slots (4-5 s with it).
+#: metrics ran in 200 tasks of a few hundred rows each: a check of 26 k slots took 12-18 s warm, 4-5 s with it.
 CACHED_PLAN_PARTITIONING = "spark.sql.optimizer.canChangeCachedPlanOutputPartitioning"
 DEFAULT_JAR_CACHE = os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "jars")
 
