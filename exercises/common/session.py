@@ -26,6 +26,11 @@ ADVISORY_PARTITION_SIZE = "16m"
 #: cached plan at ``spark.sql.shuffle.partitions`` otherwise): the checker's persisted per-series
 #: metrics ran in 200 tasks of a few hundred rows each: a check of 26 k slots took 12-18 s warm, 4-5 s with it.
 CACHED_PLAN_PARTITIONING = "spark.sql.optimizer.canChangeCachedPlanOutputPartitioning"
+#: Spark compiles each query's generated code once and keeps the classes in a cache of 100 by default.
+#: A live cycle runs ~50 small queries with ~240 generated classes: with 100, every cycle compiled them
+#: all again (six cycles of the live tests: 1,440 compilations, ~13 s); with room for them, after the
+#: first cycles a cycle compiles a handful (18-21, under 1 s), and six cycles took 48 s instead of 67-84 s.
+CODEGEN_CACHE = ("spark.sql.codegen.cache.maxEntries", "2000")
 DEFAULT_JAR_CACHE = os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "jars")
 
 
@@ -54,6 +59,8 @@ def build_session(app_name: str, verbose: bool = False, jars: list[str] | None =
         )
     if not submitted.contains("spark.sql.adaptive.advisoryPartitionSizeInBytes"):
         builder = builder.config("spark.sql.adaptive.advisoryPartitionSizeInBytes", ADVISORY_PARTITION_SIZE)
+    if not submitted.contains(CODEGEN_CACHE[0]):
+        builder = builder.config(*CODEGEN_CACHE)
     if not submitted.contains(CACHED_PLAN_PARTITIONING):
         builder = builder.config(CACHED_PLAN_PARTITIONING, "true")
     if not submitted.contains("spark.driver.extraJavaOptions"):
