@@ -341,6 +341,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="with --backfill: the history ends this long before now (default: now)",
     )
     parser.add_argument("--seed", type=int, help="random seed, for a reproducible run")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_feed_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.backfill:
+        try:
+            parse_duration(args.backfill)
+            parse_duration(args.until)
+        except ValueError as error:
+            parser.error(str(error))
+    if args.devices is not None and args.devices < 1:
+        parser.error("--devices must be at least 1")
+    for name in ("skip_probability", "malformed_share", "replay_share"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            parser.error(f"--{name.replace('_', '-')} must be between 0 and 1")
+    return args
+
+
+def _add_feed_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that shape the simulated feed: the fleet, the rounds, and the faults mixed in."""
     parser.add_argument(
         "--devices",
         type=int,
@@ -366,20 +385,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--malformed-share", type=float, default=0.0, help="share of messages replaced by malformed ones"
     )
     parser.add_argument("--replay-share", type=float, default=0.0, help="share of messages sent twice")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
-    args = parser.parse_args(argv)
-    if args.backfill:
-        try:
-            parse_duration(args.backfill)
-            parse_duration(args.until)
-        except ValueError as error:
-            parser.error(str(error))
-    if args.devices is not None and args.devices < 1:
-        parser.error("--devices must be at least 1")
-    for name in ("skip_probability", "malformed_share", "replay_share"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            parser.error(f"--{name.replace('_', '-')} must be between 0 and 1")
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -669,11 +669,13 @@ MEANINGS = {
     "live_cycle_<h>_over_<h>": "the median cycle after the longer history / after the shorter",
     "live_latency_p50_s": "four series: median seconds from t_measurement to its slot in cleaned_data",
     "live_latency_p95_s": "four series: 95th percentile of the same",
-    "live_latency_p50_s_<n>": "<n> series: median seconds from t_measurement to its slot in cleaned_data",
+    "live_latency_p50_s_<n>": "<n> series, settled cycles: median seconds from t_measurement to cleaned_data",
     "live_latency_p95_s_<n>": "<n> series: 95th percentile of the same",
-    "live_cycle_s_<n>": "<n> series: the median steady cycle",
+    "live_cycle_s_<n>": "<n> series: the median settled cycle",
     "live_msgs_per_s_<n>": "<n> series: messages per second the producer sent while live",
     "live_catch_up_s_<n>": "<n> series: seconds from the runner's start to a 10-minute backlog absorbed",
+    "live_settle_s_<n>": "<n> series: seconds from the live producer's start to the first settled cycle "
+    "(one that took in at most 1.5 rounds of the feed: the runner caught up with it)",
 }
 
 

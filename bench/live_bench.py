@@ -14,12 +14,15 @@ Fleet (``--sizes``, series; 4 is the brief's feed, larger sizes are ``producer.p
 with ``--expected-series all``): 1 h of history ending 10 minutes ago is backfilled and taken in by
 the runner's full run; the runner is stopped, the last 10 minutes are backfilled as a backlog, and
 the runner is started again: ``live_catch_up_s_<n>`` is the time from its start until a cycle has
-taken in the whole backlog. Then a producer sends live for ``--live-minutes``:
-``live_latency_p50_s_<n>``, ``live_latency_p95_s_<n>``, ``live_cycle_s_<n>`` (median) and
-``live_msgs_per_s_<n>`` (raw rows taken in per second of those cycles) come from the runner's own
-per-cycle figures (``reports/live_cycles.json``). Finally every measurement sent is looked for in
-the outputs (DuckDB): each one in processed_data, the first of each slot in cleaned_data as
-measured with its value, no (series, slot) twice; the benchmark fails otherwise.
+taken in the whole backlog. Then a producer sends live for ``--live-minutes`` (and until two settled
+cycles were made): ``live_settle_s_<n>`` is the time from its start until the runner has caught up
+with it (the first cycle that took in at most 1.5 rounds of the feed; the cycles before it fill the
+hole the quiet producer left during the catch-up, see ``settled``), and ``live_latency_p50_s_<n>``,
+``live_latency_p95_s_<n>``, ``live_cycle_s_<n>`` (median) and ``live_msgs_per_s_<n>`` (raw rows
+taken in per second) come from the settled cycles' own figures (``reports/live_cycles.json``).
+Finally every measurement sent is looked for in the outputs (DuckDB): each one in processed_data,
+the first of each slot in cleaned_data as measured with its value, no (series, slot) twice; the
+benchmark fails otherwise.
 
 Results replace the live_* entries of ``bench/results.json`` (the others are kept) and the table of
 ``BENCHMARKS.md``.
@@ -40,6 +43,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,22 +157,45 @@ def run_history(bootstrap: str, work: str, history: str, minutes: float) -> list
     sender = feed.start_producer()
     runner = feed.start_runner()
     # history_figures drops the first cycle (it takes the start-up backlog).
-    keep_live(feed, runner, minutes, after=1, cycles=1)
+    keep_live(feed, runner, minutes, lambda cycles: bool(with_measurements(cycles[1:])))
     feed.stop_producer(sender)
     stop(runner, f"the live runner ({history} of history)")
     return feed.cycles()
 
 
-def keep_live(feed: Feed, runner: subprocess.Popen, minutes: float, after: int, cycles: int) -> None:
-    """Let the runner go on for ``minutes``, and further until it made ``cycles`` cycles with measurements
-    after its first ``after`` ones: a loaded machine makes fewer, longer cycles (at most GRACE_SECONDS more).
+def keep_live(feed: Feed, runner: subprocess.Popen, minutes: float, enough: Callable[[list[dict]], bool]) -> None:
+    """Let the runner go on for ``minutes``, and further until ``enough(its cycles)``: a loaded machine makes
+    fewer, longer cycles (at most GRACE_SECONDS more).
     """
     deadline = time.monotonic() + minutes * 60
     while runner.poll() is None and time.monotonic() < deadline + GRACE_SECONDS:
-        made = sum(1 for c in feed.cycles()[after:] if c["measurements"])
-        if time.monotonic() >= deadline and made >= cycles:
+        if time.monotonic() >= deadline and enough(feed.cycles()):
             return
         time.sleep(1)
+
+
+def with_measurements(cycles: list[dict]) -> list[dict]:
+    return [c for c in cycles if c["measurements"]]
+
+
+#: The live figures of a fleet size need this many settled cycles (``settled``) with measurements.
+SETTLED_CYCLES = 2
+
+
+def settled(live_cycles: list[dict], series: int) -> list[dict]:
+    """The cycles from the first one that took in at most 1.5 rounds of the feed on (none: not caught up).
+
+    The benchmark's producer is quiet while the runner catches up, so every series comes back after
+    a hole as long as the catch-up: the first live cycles fill those holes (at 100,000 series, some
+    2.5 M grid rows for a 4-minute catch-up), run long, and the cycles after them take in several
+    rounds each until the runner has caught up with the feed. That is the catch-up's tail, not the
+    steady state (a fleet that goes on sending leaves no such holes); ``live_settle_s_<n>`` times it.
+    """
+    round_rows = series * (1 - producer.DEFAULT_SKIP_PROBABILITY)
+    for index, cycle in enumerate(live_cycles):
+        if cycle["raw_rows"] <= 1.5 * round_rows:
+            return live_cycles[index:]
+    return []
 
 
 def run_fleet(bootstrap: str, work: str, series: int, minutes: float, history: str, backlog: str) -> list[dict]:
@@ -197,9 +224,13 @@ def run_fleet(bootstrap: str, work: str, series: int, minutes: float, history: s
     wait_for(caught_up, runner, "catch-up")
     catch_up = min(end_of(c) for c in feed.cycles() if sum_until(feed.cycles(), c) >= backlog_messages) - started
     caught = len(feed.cycles())
-    sender = feed.start_producer()
-    # The first live cycle still holds the end of the backlog: two with measurements, one kept.
-    keep_live(feed, runner, minutes, after=caught, cycles=2)
+    sender, live_started = feed.start_producer(), time.time()
+
+    def live_cycles(cycles: list[dict]) -> list[dict]:
+        # The first live cycle may still hold the end of the backlog: not counted.
+        return with_measurements(cycles[caught:])[1:]
+
+    keep_live(feed, runner, minutes, lambda cycles: len(settled(live_cycles(cycles), series)) >= SETTLED_CYCLES)
     feed.stop_producer(sender)
     # SIGTERM ends the consumer after its batch: what the topic still holds would wait for the next
     # start. The runner takes in every message sent before it is stopped, so all can be looked for.
@@ -210,10 +241,16 @@ def run_fleet(bootstrap: str, work: str, series: int, minutes: float, history: s
         timeout=GRACE_SECONDS,
     )
     stop(runner, "the live runner")
-    steady = [c for c in feed.cycles()[caught:] if c["measurements"]][1:]
-    if not steady:
+    after_catch_up = live_cycles(feed.cycles())
+    if not after_catch_up:
         raise RuntimeError(f"no live cycle with measurements at {series} series")
-    results = figures(series, steady, catch_up)
+    steady = settled(after_catch_up, series)
+    if steady:
+        settle = datetime.fromisoformat(steady[0]["at"]).timestamp() - live_started
+    else:
+        print(f"{series} series: the runner never caught up with the feed: every live cycle counted", flush=True)
+        steady, settle = after_catch_up, None
+    results = figures(series, steady, catch_up, settle)
     check_complete(feed.datastore, feed.delivered, series)
     return results
 
@@ -230,7 +267,7 @@ def merged_histogram(cycles: list[dict]) -> dict[float, int]:
     return histogram
 
 
-def figures(series: int, steady: list[dict], catch_up: float) -> list[dict]:
+def figures(series: int, steady: list[dict], catch_up: float, settle: float | None) -> list[dict]:
     """The fleet metrics of one size from its steady cycles."""
     histogram = merged_histogram(steady)
     measured = sum(histogram.values())
@@ -242,10 +279,11 @@ def figures(series: int, steady: list[dict], catch_up: float) -> list[dict]:
         ("live_cycle_s", len(steady), round(statistics.median(c["seconds"] for c in steady), 2), "s"),
         ("live_msgs_per_s", rows, round(rows / span, 1), "msg/s"),
         ("live_catch_up_s", series, round(catch_up, 1), "s"),
+        ("live_settle_s", series, None if settle is None else round(settle, 1), "s"),
     ]
     for name, _count, value, unit in results:
         print(f"{series} series: {name} = {value} {unit}", flush=True)
-    parts = ("processor_s", "cleaner_s", "checker_s", "commit_s")
+    parts = ("processor_s", "cleaner_s", "checker_s", "report_s", "commit_s")
     medians = {part: statistics.median(c.get(part, 0) for c in steady) for part in parts}
     print(f"{series} series: median cycle parts {medians}", flush=True)
     return [

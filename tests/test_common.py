@@ -12,6 +12,7 @@ from common import config
 from common import message as m
 from common.contracts import PROCESSED_SCHEMA, RAW_SCHEMA, hour_of, hour_value
 from common.raw_input import CheckpointMismatchError, check_sink_matches_checkpoint
+from common.session import cached_for_the_block
 from common.storage import PREVIOUS_SUFFIX, StageInputError, read_output, replace_output
 
 log = logging.getLogger("test")
@@ -79,6 +80,22 @@ def test_read_output_restores_previous_output_after_interrupted_swap(spark, tmp_
 def test_read_output_names_the_stage_to_run_when_missing(spark, tmp_path):
     with pytest.raises(StageInputError, match="run the processor first"):
         read_output(spark, str(tmp_path / "nothing"), RAW_SCHEMA, log, "processor")
+
+
+def test_what_a_block_cached_is_released_when_it_ends_checkpoints_too_even_on_an_error(spark):
+    def persisted():
+        return set(spark.sparkContext._jsc.getPersistentRDDs().keys())
+
+    kept = spark.range(10).rdd.persist()
+    kept.count()
+    before = persisted()
+    with pytest.raises(RuntimeError), cached_for_the_block(spark):
+        checkpoint = spark.range(100).localCheckpoint()
+        spark.range(50).persist().count()
+        assert checkpoint.count() == 100 and len(persisted() - before) == 2
+        raise RuntimeError("a failed cycle")
+    assert persisted() == before
+    kept.unpersist()
 
 
 def test_hour_partition_value_is_the_utc_hour_as_a_number(spark):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pyspark import SparkConf, SparkContext
@@ -129,3 +131,24 @@ def one_row(aggregate: DataFrame) -> Row:
 def jvm(spark: SparkSession) -> Any:
     """The JVM behind the session (Py4J gateway), for Hadoop's file system and Kafka's admin client."""
     return spark.sparkContext._jvm
+
+
+@contextmanager
+def cached_for_the_block(spark: SparkSession) -> Iterator[None]:
+    """Release, when the block ends, everything it cached: ``persist`` and ``localCheckpoint`` alike.
+
+    ``spark.catalog.clearCache()`` drops only what ``persist`` cached. A local checkpoint's blocks
+    stay until the JVM's garbage collector happens to collect its RDD, and cached data held
+    elsewhere leaves less memory to the work after it: at 100,000 series, the cycles after a
+    2.95 M-row catch-up cycle took 2-4× their steady time while its checkpoints were still held.
+    Every cached DataFrame is dropped (``clearCache``); of the RDDs, those persisted before the
+    block are kept (and those other threads persist meanwhile would not be: none of this project's do).
+    """
+    before = set(spark.sparkContext._jsc.getPersistentRDDs().keys())
+    try:
+        yield
+    finally:
+        spark.catalog.clearCache()
+        for rdd_id, rdd in spark.sparkContext._jsc.getPersistentRDDs().items():
+            if rdd_id not in before:
+                rdd.unpersist(False)

@@ -22,7 +22,7 @@ from common.contracts import (
     RAW_SCHEMA,
     with_hour,
 )
-from common.session import one_row
+from common.session import cached_for_the_block, one_row
 from common.storage import (
     read_partitioned,
 )
@@ -77,9 +77,10 @@ def run_cycle(
     """
     cycle = cursor.cycle + 1
     marks = [time.monotonic()]
-    state = read_series_state(spark, paths, cursor.cycle).persist()
-    parsed = processor.parse_and_cache(spark.read.schema(RAW_SCHEMA).parquet(*files), Observation(f"parse-{cycle}"))
-    try:
+    # Everything a cycle caches is the cycle's own.
+    with cached_for_the_block(spark):
+        state = read_series_state(spark, paths, cursor.cycle).persist()
+        parsed = processor.parse_and_cache(spark.read.schema(RAW_SCHEMA).parquet(*files), Observation(f"parse-{cycle}"))
         counts = _count(parsed)
         valid = parsed.where(F.col("reason").isNull()).drop("raw_value")
         processed = _process(spark, paths, valid, state, cycle)
@@ -92,6 +93,7 @@ def run_cycle(
         new_figures, grid_updates, newest_new = check_state(grid, settings)
         newest = max(filter(None, [cursor.newest, newest_new]), default=None)
         figures = update_figures(spark, paths, settings, cursor, new_figures, newest, cycle)
+        marks.append(time.monotonic())
         exit_code = write_report(spark, paths, settings.checker, figures)
         marks.append(time.monotonic())
         # Written, then read back for what else needs it: one pass, where a checkpoint and a write were two.
@@ -108,9 +110,6 @@ def run_cycle(
         commit_cursor(spark, paths, committed)
         cleanup(spark, paths, cycle)
         marks.append(time.monotonic())
-    finally:
-        # Everything a cycle cached is the cycle's own.
-        spark.catalog.clearCache()
     accounting = processor.Accounting(
         counts["raw"], processed.gained, counts["quarantined"], counts["valid"] - processed.gained
     )
@@ -138,7 +137,7 @@ def _open_hours(cursor: Cursor, processed: Processed, grid: Grid) -> dict[str, l
 
 def _part_seconds(marks: list[float]) -> dict[str, float]:
     """The seconds of a cycle's parts from the times they ended (the first mark: the start)."""
-    parts = ("processor", "cleaner", "checker", "commit")
+    parts = ("processor", "cleaner", "checker", "report", "commit")
     return {f"{part}_s": later - earlier for part, earlier, later in zip(parts, marks[:-1], marks[1:], strict=True)}
 
 
