@@ -14,10 +14,11 @@ Fleet (``--sizes``, series; 4 is the brief's feed, larger sizes are ``producer.p
 with ``--expected-series all``): 1 h of history ending 10 minutes ago is backfilled and taken in by
 the runner's full run; the runner is stopped, the last 10 minutes are backfilled as a backlog, and
 the runner is started again: ``live_catch_up_s_<n>`` is the time from its start until a cycle has
-taken in the whole backlog. Then a producer sends live for ``--live-minutes`` (and until two settled
-cycles were made): ``live_settle_s_<n>`` is the time from its start until the runner has caught up
-with it (the first cycle that took in at most 1.5 rounds of the feed; the cycles before it fill the
-hole the quiet producer left during the catch-up, see ``settled``), and ``live_latency_p50_s_<n>``,
+taken in the whole backlog. Then a producer sends live for ``--live-minutes`` (and until
+``--settled-cycles`` settled cycles were made): ``live_settle_s_<n>`` is the time from its start
+until the runner has caught up with it (the first cycle that took in at most 1.5 rounds of the
+feed; the cycles before it fill the hole the quiet producer left during the catch-up, see
+``settled``), and ``live_latency_p50_s_<n>``,
 ``live_latency_p95_s_<n>``, ``live_cycle_s_<n>`` (median) and ``live_msgs_per_s_<n>`` (raw rows
 taken in per second) come from the settled cycles' own figures (``reports/live_cycles.json``).
 Finally every measurement sent is looked for in the outputs (DuckDB): each one in processed_data,
@@ -178,8 +179,8 @@ def with_measurements(cycles: list[dict]) -> list[dict]:
     return [c for c in cycles if c["measurements"]]
 
 
-#: The live figures of a fleet size need this many settled cycles (``settled``) with measurements.
-SETTLED_CYCLES = 2
+#: The live figures of a fleet size come from at least this many settled cycles (``settled``; --settled-cycles).
+SETTLED = {"cycles": 6}
 
 
 def settled(live_cycles: list[dict], series: int) -> list[dict]:
@@ -230,7 +231,7 @@ def run_fleet(bootstrap: str, work: str, series: int, minutes: float, history: s
         # The first live cycle may still hold the end of the backlog: not counted.
         return with_measurements(cycles[caught:])[1:]
 
-    keep_live(feed, runner, minutes, lambda cycles: len(settled(live_cycles(cycles), series)) >= SETTLED_CYCLES)
+    keep_live(feed, runner, minutes, lambda cycles: len(settled(live_cycles(cycles), series)) >= SETTLED["cycles"])
     feed.stop_producer(sender)
     # SIGTERM ends the consumer after its batch: what the topic still holds would wait for the next
     # start. The runner takes in every message sent before it is stopped, so all can be looked for.
@@ -333,11 +334,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--history", default="1h", help="history behind each fleet size")
     parser.add_argument("--backlog", default="10m", help="the backlog the runner catches up with per fleet size")
     parser.add_argument("--trigger", type=float, default=TRIGGER["seconds"], help="the runner's --watch interval")
+    parser.add_argument(
+        "--settled-cycles",
+        type=int,
+        default=SETTLED["cycles"],
+        help="per fleet size, live at least until this many settled cycles were made (default %(default)s)",
+    )
     parser.add_argument("--bootstrap-servers", default=None, help="broker (default: a local one for the run)")
     parser.add_argument("--results", default=harness.RESULTS)
     parser.add_argument("--report", default=harness.REPORT, help="BENCHMARKS.md to write ('' for none)")
     args = parser.parse_args(argv)
     TRIGGER["seconds"] = args.trigger
+    SETTLED["cycles"] = args.settled_cycles
     runs = [(h, float(mins)) for h, _, mins in (item.partition("=") for item in args.histories.split(",") if item)]
     sizes = [int(size) for size in args.sizes.split(",") if size]
     work = tempfile.mkdtemp(prefix="meter-bench-live-")

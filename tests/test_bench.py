@@ -72,12 +72,13 @@ def test_live_benchmark_smoke_run_writes_its_metrics(kafka, tmp_path):
     results.write_text('[{"metric": "cleaner_seconds", "rows": 1, "value": 1.0, "unit": "s"}]')
     report = tmp_path / "BENCHMARKS.md"
     args = ["--histories", "10m=0.6,20m=0.6", "--trigger", "2", "--bootstrap-servers", kafka]
-    fleet = ["--sizes", "40", "--history", "10m", "--backlog", "2m", "--live-minutes", "0.5"]
+    fleet = ["--sizes", "40", "--history", "10m", "--backlog", "2m", "--live-minutes", "0.5", "--settled-cycles", "2"]
     assert live_bench.main([*args, *fleet, "--results", str(results), "--report", str(report)]) == 0
     metrics = {r["metric"]: r["value"] for r in json.loads(results.read_text())}
     expected = {"live_cycle_s_10m", "live_cycle_s_20m", "live_cycle_20m_over_10m", "live_latency_p50_s"}
     fleet_metrics = {f"live_{name}_40" for name in ("latency_p50_s", "latency_p95_s", "cycle_s", "msgs_per_s")}
     assert expected | fleet_metrics | {"live_catch_up_s_40", "live_latency_p95_s", "cleaner_seconds"} <= metrics.keys()
+    assert metrics["live_settle_s_40"] is None or metrics["live_settle_s_40"] > 0
     assert 0 < metrics["live_latency_p50_s"] <= metrics["live_latency_p95_s"]
     assert 0 < metrics["live_latency_p50_s_40"] <= metrics["live_latency_p95_s_40"]
     assert metrics["live_catch_up_s_40"] > 0 and metrics["live_msgs_per_s_40"] > 0
