@@ -18,9 +18,9 @@ taken in the whole backlog. Then a producer sends live for ``--live-minutes`` (a
 ``--settled-cycles`` settled cycles were made): ``live_settle_s_<n>`` is the time from its start
 until the runner has caught up with it (the first cycle that took in at most 1.5 rounds of the
 feed; the cycles before it fill the hole the quiet producer left during the catch-up, see
-``settled``), and ``live_latency_p50_s_<n>``,
-``live_latency_p95_s_<n>``, ``live_cycle_s_<n>`` (median) and ``live_msgs_per_s_<n>`` (raw rows
-taken in per second) come from the settled cycles' own figures (``reports/live_cycles.json``).
+``settled``), and ``live_latency_p50_s_<n>``, ``live_latency_p95_s_<n>``, ``live_cycle_s_<n>``
+(median) and ``live_msgs_per_s_<n>`` (raw rows taken in per second) come from the settled cycles'
+own figures (``reports/live_cycles.json``).
 Finally every measurement sent is looked for in the outputs (DuckDB): each one in processed_data,
 the first of each slot in cleaned_data as measured with its value, no (series, slot) twice; the
 benchmark fails otherwise.

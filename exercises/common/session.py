@@ -138,11 +138,11 @@ def cached_for_the_block(spark: SparkSession) -> Iterator[None]:
     """Release, when the block ends, everything it cached: ``persist`` and ``localCheckpoint`` alike.
 
     ``spark.catalog.clearCache()`` drops only what ``persist`` cached. A local checkpoint's blocks
-    stay until the JVM's garbage collector happens to collect its RDD, and cached data held
-    elsewhere leaves less memory to the work after it: at 100,000 series, the cycles after a
-    2.95 M-row catch-up cycle took 2-4× their steady time while its checkpoints were still held.
-    Every cached DataFrame is dropped (``clearCache``); of the RDDs, those persisted before the
-    block are kept (and those other threads persist meanwhile would not be: none of this project's do).
+    stay (in memory, or on disk) until the JVM's garbage collector happens to collect its RDD: six
+    tiny live cycles in one JVM held 2-9 such RDDs after each, and a catch-up cycle at 100,000
+    series checkpoints millions of rows. Every cached DataFrame is dropped (``clearCache``); of the
+    RDDs, those persisted before the block are kept (those other threads persisted meanwhile would
+    not be: none of this project's threads persists anything).
     """
     before = set(spark.sparkContext._jsc.getPersistentRDDs().keys())
     try:
