@@ -287,6 +287,10 @@ def _values(spark, paths):
     return sorted(r.value for r in spark.read.parquet(paths.processed_data).collect())
 
 
+def test_compaction_leaves_half_the_task_slots_to_the_cycles():
+    assert [live.compaction.compaction_tasks(cores) for cores in (1, 2, 3, 16)] == [1, 1, 1, 8]
+
+
 def test_compaction_in_the_background_swaps_in_an_unchanged_hour_and_drops_a_changed_one(spark, tmp_path):
     paths = config.Paths.under(str(tmp_path))
     hour, later = 2026112513, 2026112514
