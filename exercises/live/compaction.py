@@ -57,8 +57,9 @@ class Compactor:
     later hour.
 
     In the background (the runner), the merge runs in a thread of the session while cycles go on:
-    an hour of 100,000 series (36 M grid rows) took 20-45 s to merge here, which held a cycle up
-    that long when it ran inside the cycle. At once (``background=False``), the cycle that starts a
+    an hour of 100,000 series (36 M grid rows) took 20-45 s to merge here on both cores, which
+    held a cycle up that long when it ran inside the cycle (on one task, both outputs' hours took
+    about 3 minutes while cycles went on). At once (``background=False``), the cycle that starts a
     compaction waits for it and swaps it in itself.
     """
 
