@@ -105,11 +105,28 @@ def run_batch(spark, tmp_path, raw, settings=SETTINGS):
     return batch, accounting
 
 
-def test_cycles_give_what_a_batch_run_gives(spark, tmp_path):
-    files = write_steps(spark, str(tmp_path / "raw"))
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The raw files of STEPS, one list per cycle, and a batch run's outputs over all of them."""
+
+    files: list[list[str]]
+    batch: config.Paths
+    accounting: processor.Accounting
+
+
+@pytest.fixture(scope="module")
+def steps(spark, tmp_path_factory) -> Steps:
+    """STEPS written once for the module's tests, which only read them (the batch run is the oracle)."""
+    folder = tmp_path_factory.mktemp("steps")
+    files = write_steps(spark, str(folder / "raw"))
+    batch, accounting = run_batch(spark, folder, str(folder / "raw"))
+    return Steps(files, batch, accounting)
+
+
+def test_cycles_give_what_a_batch_run_gives(spark, tmp_path, steps):
     paths = config.Paths.under(str(tmp_path / "live"))
     cursor = live.start(spark, paths, SETTINGS)
-    for index, step_files in enumerate(files):
+    for index, step_files in enumerate(steps.files):
         cursor, result = live.run_cycle(spark, paths, SETTINGS, cursor, step_files, {})
         assert result.accounting.balanced() and result.accounting.raw == len(STEPS[index])
         if index == 0:
@@ -117,10 +134,8 @@ def test_cycles_give_what_a_batch_run_gives(spark, tmp_path):
             a = [r for r in rows(spark, paths.cleaned_data, CLEANED_SCHEMA) if r[2:4] == A]
             assert [r[5] for r in a] == ["measured"] * 3 + ["interpolated"] * 2 + ["measured"]
 
-    batch, accounting = run_batch(spark, tmp_path, str(tmp_path / "raw"))
-
-    assert accounting.raw == sum(len(step) for step in STEPS)
-    assert_same_outputs(spark, paths, batch)
+    assert steps.accounting.raw == sum(len(step) for step in STEPS)
+    assert_same_outputs(spark, paths, steps.batch)
     cleaned = rows(spark, paths.cleaned_data, CLEANED_SCHEMA)
     assert ("missing" in {r[5] for r in cleaned if r[2:4] == A}) and any(r[2:4] == C for r in cleaned)
     assert str(utc("2026-11-25 13:58:40")) in {r[0] for r in cleaned if r[2:4] == B}
@@ -131,15 +146,14 @@ def test_cycles_give_what_a_batch_run_gives(spark, tmp_path):
     assert cursor.cycle == len(STEPS) and not cursor.open_hours.get("cleaned_data", [0]).count(2026112513)
 
 
-def test_a_cycle_interrupted_before_its_commit_is_undone_and_redone(spark, tmp_path, monkeypatch):
-    files = write_steps(spark, str(tmp_path / "raw"))
+def test_a_cycle_interrupted_before_its_commit_is_undone_and_redone(spark, tmp_path, monkeypatch, steps):
     paths = config.Paths.under(str(tmp_path / "live"))
     cursor = live.start(spark, paths, SETTINGS)
 
     def crash(*_args):
         raise RuntimeError("killed")
 
-    for index, step_files in enumerate(files):
+    for index, step_files in enumerate(steps.files):
         if index in (2, 5):
             # the late step rewrites hours of both outputs; the last one adds to an unknown series; each
             # writes all its files and its state, then dies before its commit
@@ -151,15 +165,14 @@ def test_a_cycle_interrupted_before_its_commit_is_undone_and_redone(spark, tmp_p
             cursor = live.start(spark, paths, SETTINGS)
         cursor, _result = live.run_cycle(spark, paths, SETTINGS, cursor, step_files, {})
 
-    batch, _accounting = run_batch(spark, tmp_path, str(tmp_path / "raw"))
-    assert_same_outputs(spark, paths, batch)
+    assert_same_outputs(spark, paths, steps.batch)
     assert not leftovers(tmp_path / "live")
 
 
-def test_running_check_figures_equal_the_batch_checkers_over_the_same_rows(spark, tmp_path):
-    files = write_steps(spark, str(tmp_path / "raw"))
+def test_running_check_figures_equal_the_batch_checkers_over_the_same_rows(spark, tmp_path, steps):
     paths = config.Paths.under(str(tmp_path / "live"))
     settings = dataclasses.replace(SETTINGS, checker=checker.CheckerConfig(spike_window=3, max_flat_slots=2))
+    files = steps.files
     cursor, _results = run_cycles(spark, paths, [files[0], files[1], files[3], files[5]], settings)
 
     figures = live.read_figures(spark, paths, cursor.cycle).transform(checker.summarize_figures)
