@@ -88,16 +88,6 @@ def assert_same_outputs(spark, live, batch):
 SETTINGS = live.Settings(CONFIG, checker.CheckerConfig(), 3600.0)
 
 
-def run_cycles(spark, paths, files, settings=SETTINGS):
-    """Run one live cycle per list of raw files from a fresh live state; return the cycles' results."""
-    cursor = live.start(spark, paths, settings)
-    results = []
-    for step_files in files:
-        cursor, result = live.run_cycle(spark, paths, settings, cursor, step_files, {})
-        results.append(result)
-    return cursor, results
-
-
 def run_batch(spark, tmp_path, raw, settings=SETTINGS):
     batch = dataclasses.replace(config.Paths.under(str(tmp_path / "batch")), consumer_data=raw)
     accounting = processor.run(spark, batch)
@@ -123,11 +113,15 @@ def steps(spark, tmp_path_factory) -> Steps:
     return Steps(files, batch, accounting)
 
 
-def test_cycles_give_what_a_batch_run_gives(spark, tmp_path, steps):
+def test_cycles_give_what_a_batch_run_gives_and_running_check_figures_what_the_batch_checker_gives(
+    spark, tmp_path, steps
+):
     paths = config.Paths.under(str(tmp_path / "live"))
-    cursor = live.start(spark, paths, SETTINGS)
+    # short check windows, so that the figures carried from cycle to cycle matter
+    settings = dataclasses.replace(SETTINGS, checker=checker.CheckerConfig(spike_window=3, max_flat_slots=2))
+    cursor = live.start(spark, paths, settings)
     for index, step_files in enumerate(steps.files):
-        cursor, result = live.run_cycle(spark, paths, SETTINGS, cursor, step_files, {})
+        cursor, result = live.run_cycle(spark, paths, settings, cursor, step_files, {})
         assert result.accounting.balanced() and result.accounting.raw == len(STEPS[index])
         if index == 0:
             # the hole in A is filled as soon as the measurement after it arrived; nothing after it yet
@@ -145,6 +139,12 @@ def test_cycles_give_what_a_batch_run_gives(spark, tmp_path, steps):
     assert any(name.startswith(live.CYCLE_TAG) for name in current)
     assert cursor.cycle == len(STEPS) and not cursor.open_hours.get("cleaned_data", [0]).count(2026112513)
 
+    # the running figures (grown and recomputed series alike) are the batch checker's over the same rows
+    figures = live.read_figures(spark, paths, cursor.cycle).transform(checker.summarize_figures)
+    cleaned_frame = read_output(spark, paths.cleaned_data, CLEANED_SCHEMA, cleaner.log, "test")
+    batch = cleaned_frame.transform(checker.series_metrics(settings.checker))
+    assert sorted(map(tuple, figures.collect())) == sorted(map(tuple, batch.select(*figures.columns).collect()))
+
 
 def test_a_cycle_interrupted_before_its_commit_is_undone_and_redone(spark, tmp_path, monkeypatch, steps):
     paths = config.Paths.under(str(tmp_path / "live"))
@@ -153,32 +153,22 @@ def test_a_cycle_interrupted_before_its_commit_is_undone_and_redone(spark, tmp_p
     def crash(*_args):
         raise RuntimeError("killed")
 
-    for index, step_files in enumerate(steps.files):
-        if index in (2, 5):
-            # the late step rewrites hours of both outputs; the last one adds to an unknown series; each
-            # writes all its files and its state, then dies before its commit
+    # Three cycles: the first two steps, the late step, the rest. The late step rewrites hours of both
+    # outputs; the rest rewrites an hour for a measurement before a series' start, quarantines and adds to
+    # an unknown series. Those two write all their files and their state, then die before their commit.
+    files = steps.files
+    for index, cycle_files in enumerate([files[0] + files[1], files[2], files[3] + files[4] + files[5]]):
+        if index > 0:
             with monkeypatch.context() as patch:
                 patch.setattr(live.cycle, "commit_cursor", crash)
                 with pytest.raises(RuntimeError):
-                    live.run_cycle(spark, paths, SETTINGS, cursor, step_files, {})
+                    live.run_cycle(spark, paths, SETTINGS, cursor, cycle_files, {})
             assert live.read_cursor(spark, paths).cycle == cursor.cycle
             cursor = live.start(spark, paths, SETTINGS)
-        cursor, _result = live.run_cycle(spark, paths, SETTINGS, cursor, step_files, {})
+        cursor, _result = live.run_cycle(spark, paths, SETTINGS, cursor, cycle_files, {})
 
     assert_same_outputs(spark, paths, steps.batch)
     assert not leftovers(tmp_path / "live")
-
-
-def test_running_check_figures_equal_the_batch_checkers_over_the_same_rows(spark, tmp_path, steps):
-    paths = config.Paths.under(str(tmp_path / "live"))
-    settings = dataclasses.replace(SETTINGS, checker=checker.CheckerConfig(spike_window=3, max_flat_slots=2))
-    files = steps.files
-    cursor, _results = run_cycles(spark, paths, [files[0], files[1], files[3], files[5]], settings)
-
-    figures = live.read_figures(spark, paths, cursor.cycle).transform(checker.summarize_figures)
-    cleaned = read_output(spark, paths.cleaned_data, CLEANED_SCHEMA, cleaner.log, "test")
-    batch = cleaned.transform(checker.series_metrics(settings.checker))
-    assert sorted(map(tuple, figures.collect())) == sorted(map(tuple, batch.select(*figures.columns).collect()))
 
 
 def wait_for_cycles(path, count, process, timeout=300):

@@ -47,20 +47,29 @@ def test_numbers_and_numeric_strings_parse_to_exact_typed_columns(spark):
     assert_df_equality(processed_of(spark, payloads), expected, ignore_row_order=True)
 
 
+ROUNDING = [
+    ("1716369246", "2024-05-22 09:14:06"),
+    ("1716369246.000001", "2024-05-22 09:14:06.000001"),
+    ("1716369246.999999", "2024-05-22 09:14:06.999999"),
+    ("1716369246.7349112", "2024-05-22 09:14:06.734911"),
+    ("1716369246.7349118", "2024-05-22 09:14:06.734912"),
+    ("1716369246.9999997", "2024-05-22 09:14:07"),
+    ("946684800.0000004", "2000-01-01 00:00:00"),
+]
+
+
+@pytest.fixture(scope="module")
+def rounded(spark):
+    """Every ROUNDING time parsed in one run (a series each, so that none collapses): per series, its row."""
+    payloads = [message(sent, sent, f"device{index}") for index, (sent, _) in enumerate(ROUNDING)]
+    return {row.device_id: row for row in processed_of(spark, payloads).collect()}
+
+
 @pytest.mark.parametrize(
-    ("sent", "stored"),
-    [
-        ("1716369246", "2024-05-22 09:14:06"),
-        ("1716369246.000001", "2024-05-22 09:14:06.000001"),
-        ("1716369246.999999", "2024-05-22 09:14:06.999999"),
-        ("1716369246.7349112", "2024-05-22 09:14:06.734911"),
-        ("1716369246.7349118", "2024-05-22 09:14:06.734912"),
-        ("1716369246.9999997", "2024-05-22 09:14:07"),
-        ("946684800.0000004", "2000-01-01 00:00:00"),
-    ],
+    ("index", "stored"), [(i, stored) for i, (_, stored) in enumerate(ROUNDING)], ids=[s for s, _ in ROUNDING]
 )
-def test_times_round_to_the_nearest_microsecond(spark, sent, stored):
-    row = processed_of(spark, [message(sent, sent)]).first()
+def test_times_round_to_the_nearest_microsecond(rounded, index, stored):
+    row = rounded[f"device{index}"]
     assert row.t_measurement == row.t_report == utc(stored)
 
 
@@ -125,13 +134,29 @@ BAD_RECORDS = [
 ]
 
 
-@pytest.mark.parametrize(("payload", "reason"), BAD_RECORDS, ids=[r for _, r in BAD_RECORDS])
-def test_bad_record_is_quarantined_with_reason_and_kafka_coordinates(spark, payload, reason):
-    quarantine = quarantine_of(spark, [GOOD, payload])
+@pytest.fixture(scope="module")
+def bad_records(spark):
+    """GOOD and every BAD_RECORDS payload parsed in one run (offsets 0, 1, ...): (quarantine rows by offset, valid)."""
+    parsed = parse_measurements(raw_frame(spark, [GOOD, *(payload for payload, _ in BAD_RECORDS)]))
+    quarantined = select_quarantine(parsed)
+    assert quarantined.schema == QUARANTINE_SCHEMA
+    valid = [tuple(row) for row in parsed.where("reason IS NULL").select(*PROCESSED_SCHEMA.fieldNames()).collect()]
+    return {row.offset: row for row in quarantined.collect()}, valid
+
+
+def test_only_the_good_record_among_the_bad_ones_is_processed(spark, bad_records):
+    quarantine, valid = bad_records
+    assert valid == [tuple(processed_of(spark, [GOOD]).first())]
+    assert sorted(quarantine) == list(range(1, len(BAD_RECORDS) + 1))
+
+
+@pytest.mark.parametrize(
+    ("offset", "reason"), [(i + 1, r) for i, (_, r) in enumerate(BAD_RECORDS)], ids=[r for _, r in BAD_RECORDS]
+)
+def test_bad_record_is_quarantined_with_reason_and_kafka_coordinates(bad_records, offset, reason):
+    payload = BAD_RECORDS[offset - 1][0]
     raw_text = None if payload is None else payload.decode("utf-8", errors="replace")
-    expected = spark.createDataFrame([(raw_text, reason, "mytopic", 0, 1)], QUARANTINE_SCHEMA)
-    assert_df_equality(quarantine, expected)
-    assert processed_of(spark, [GOOD, payload]).count() == 1
+    assert tuple(bad_records[0][offset]) == (raw_text, reason, "mytopic", 0, offset)
 
 
 def test_replays_collapse_to_the_latest_report(spark):
