@@ -404,6 +404,13 @@ def bench_size(spark, work: str, rows: int) -> tuple[list[dict], StageTimes]:
     results["driver_peak_mib"] = sampler.used_peak_mib
     results["driver_data_peak_mib"] = sampler.data_peak_mib
     print(f"size {n}: " + ", ".join(f"{k} {v:.1f}" for k, v in results.items()), flush=True)
+    rows_out = size_metrics(results, n)
+    shutil.rmtree(folder, ignore_errors=True)
+    return rows_out, times
+
+
+def size_metrics(results: dict[str, float], n: int) -> list[dict]:
+    """The result rows of one size: its measured seconds and MiB, each stage over its baselines, rows per second."""
     rows_out = [
         {"metric": k, "rows": n, "value": round(v, 3), "unit": "MiB" if "mib" in k else "s"} for k, v in results.items()
     ]
@@ -417,16 +424,9 @@ def bench_size(spark, work: str, rows: int) -> tuple[list[dict], StageTimes]:
         ratio = results[f"{stage}_seconds"] / results[f"{stage}_{baseline}_seconds"]
         rows_out.append({"metric": f"{stage}_over_{baseline}", "rows": n, "value": round(ratio, 3), "unit": "ratio"})
     for stage in ("processor", "cleaner"):
-        rows_out.append(
-            {
-                "metric": f"{stage}_rows_per_s",
-                "rows": n,
-                "value": round(n / results[f"{stage}_seconds"]),
-                "unit": "rows/s",
-            }
-        )
-    shutil.rmtree(folder, ignore_errors=True)
-    return rows_out, times
+        rate = round(n / results[f"{stage}_seconds"])
+        rows_out.append({"metric": f"{stage}_rows_per_s", "rows": n, "value": rate, "unit": "rows/s"})
+    return rows_out
 
 
 # --- consumer against Kafka's own tool -----------------------------------------------------------
@@ -472,6 +472,21 @@ def bench_consumer(spark, work: str, messages: int, bootstrap: str) -> list[dict
     started = time.perf_counter()
     ingested = consumer.run(spark, paths, consumer.ConsumerConfig(bootstrap, topic))
     seconds = time.perf_counter() - started
+    tool_rate = kafka_tool_rate(bootstrap, topic, messages)
+    # Like the tool's, the consumer's rate counts from its first batch: the batches' own time
+    # (query set-up, broker probe and topic-id lookup excluded); the whole run's rate is kept too.
+    rate, wall_rate = ingested.rows / ingested.batch_seconds, messages / seconds
+    print(f"consumer {rate:.0f} msg/s ({wall_rate:.0f} whole run), ConsumerPerformance {tool_rate:.0f} msg/s")
+    return [
+        {"metric": "consumer_msgs_per_s", "rows": messages, "value": round(rate), "unit": "msg/s"},
+        {"metric": "consumer_run_msgs_per_s", "rows": messages, "value": round(wall_rate), "unit": "msg/s"},
+        {"metric": "kafka_tool_msgs_per_s", "rows": messages, "value": round(tool_rate), "unit": "msg/s"},
+        {"metric": "consumer_over_kafka_tool", "rows": messages, "value": round(rate / tool_rate, 3), "unit": "ratio"},
+    ]
+
+
+def kafka_tool_rate(bootstrap: str, topic: str, messages: int) -> float:
+    """Kafka's own ConsumerPerformance over the topic's ``messages``: its rate (msg/s) from its first fetch."""
     java = os.path.join(
         subprocess.check_output([os.path.join(ROOT, "scripts", "java-home")], text=True).strip(), "bin", "java"
     )
@@ -500,17 +515,7 @@ def bench_consumer(spark, work: str, messages: int, bootstrap: str) -> list[dict
     # The tool prints its own rate, measured from its first fetch (JVM start excluded): use it.
     header, values = [line for line in tool.stdout.splitlines() if line.strip()][-2:]
     fields = dict(zip([h.strip() for h in header.split(",")], [v.strip() for v in values.split(",")], strict=False))
-    tool_rate = float(fields.get("nMsg.sec", messages / tool_seconds))
-    # Like the tool's, the consumer's rate counts from its first batch: the batches' own time
-    # (query set-up, broker probe and topic-id lookup excluded); the whole run's rate is kept too.
-    rate, wall_rate = ingested.rows / ingested.batch_seconds, messages / seconds
-    print(f"consumer {rate:.0f} msg/s ({wall_rate:.0f} whole run), ConsumerPerformance {tool_rate:.0f} msg/s")
-    return [
-        {"metric": "consumer_msgs_per_s", "rows": messages, "value": round(rate), "unit": "msg/s"},
-        {"metric": "consumer_run_msgs_per_s", "rows": messages, "value": round(wall_rate), "unit": "msg/s"},
-        {"metric": "kafka_tool_msgs_per_s", "rows": messages, "value": round(tool_rate), "unit": "msg/s"},
-        {"metric": "consumer_over_kafka_tool", "rows": messages, "value": round(rate / tool_rate, 3), "unit": "ratio"},
-    ]
+    return float(fields.get("nMsg.sec", messages / tool_seconds))
 
 
 # --- report --------------------------------------------------------------------------------------

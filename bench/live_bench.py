@@ -202,18 +202,7 @@ def settled(live_cycles: list[dict], series: int) -> list[dict]:
 def run_fleet(bootstrap: str, work: str, series: int, minutes: float, history: str, backlog: str) -> list[dict]:
     """Catch-up, live figures and the completeness check of one size (see the module docstring)."""
     feed = Feed(bootstrap, work, series, f"fleet-{series}")
-    print(f"{series} series: backfilling {history} of history", flush=True)
-    feed.backfill(history, until=backlog, seed=1)
-    # The history is taken in as a new user would: the consumer reads what the topic holds, and the
-    # runner's first start makes one full (batch) run of it.
-    subprocess.run([PYTHON, "exercises/consumer.py", "--datastore", feed.datastore], cwd=ROOT, env=feed.env, check=True)
-    runner = feed.start_runner()
-    cursor = os.path.join(feed.datastore, "live_state", live.CURSOR_FILE)
-    wait_for(lambda: os.path.exists(cursor), runner, "full run")
-    stop(runner, "the live runner after its full run")
-    if os.path.exists(cycles := os.path.join(feed.datastore, "reports", live.LIVE_CYCLES)):
-        os.remove(cycles)  # the next runner's cycles only
-    history_messages = feed.delivered
+    history_messages = take_in_history(feed, series, history, backlog)
     backlog_messages = feed.backfill(backlog, seed=2)
     print(f"{series} series: {backlog_messages} messages of backlog; runner started", flush=True)
     started = time.time()
@@ -254,6 +243,24 @@ def run_fleet(bootstrap: str, work: str, series: int, minutes: float, history: s
     results = figures(series, steady, catch_up, settle)
     check_complete(feed.datastore, feed.delivered, series)
     return results
+
+
+def take_in_history(feed: Feed, series: int, history: str, backlog: str) -> int:
+    """Send ``history`` (ending ``backlog`` ago) and take it in as a new user would; return the messages sent.
+
+    The consumer reads what the topic holds, and the runner's first start makes one full (batch) run
+    of it; the runner is stopped after it and its cycles' file removed (the next runner's cycles only).
+    """
+    print(f"{series} series: backfilling {history} of history", flush=True)
+    feed.backfill(history, until=backlog, seed=1)
+    subprocess.run([PYTHON, "exercises/consumer.py", "--datastore", feed.datastore], cwd=ROOT, env=feed.env, check=True)
+    runner = feed.start_runner()
+    cursor = os.path.join(feed.datastore, "live_state", live.CURSOR_FILE)
+    wait_for(lambda: os.path.exists(cursor), runner, "full run")
+    stop(runner, "the live runner after its full run")
+    if os.path.exists(cycles := os.path.join(feed.datastore, "reports", live.LIVE_CYCLES)):
+        os.remove(cycles)
+    return feed.delivered
 
 
 def sum_until(cycles: list[dict], last: dict) -> int:

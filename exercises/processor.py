@@ -154,16 +154,7 @@ def parse_measurements(raw: DataFrame) -> DataFrame:
         F.from_json(text, MESSAGE_SCHEMA, {"columnNameOfCorruptRecord": _CORRUPT}).alias("msg"),
     )
     fields = parsed.select("raw_value", *kafka, *[F.col(f"msg.{name}").alias(name) for name in MESSAGE_SCHEMA.names])
-    low, high = PLAUSIBLE_EPOCH_SECONDS
-    converted = fields.select(
-        "*",
-        *[_epoch_seconds(F.col(name)).alias(f"_{name}_s") for name in (m.T_MEASUREMENT, m.T_REPORT)],
-        F.btrim(F.col(m.VALUE), F.lit('"')).alias("_value_text"),
-    ).select(
-        "*",
-        F.col("_value_text").try_cast(T.DoubleType()).alias("_value"),
-        *[F.col(f"_{name}_s").between(low, high).alias(f"_{name}_plausible") for name in (m.T_MEASUREMENT, m.T_REPORT)],
-    )
+    converted = _converted(fields)
     value = F.col("_value")
     reason = F.when(_usable(value), F.lit(None).cast(T.StringType())).otherwise(_rejection(value))
 
@@ -182,6 +173,20 @@ def parse_measurements(raw: DataFrame) -> DataFrame:
         # The raw text is kept only where it is needed: in the quarantine.
         "raw_value",
         F.when(F.col("reason").isNotNull(), F.col("raw_value")),
+    )
+
+
+def _converted(fields: DataFrame) -> DataFrame:
+    """The message's fields with their conversions: epoch seconds, whether plausible, the value as a number."""
+    low, high = PLAUSIBLE_EPOCH_SECONDS
+    return fields.select(
+        "*",
+        *[_epoch_seconds(F.col(name)).alias(f"_{name}_s") for name in (m.T_MEASUREMENT, m.T_REPORT)],
+        F.btrim(F.col(m.VALUE), F.lit('"')).alias("_value_text"),
+    ).select(
+        "*",
+        F.col("_value_text").try_cast(T.DoubleType()).alias("_value"),
+        *[F.col(f"_{name}_s").between(low, high).alias(f"_{name}_plausible") for name in (m.T_MEASUREMENT, m.T_REPORT)],
     )
 
 

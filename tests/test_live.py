@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import pytest
 from pyspark.sql import types as T
 
+import check_figures
 import checker
 import cleaner
 import live
@@ -140,9 +141,9 @@ def test_cycles_give_what_a_batch_run_gives_and_running_check_figures_what_the_b
     assert cursor.cycle == len(STEPS) and not cursor.open_hours.get("cleaned_data", [0]).count(2026112513)
 
     # the running figures (grown and recomputed series alike) are the batch checker's over the same rows
-    figures = live.read_figures(spark, paths, cursor.cycle).transform(checker.summarize_figures)
+    figures = live.read_figures(spark, paths, cursor.cycle).transform(check_figures.summarize_figures)
     cleaned_frame = read_output(spark, paths.cleaned_data, CLEANED_SCHEMA, cleaner.log, "test")
-    batch = cleaned_frame.transform(checker.series_metrics(settings.checker))
+    batch = cleaned_frame.transform(check_figures.series_metrics(settings.checker))
     assert sorted(map(tuple, figures.collect())) == sorted(map(tuple, batch.select(*figures.columns).collect()))
 
 

@@ -1,7 +1,7 @@
 """The live mode's protocol (``pipeline.py --watch``): cycles that cost what their new data costs.
 
-Read top to bottom, one module each: ``store`` (1, 2, 4), ``cycle`` (3), ``checks`` (the checker's part of
-3), ``compaction`` (5), ``runner`` (6).
+Read top to bottom, one module each: ``store`` (1, 2, 4), ``cycle`` (3), ``late`` (3's late measurements),
+``checks`` (the checker's part of 3), ``compaction`` (5), ``runner`` (6).
 
 1. **Cursor.** consumer_data is a file-sink output; the files its log committed after the cursor
    are a cycle's input (``new_raw_files``).

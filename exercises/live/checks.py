@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+import check_figures
 import checker
 import cleaner
 from common import config
@@ -59,9 +60,9 @@ def check_state(grid: Grid, settings: Settings) -> tuple[DataFrame, DataFrame, i
     # The values in slot order, nulls included (a struct is never null); the last `window` of them.
     values = F.array_sort(F.collect_list(F.struct(slot.alias("slot"), F.col(m.VALUE).alias("value"))))
     hourly = (
-        grid.rows.transform(checker.annotate_rows(config_))
+        grid.rows.transform(check_figures.annotate_rows(config_))
         .transform(
-            checker.series_figures(
+            check_figures.series_figures(
                 config_,
                 PARTITION,
                 REPLACES,
@@ -116,8 +117,8 @@ def update_figures(
     newest = max(filter(None, [cursor.newest, newest]), default=None)
     merged = old.unionByName(new.drop(REPLACES))
     figures = merged.groupBy(*KEYS, PARTITION).agg(
-        *[F.sum(name).alias(name) for name in checker.SUMMED_FIGURES],
-        *[F.max(name).alias(name) for name in checker.LARGEST_FIGURES],
+        *[F.sum(name).alias(name) for name in check_figures.SUMMED_FIGURES],
+        *[F.max(name).alias(name) for name in check_figures.LARGEST_FIGURES],
     )
     if newest is not None:
         since = hour_of_micros(newest - int(settings.report_window_seconds * 1_000_000))
@@ -177,7 +178,7 @@ def write_report(spark: SparkSession, paths: config.Paths, config_: checker.Chec
     with stage_lock(paths.reports, checker.STAGE, checker.log):
         started = time.monotonic()
         schema = checker.Result("schema", checker.ERROR, True, "as declared", "cleaned_data contract")
-        metrics = checker.summarize_figures(figures)
+        metrics = check_figures.summarize_figures(figures)
         results, _listed = checker.evaluate(metrics, checker.read_unknown(spark, paths), config_, [schema])
         checker.log_outcome(results, checker.write_report(spark, paths, results), started)
         return checker.exit_code(results)

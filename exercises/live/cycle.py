@@ -6,11 +6,11 @@ import time
 from dataclasses import dataclass
 
 from pyspark import StorageLevel
-from pyspark.sql import Column, DataFrame, Observation, Row, SparkSession
+from pyspark.sql import DataFrame, Observation, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-import checker
+import check_figures
 import cleaner
 import processor
 from common import config
@@ -18,16 +18,13 @@ from common import message as m
 from common.contracts import (
     CLEANED_SCHEMA,
     PARTITION,
-    PROCESSED_SCHEMA,
     RAW_SCHEMA,
     with_hour,
 )
 from common.session import cached_for_the_block, one_row
-from common.storage import (
-    read_partitioned,
-)
 from live.checks import check_state, merge_state, update_figures, write_report, write_unknown
 from live.compaction import Compactor
+from live.late import merge_late, recompute_late, slot_micros
 from live.store import (
     KEYS,
     REPLACES,
@@ -38,9 +35,7 @@ from live.store import (
     append_files,
     cleanup,
     commit_cursor,
-    hour_of_micros,
     read_series_state,
-    rewrite_hours,
     write_state,
 )
 
@@ -80,12 +75,7 @@ def run_cycle(
     # Everything a cycle caches is the cycle's own.
     with cached_for_the_block(spark):
         state = read_series_state(spark, paths, cursor.cycle).persist()
-        parsed = processor.parse_and_cache(spark.read.schema(RAW_SCHEMA).parquet(*files), Observation(f"parse-{cycle}"))
-        counts = _count(parsed)
-        valid = parsed.where(F.col("reason").isNull()).drop("raw_value")
-        processed = _process(spark, paths, valid, state, cycle)
-        if counts["quarantined"]:
-            append_files(processor.select_quarantine(parsed), paths.quarantine_data, cycle, partitioned=False)
+        counts, valid, processed = _processor_part(spark, paths, files, state, cycle)
         marks.append(time.monotonic())
         grid = _clean(spark, paths, settings.cleaner, processed, state, cycle)
         histogram = latency_histogram(valid, time.time())
@@ -114,6 +104,23 @@ def run_cycle(
         counts["raw"], processed.gained, counts["quarantined"], counts["valid"] - processed.gained
     )
     return committed, CycleResult(accounting, histogram, newest, exit_code, _part_seconds(marks))
+
+
+def _processor_part(
+    spark: SparkSession, paths: config.Paths, files: list[str], state: DataFrame, cycle: int
+) -> tuple[Row, DataFrame, Processed]:
+    """Parse the new raw files (cached for the cycle), quarantine the rejected rows, add the valid ones.
+
+    Returns:
+        The raw, valid and quarantined counts (``_count``), the valid rows, what processed_data gained.
+    """
+    parsed = processor.parse_and_cache(spark.read.schema(RAW_SCHEMA).parquet(*files), Observation(f"parse-{cycle}"))
+    counts = _count(parsed)
+    valid = parsed.where(F.col("reason").isNull()).drop("raw_value")
+    processed = _process(spark, paths, valid, state, cycle)
+    if counts["quarantined"]:
+        append_files(processor.select_quarantine(parsed), paths.quarantine_data, cycle, partitioned=False)
+    return counts, valid, processed
 
 
 def _count(parsed: DataFrame) -> Row:
@@ -191,60 +198,10 @@ def _process(spark: SparkSession, paths: config.Paths, valid: DataFrame, state: 
     updates = appended.groupBy(*KEYS).agg(F.count(F.lit(1)).alias("rows"), F.max(m.T_MEASUREMENT).alias("max_t"))
     late_series = spark.createDataFrame([], T.StructType([*[T.StructField(k, T.StringType()) for k in KEYS]]))
     if late_hours:
-        updates = _merge_late(spark, paths, late, appended, late_hours, updates, cycle)
+        updates = merge_late(spark, paths, late, appended, late_hours, updates, cycle)
         gained = one_row(updates.agg(F.sum("rows")))[0] or 0
-        late_series = late.groupBy(*KEYS).agg(F.min(_slot_micros(F.col(m.T_MEASUREMENT), 1)).alias("since"))
+        late_series = late.groupBy(*KEYS).agg(F.min(slot_micros(F.col(m.T_MEASUREMENT), 1)).alias("since"))
     return Processed(appended, late_series, updates.persist(), appended_hours, late_hours, gained)
-
-
-def _merge_late(
-    spark: SparkSession,
-    paths: config.Paths,
-    late: DataFrame,
-    appended: DataFrame,
-    late_hours: list[int],
-    updates: DataFrame,
-    cycle: int,
-) -> DataFrame:
-    """Rewrite the hours late measurements fall in, collapsed with their stored rows; return the updates.
-
-    The cycle's fresh measurements in those hours go into the rewrite instead of being appended.
-    The returned per-series updates (rows gained, latest t_measurement) count the rewrite in.
-    """
-    stored = read_partitioned(spark, paths.processed_data, PROCESSED_SCHEMA, late_hours).drop(PARTITION)
-    kafka = [F.lit(None).cast(RAW_SCHEMA[c].dataType).alias(c) for c in ("topic", "partition", "offset")]
-    candidates = (
-        stored.select("*", *kafka)
-        .unionByName(appended.where(F.col(PARTITION).isin(*late_hours)).drop(PARTITION).select("*", *kafka))
-        .withColumn("reason", F.lit(None).cast("string"))
-        .unionByName(late.select(*PROCESSED_SCHEMA.fieldNames(), "topic", "partition", "offset", "reason"))
-    )
-    merged = processor.collapse_replays(candidates, with_partition=True).localCheckpoint()
-    # Counted before the swap: afterwards the stored files are in the undo folder.
-    delta = (
-        merged.groupBy(*KEYS)
-        .agg(F.count(F.lit(1)).alias("rows"))
-        .join(stored.groupBy(*KEYS).agg(F.count(F.lit(1)).alias("old")), KEYS, "full")
-        .select(*KEYS, (F.coalesce("rows", F.lit(0)) - F.coalesce("old", F.lit(0))).alias("rows"))
-        .localCheckpoint()
-    )
-    rewrite_hours(merged, paths.processed_data, late_hours, cycle)
-    late_max = late.groupBy(*KEYS).agg(F.max(m.T_MEASUREMENT).alias("max_t"))
-    updates = (
-        updates.join(appended.where(F.col(PARTITION).isin(*late_hours)).groupBy(*KEYS).count(), KEYS, "left")
-        .select(*KEYS, (F.col("rows") - F.coalesce("count", F.lit(0))).alias("rows"), "max_t")
-        .unionByName(delta.withColumn("max_t", F.lit(None).cast("timestamp")))
-        .unionByName(late_max.withColumn("rows", F.lit(0).cast("long")))
-        .groupBy(*KEYS)
-        .agg(F.sum("rows").alias("rows"), F.max("max_t").alias("max_t"))
-    )
-    return updates
-
-
-def _slot_micros(t_measurement: Column, slot_seconds: int) -> Column:
-    """The start of the slot that holds a timestamp, as epoch microseconds."""
-    micros = F.unix_micros(t_measurement)
-    return micros - F.pmod(micros, F.lit(slot_seconds * 1_000_000))
 
 
 @dataclass
@@ -275,7 +232,7 @@ def _clean(
     A growing series' grid goes on from its last slot (the state's ``last_slot`` and value, an
     anchor that is not written again) to its newest measurement, as a batch run would fill it.
     A series with a late measurement is recomputed from the measurement before the late one
-    (``_recompute_late``) and the hours that touches are rewritten.
+    (``recompute_late``) and the hours that touches are rewritten.
     """
     catalog = cleaner.catalog_frame(spark, config_)
     appended, late = processed.appended.drop(PARTITION), processed.late
@@ -288,7 +245,7 @@ def _clean(
     written = [*CLEANED_SCHEMA.fieldNames(), PARTITION]
     if not processed.late_hours or late.isEmpty():
         return Grid(grown, append_files(grown.select(*written), paths.cleaned_data, cycle))
-    recomputed, hours = _recompute_late(spark, paths, config_, late, grown.select(*written), cycle)
+    recomputed, hours = recompute_late(spark, paths, config_, late, grown.select(*written), cycle)
     appended_hours = append_files(
         grown.where(~F.col(PARTITION).isin(*hours)).select(*written), paths.cleaned_data, cycle
     )
@@ -313,87 +270,15 @@ def _grow(state: DataFrame, growing: DataFrame, config_: cleaner.CleanerConfig) 
     grown, _unknown = cleaner.clean(anchors.unionByName(growing), config_, None)
     carry = series.select(
         *KEYS,
-        F.col("last_slot").alias(checker.CARRY_SLOT),
-        F.col("last_value").alias(checker.CARRY_VALUE),
-        F.col("tail").alias(checker.CARRY_TAIL),
-        F.col("flat_run").alias(checker.FLAT_CARRY),
+        F.col("last_slot").alias(check_figures.CARRY_SLOT),
+        F.col("last_value").alias(check_figures.CARRY_VALUE),
+        F.col("tail").alias(check_figures.CARRY_TAIL),
+        F.col("flat_run").alias(check_figures.FLAT_CARRY),
     )
     # The anchor's slot is written already: only the slots after it are new.
-    is_new = F.col(checker.CARRY_SLOT).isNull() | (F.unix_micros(m.T_MEASUREMENT) > F.col(checker.CARRY_SLOT))
+    carried_slot = F.col(check_figures.CARRY_SLOT)
+    is_new = carried_slot.isNull() | (F.unix_micros(m.T_MEASUREMENT) > carried_slot)
     return with_hour(grown.join(carry, KEYS, "left").where(is_new)).withColumn(REPLACES, F.lit(False)).localCheckpoint()
-
-
-def _recompute_late(
-    spark: SparkSession,
-    paths: config.Paths,
-    config_: cleaner.CleanerConfig,
-    late: DataFrame,
-    grown: DataFrame,
-    cycle: int,
-) -> tuple[DataFrame, list[int]]:
-    """Recompute the grid of series with late measurements and rewrite the hours it touches.
-
-    Each series is recomputed from its anchor (``_recompute_regions``) to its end. The rewritten
-    hours keep the other series' rows and get the cycle's grown rows for them.
-
-    Returns:
-        The rewritten hours' rows (cleaned columns and hour), and the hours.
-    """
-    slot = _slot_micros(F.col(m.T_MEASUREMENT), config_.slot_seconds)
-    processed = read_partitioned(spark, paths.processed_data, PROCESSED_SCHEMA).withColumn("slot", slot)
-    regions = _recompute_regions(processed, late, config_)
-    start = one_row(regions.agg(F.min("start")))[0]
-    changed = (
-        processed.where(F.col(PARTITION) >= hour_of_micros(start))
-        .join(regions, KEYS)
-        .where(F.col("slot") >= F.col("start"))
-        .select(*PROCESSED_SCHEMA.fieldNames())
-    )
-    recomputed = with_hour(cleaner.clean(changed, config_, None)[0]).persist()
-    # The hour names the recomputed slots fall in: a handful, not data.
-    hours = sorted(r[0] for r in recomputed.select(PARTITION).distinct().collect())
-    kept = (
-        read_partitioned(spark, paths.cleaned_data, CLEANED_SCHEMA, hours)
-        .join(regions, KEYS, "left")
-        .where(F.col("start").isNull() | (F.unix_micros(m.T_MEASUREMENT) < F.col("start")))
-        .select(*CLEANED_SCHEMA.fieldNames(), PARTITION)
-    )
-    content = kept.unionByName(recomputed).unionByName(grown.where(F.col(PARTITION).isin(*hours))).localCheckpoint()
-    rewrite_hours(content, paths.cleaned_data, hours, cycle)
-    return content, hours
-
-
-def _recompute_regions(processed: DataFrame, late: DataFrame, config_: cleaner.CleanerConfig) -> DataFrame:
-    """Per series with late measurements, the slot its grid is recomputed from (``start``): its anchor.
-
-    The anchor is the last measured slot before the series' earliest late one, looked for in the
-    last ``max_gap + slot`` seconds first and only for a series without one there in all of
-    ``processed`` (rows with their ``slot``); without any, the late slot itself.
-    """
-    lookback = (config_.max_gap_seconds + config_.slot_seconds) * 1_000_000
-    # From the start of the slot of the earliest late measurement: its slot may change its value.
-    slot_micros = config_.slot_seconds * 1_000_000
-    late = late.withColumn("since", F.col("since") - F.pmod("since", F.lit(slot_micros)))
-    # Scalars that bound the partitions read: one aggregate row.
-    earliest = one_row(late.agg(F.min("since")))[0]
-    anchors = (
-        processed.where(F.col(PARTITION) >= hour_of_micros(earliest - lookback))
-        .join(late, KEYS)
-        .where((F.col("slot") < F.col("since")) & (F.col("slot") >= F.col("since") - lookback))
-        .groupBy(*KEYS)
-        .agg(F.max("slot").alias("anchor"))
-    )
-    regions = late.join(anchors, KEYS, "left")
-    far = regions.where(F.col("anchor").isNull()).select(*KEYS, "since").persist()
-    if not far.isEmpty():
-        far_anchors = (
-            processed.join(far, KEYS)
-            .where(F.col("slot") < F.col("since"))
-            .groupBy(*KEYS)
-            .agg(F.max("slot").alias("far"))
-        )
-        regions = regions.join(far_anchors, KEYS, "left").withColumn("anchor", F.coalesce("anchor", "far"))
-    return regions.select(*KEYS, F.coalesce("anchor", "since").alias("start")).persist()
 
 
 def latency_histogram(measurements: DataFrame, done: float) -> dict[float, int]:

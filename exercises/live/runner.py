@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+import check_figures
 import checker
 import cleaner
 import consumer
@@ -163,8 +164,8 @@ def initial_state(
         since = hour_of_micros(newest - int(settings.report_window_seconds * 1_000_000))
         figures = (
             cleaned.where(F.col(PARTITION) >= since)
-            .transform(checker.annotate_rows(settings.checker))
-            .transform(checker.series_figures(settings.checker, PARTITION))
+            .transform(check_figures.annotate_rows(settings.checker))
+            .transform(check_figures.series_figures(settings.checker, PARTITION))
             .transform(lambda frame: conform(frame, FIGURES_SCHEMA))
         )
     return state, figures, newest

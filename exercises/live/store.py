@@ -12,6 +12,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+import check_figures
 import checker
 import cleaner
 from common import config
@@ -49,15 +50,15 @@ REPLACES = "_replaces"
 #: Written into the cursor: state written by another layout or other settings needs a full run.
 LAYOUT = f"live-2 {PARTITION}={PARTITION_FORMAT}"
 
-#: The running check figures: one row per series and hour (``checker.series_figures``).
+#: The running check figures: one row per series and hour (``check_figures.series_figures``).
 FIGURES_SCHEMA = T.StructType(
     [
         *[T.StructField(key, T.StringType()) for key in KEYS],
         T.StructField(PARTITION, T.LongType()),
-        *[T.StructField(name, T.LongType()) for name in checker.SUMMED_FIGURES],
+        *[T.StructField(name, T.LongType()) for name in check_figures.SUMMED_FIGURES],
         *[
             T.StructField(name, T.DoubleType() if name == "report_delay_seconds" else T.LongType())
-            for name in checker.LARGEST_FIGURES
+            for name in check_figures.LARGEST_FIGURES
         ],
     ]
 )
