@@ -33,6 +33,26 @@ CACHED_PLAN_PARTITIONING = "spark.sql.optimizer.canChangeCachedPlanOutputPartiti
 #: all again (six cycles of the live tests: 1,440 compilations, ~13 s); with room for them, after the
 #: first cycles a cycle compiles a handful (18-21, under 1 s), and six cycles took 48 s instead of 67-84 s.
 CODEGEN_CACHE = ("spark.sql.codegen.cache.maxEntries", "2000")
+#: What each query costs beyond its work, and how it is measured: six tiny cycles (the live tests'
+#: steps, warm, same session) took 34.6 s on average with Spark's defaults and 28.8 s with these three,
+#: run alternately (2 cores). None changes a plan or a result:
+#: - Spark writes every query's plan as text for its listeners, again at each adaptive re-plan; the
+#:   "formatted" default adds a section per operator, and a plan over cached frames repeats their plans.
+#:   The "simple" tree, cut at 4,096 characters, is what the SQL tab and error messages show instead.
+#: - PySpark records the Python line behind every column function (for the query context of errors),
+#:   which is two more round trips to the JVM each: half of the ~17,000 a cycle made.
+QUERY_OVERHEAD = {
+    "spark.sql.ui.explainMode": "simple",
+    "spark.sql.maxPlanStringLength": "4096",
+    "spark.python.sql.dataFrameDebugging.enabled": "false",
+}
+#: The settings a stage uses unless spark-submit (or spark-defaults) gives its own.
+STAGE_DEFAULTS = {
+    "spark.sql.adaptive.advisoryPartitionSizeInBytes": ADVISORY_PARTITION_SIZE,
+    CODEGEN_CACHE[0]: CODEGEN_CACHE[1],
+    CACHED_PLAN_PARTITIONING: "true",
+    **QUERY_OVERHEAD,
+}
 DEFAULT_JAR_CACHE = os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "jars")
 
 
@@ -59,12 +79,9 @@ def build_session(app_name: str, verbose: bool = False, jars: list[str] | None =
         builder = builder.config("spark.master", "local[*]").config(
             "spark.driver.memory", os.environ.get(ENV_LOCAL_DRIVER_MEMORY) or DEFAULT_LOCAL_DRIVER_MEMORY
         )
-    if not submitted.contains("spark.sql.adaptive.advisoryPartitionSizeInBytes"):
-        builder = builder.config("spark.sql.adaptive.advisoryPartitionSizeInBytes", ADVISORY_PARTITION_SIZE)
-    if not submitted.contains(CODEGEN_CACHE[0]):
-        builder = builder.config(*CODEGEN_CACHE)
-    if not submitted.contains(CACHED_PLAN_PARTITIONING):
-        builder = builder.config(CACHED_PLAN_PARTITIONING, "true")
+    for key, value in STAGE_DEFAULTS.items():
+        if not submitted.contains(key):
+            builder = builder.config(key, value)
     if not submitted.contains("spark.driver.extraJavaOptions"):
         # Read only when this process starts the JVM; spark-submit keeps the cluster's logging.
         builder = builder.config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}")

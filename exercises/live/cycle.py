@@ -239,9 +239,10 @@ def _clean(
     if catalog is not None:
         appended = appended.join(F.broadcast(catalog), KEYS, "left_semi")
         late = late.join(F.broadcast(catalog), KEYS, "left_semi")
-    late = late.persist()
-    growing = appended.join(late.select(*KEYS), KEYS, "left_anti")
-    grown = _grow(state, growing, config_)
+    if processed.late_hours:  # else (most cycles) every series only grew: no join, no empty frame to cache
+        late = late.persist()
+        appended = appended.join(late.select(*KEYS), KEYS, "left_anti")
+    grown = _grow(state, appended, config_)
     written = [*CLEANED_SCHEMA.fieldNames(), PARTITION]
     if not processed.late_hours or late.isEmpty():
         return Grid(grown, append_files(grown.select(*written), paths.cleaned_data, cycle))
