@@ -33,17 +33,16 @@ CACHED_PLAN_PARTITIONING = "spark.sql.optimizer.canChangeCachedPlanOutputPartiti
 #: all again (six cycles of the live tests: 1,440 compilations, ~13 s); with room for them, after the
 #: first cycles a cycle compiles a handful (18-21, under 1 s), and six cycles took 48 s instead of 67-84 s.
 CODEGEN_CACHE = ("spark.sql.codegen.cache.maxEntries", "2000")
-#: What each query costs beyond its work, and how it is measured: six tiny cycles (the live tests'
-#: steps, warm, same session) took 34.6 s on average with Spark's defaults and 28.8 s with these three,
-#: run alternately (2 cores). None changes a plan or a result:
+#: What each query costs beyond its work: six tiny cycles (the live tests' steps, warm, same session)
+#: took 34.6 s on average with Spark's defaults and 28.8 s with these two and a 4,096-character cap on
+#: plan text, run alternately (2 cores). Neither changes a plan or a result:
 #: - Spark writes every query's plan as text for its listeners, again at each adaptive re-plan; the
-#:   "formatted" default adds a section per operator, and a plan over cached frames repeats their plans.
-#:   The "simple" tree, cut at 4,096 characters, is what the SQL tab and error messages show instead.
+#:   "formatted" default adds a section per operator to the tree. (A cap on the text's length,
+#:   ``spark.sql.maxPlanStringLength``, would save more, but Spark logs a warning each time it cuts.)
 #: - PySpark records the Python line behind every column function (for the query context of errors),
 #:   which is two more round trips to the JVM each: half of the ~17,000 a cycle made.
 QUERY_OVERHEAD = {
     "spark.sql.ui.explainMode": "simple",
-    "spark.sql.maxPlanStringLength": "4096",
     "spark.python.sql.dataFrameDebugging.enabled": "false",
 }
 #: The settings a stage uses unless spark-submit (or spark-defaults) gives its own.
