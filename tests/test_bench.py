@@ -1,4 +1,4 @@
-"""A tiny run of the benchmark harness, so that `make bench` keeps working."""
+"""The benchmarks: tiny runs that keep `make bench` and `make bench-live` working, and their figures."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import json
 
 import pytest
 
-pytestmark = pytest.mark.integration
 
-
+@pytest.mark.integration
 def test_benchmark_smoke_run_writes_every_metric(kafka, tmp_path):
     import harness as bench  # bench/harness.py
 
@@ -65,6 +64,7 @@ def test_stale_metrics_of_a_benchmark_go_and_the_other_benchmarks_stay(tmp_path)
     assert [r["metric"] for r in json.loads(results.read_text())] == ["live_cycle_s_4", "cleaner_seconds"]
 
 
+@pytest.mark.integration
 def test_live_benchmark_smoke_run_writes_its_metrics(kafka, tmp_path):
     import live_bench  # bench/live_bench.py
 
@@ -72,11 +72,12 @@ def test_live_benchmark_smoke_run_writes_its_metrics(kafka, tmp_path):
     results.write_text('[{"metric": "cleaner_seconds", "rows": 1, "value": 1.0, "unit": "s"}]')
     report = tmp_path / "BENCHMARKS.md"
     # Short live minutes: each run goes on past them until it has the cycles its figures need (keep_live).
-    args = ["--histories", "10m=0.2,20m=0.2", "--trigger", "2", "--bootstrap-servers", kafka]
+    # One history run (a second one is the same run again, ~50 s; the ratio of two is tested below).
+    args = ["--histories", "10m=0.2", "--trigger", "2", "--bootstrap-servers", kafka]
     fleet = ["--sizes", "40", "--history", "10m", "--backlog", "2m", "--live-minutes", "0.2", "--settled-cycles", "2"]
     assert live_bench.main([*args, *fleet, "--results", str(results), "--report", str(report)]) == 0
     metrics = {r["metric"]: r["value"] for r in json.loads(results.read_text())}
-    expected = {"live_cycle_s_10m", "live_cycle_s_20m", "live_cycle_20m_over_10m", "live_latency_p50_s"}
+    expected = {"live_cycle_s_10m", "live_latency_p50_s"}
     fleet_metrics = {f"live_{name}_40" for name in ("latency_p50_s", "latency_p95_s", "cycle_s", "msgs_per_s")}
     assert expected | fleet_metrics | {"live_catch_up_s_40", "live_latency_p95_s", "cleaner_seconds"} <= metrics.keys()
     assert metrics["live_settle_s_40"] is None or metrics["live_settle_s_40"] > 0
@@ -84,3 +85,23 @@ def test_live_benchmark_smoke_run_writes_its_metrics(kafka, tmp_path):
     assert 0 < metrics["live_latency_p50_s_40"] <= metrics["live_latency_p95_s_40"]
     assert metrics["live_catch_up_s_40"] > 0 and metrics["live_msgs_per_s_40"] > 0
     assert "| live_latency_p95_s |" in report.read_text()
+
+
+def test_history_figures_give_each_run_its_median_cycle_the_ratio_and_the_longest_run_latencies():
+    import live_bench  # bench/live_bench.py
+
+    def cycles(seconds, bucket):
+        # the first cycle takes the start-up backlog and one without measurements: neither counts
+        first = {"seconds": 99.0, "measurements": 5, "latency_histogram": {"90.0": 5}}
+        idle = {"seconds": 50.0, "measurements": 0, "latency_histogram": {}}
+        return [first, idle, *({"seconds": s, "measurements": 2, "latency_histogram": {bucket: 2}} for s in seconds)]
+
+    runs = [("1h", 1.0), ("24h", 2.0)]
+    results = live_bench.history_figures({"1h": cycles([2.0, 3.0, 4.0], "1.0"), "24h": cycles([5.0, 6.0], "2.5")}, runs)
+    metrics = {r["metric"]: (r["rows"], r["value"]) for r in results}
+    assert metrics["live_cycle_s_1h"] == (1440, 3.0) and metrics["live_cycle_s_24h"] == (34560, 5.5)
+    assert metrics["live_cycle_24h_over_1h"] == (34560, round(5.5 / 3.0, 3))
+    # latencies over the longest run only (24h: 4 measurements, all in the 2.5-s bucket)
+    assert metrics["live_latency_p50_s"] == metrics["live_latency_p95_s"] == (4, 2.6)  # the bucket's upper edge
+    only = live_bench.history_figures({"1h": cycles([2.0], "1.0")}, [("1h", 1.0)])
+    assert not any(r["metric"].startswith("live_cycle_1h_over") for r in only)
