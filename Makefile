@@ -23,7 +23,7 @@ help:
 	@echo "make run     set up, start a local Kafka broker, backfill, run the four stages, stop it"
 	@echo "make test    set up, check lint, format and types, and run the whole test suite (what CI runs)"
 	@echo "make test-fast  the tests that need no broker, no subprocess and no SIGKILL; stops at the first failure"
-	@echo "make setup   create .venv, install requirements.txt, fetch the jars"
+	@echo "make setup   create .venv, install requirements.txt, fetch the jars, make the JVM class archive"
 	@echo "make live    like make run, then keep every output fresh while a producer sends live; Ctrl-C stops"
 	@echo "make bench   benchmarks (bench/results.json, BENCHMARKS.md); not part of make test"
 	@echo "make bench-live  the live runner's latency, cycle time and catch-up up to 100,000 series (about 45 minutes)"
@@ -45,7 +45,13 @@ $(VENV)/.bench-installed: bench/requirements.txt $(VENV)/.installed
 	$(PY) -m pip install --quiet -r bench/requirements.txt
 	touch $@
 
-setup: $(VENV)/.installed .cache/jars/.fetched
+setup: $(VENV)/.installed .cache/jars/.fetched .cache/spark-classes/.made
+
+# The class archive the stages' JVMs start from (about 4 s sooner each); made once per pyspark version.
+# Without one (it says why) every JVM starts as before: not a reason to stop.
+.cache/spark-classes/.made: $(VENV)/.installed .cache/jars/.fetched scripts/make_class_archive.py
+	$(PY) scripts/make_class_archive.py || echo "make setup: going on without the class archive" >&2
+	touch $@
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)

@@ -13,7 +13,7 @@ from hypothesis import settings
 from pyspark.sql import SparkSession
 
 from common import config
-from common.session import CODEGEN_CACHE, QUERY_OVERHEAD, kafka_connector_jars
+from common.session import CODEGEN_CACHE, QUERY_OVERHEAD, class_archive_options, kafka_connector_jars
 from tests.helpers import ROOT
 
 # Fuzzed inputs: 40 examples in the full suite, 10 in make test-fast (HYPOTHESIS_PROFILE=fast).
@@ -24,7 +24,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "full"))
 
 @pytest.fixture(scope="session")
 def spark() -> Iterator[SparkSession]:
-    """A local session: 2 cores, UTC, few shuffle partitions, no UI, the stages' code cache and overhead settings."""
+    """A local session: 2 cores, UTC, few shuffle partitions, no UI; the stages' code cache, overhead settings
+    and class archive."""
     session = (
         SparkSession.builder.master("local[2]")
         .appName("meter-stream tests")
@@ -35,6 +36,7 @@ def spark() -> Iterator[SparkSession]:
         .config("spark.log.structuredLogging.enabled", "false")
         .config(*CODEGEN_CACHE)
         .config("spark.jars", ",".join(kafka_connector_jars(pyspark.__version__)))
+        .config("spark.driver.extraJavaOptions", " ".join(class_archive_options(pyspark.__version__)))
         .config(
             map={
                 **QUERY_OVERHEAD,
