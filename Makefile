@@ -8,6 +8,7 @@ export JAVA_HOME := $(shell scripts/java-home)
 export PATH := $(JAVA_HOME)/bin:$(PATH)
 export PYSPARK_PYTHON := $(abspath $(PY))
 
+# make test knob: TEST_WORKERS=2 (pytest-xdist processes; 0 runs the suite in this process)
 # make run / make live knobs (see scripts/run-pipeline): BACKFILL=6h DATASTORE=./datastore KAFKA_PORT=9093
 # WATCH=10 (make live: seconds between consumer batches)
 # KAFKA_BOOTSTRAP_SERVERS=host:port (an existing broker instead of the local one) SEED=1
@@ -63,8 +64,12 @@ $(VENV)/.installed: requirements.txt
 	scripts/fetch-jars
 	touch $@
 
+# The whole suite in TEST_WORKERS processes (pytest-xdist), each with its own SparkSession and broker: the
+# broker and subprocess tests wait a good part of their time, which the other process uses (whole suite,
+# 2 cores: 12.4 min with two, ~15 min in one). make test-fast stays in one: it is all CPU, and two were slower.
+TEST_WORKERS ?= 2
 test: lint $(VENV)/.bench-installed
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 # The quick loop while changing code: one in-process SparkSession, no broker, a smaller hypothesis profile.
 test-fast: setup $(VENV)/.bench-installed
