@@ -56,7 +56,7 @@ STAGE_DEFAULTS = {
 DEFAULT_JAR_CACHE = os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "jars")
 #: A class-data-sharing archive of the classes a stage's JVM loads (``scripts/make_class_archive.py``,
 #: run by ``make setup``): the JVM maps them ready-parsed instead of reading them from Spark's ~250
-#: jars. A session's start and first small queries took 12.1-12.8 s without it, 7.6-8.1 s with it
+#: jars. A session's start and first small queries took 12.1-12.8 s without it, 7.6-8.5 s with it
 #: (2 cores). One archive per pyspark version (the classpath it was made with); a JVM that finds it
 #: made by another JDK ignores it (quietly: ``-Xlog:cds*=off``).
 ENV_CLASS_ARCHIVE = "METER_CLASS_ARCHIVE"
