@@ -104,88 +104,85 @@ def test_absent_expected_series_fails(spark):
     assert exit_code(results) == 1
 
 
-def test_duplicate_slot_fails(spark):
-    rows = healthy_rows()
-    rows.append(list(rows[10]))
-    assert failing(results_of(spark, rows)) == {("unique_slots", "device1/energy export"): 1}
+def changed(indexes, **changes):
+    """An edit that sets ``changes`` on the rows at ``indexes`` of a series."""
+
+    def edit_rows(rows):
+        columns = [f.name for f in CLEANED_SCHEMA.fields]
+        for index in indexes:
+            for name, value in changes.items():
+                rows[index][columns.index(name)] = value
+        return rows
+
+    return edit_rows
 
 
-def test_hole_in_grid_fails(spark):
-    rows = healthy_rows()
-    del rows[10]
-    assert failing(results_of(spark, rows)) == {("regular_grid", "device1/energy export"): 1}
-
-
-def test_negative_value_fails_sign_and_bounds(spark):
-    results = results_of(spark, edit(healthy_rows(), "device2", "energy import", 9, value=-1.0))
-    assert failing(results) == {
-        ("value_not_negative", "device2/energy import"): 1,
-        ("value_within_bounds", "device2/energy import"): 1,
-    }
-
-
-def test_value_beyond_configured_bounds_fails(spark):
-    rows = edit(healthy_rows(), "device1", "energy import", 9, value=25.0)
-    assert failing(results_of(spark, rows)) == {}
-    results = results_of(spark, rows, bounds={"device1/energy import": (0.0, 21.0)})
-    assert failing(results) == {("value_within_bounds", "device1/energy import"): 1}
-
-
-def test_high_filled_share_fails(spark):
-    rows = healthy_rows()
-    for i in range(0, 120):
-        if i % 10 and i < 119:
-            edit(rows, "device1", "energy export", i, quality="interpolated", t_report=None)
-    results = results_of(spark, rows, max_filled_run=1000)
-    observed = failing(results)
-    assert list(observed) == [("filled_share", "device1/energy export")]
-    assert observed[("filled_share", "device1/energy export")] == pytest.approx(
-        111 / 120, abs=1e-4
-    )  # 107 edited + 4 already filled
-
-
-def test_long_filled_run_is_a_warning(spark):
-    rows = healthy_rows()
-    for i in range(21, 54):  # slots 20 and 54 stay measured
-        edit(rows, "device1", "energy import", i, quality="forward_filled", t_report=None)
-    results = results_of(spark, rows)
-    assert failing(results) == {("longest_filled_run", "device1/energy import"): 33}
-    assert exit_code(results) == 0
-
-
-def test_missing_slots_are_a_warning(spark):
-    rows = edit(healthy_rows(), "device2", "energy export", 4, quality="missing", value=None, t_report=None)
-    results = results_of(spark, rows)
-    assert failing(results) == {("missing_slots", "device2/energy export"): 1}
-    assert exit_code(results) == 0
-
-
-def test_reports_before_the_measurement_are_a_warning(spark):
-    rows = healthy_rows()
+def reported_early(rows):
     for row in rows:
         if row[1] is not None:
             row[1] = row[0] - timedelta(seconds=9.5)  # the producer quirk
-    results = results_of(spark, rows)
-    assert set(failing(results)) == {("report_before_measurement", f"{d}/{s}") for d, s in RANGES}
-    assert failing(results)[("report_before_measurement", "device1/energy export")] == 1.0
-    assert exit_code(results) == 0
+    return rows
 
 
-def test_late_report_is_a_warning(spark):
-    rows = edit(healthy_rows(), "device1", "energy export", 0, t_report=START + timedelta(hours=2))
-    assert failing(results_of(spark, rows)) == {("report_delay", "device1/energy export"): 7200.0}
+#: One series per way a per-series check fails: (its device, the edit of device1/energy import's healthy rows,
+#: the checks it fails with what they observe, their severity). All are checked in one run beside the four
+#: healthy series (the checks are per series: one series' fault must show in its own results only).
+BROKEN = [
+    ("duplicate_slot", lambda rows: [*rows, list(rows[10])], {"unique_slots": 1}, ERROR),
+    ("hole_in_grid", lambda rows: rows[:10] + rows[11:], {"regular_grid": 1}, ERROR),
+    ("negative", changed([9], value=-1.0), {"value_not_negative": 1, "value_within_bounds": 1}, ERROR),
+    # the same value twice: beyond the bounds configured for one series, within the default ones of the other
+    ("beyond_its_bounds", changed([9], value=25.0), {"value_within_bounds": 1}, ERROR),
+    ("within_default_bounds", changed([9], value=25.0), {}, None),
+    # 107 slots made filled + 4 filled already; runs of 9, shorter than max_filled_run
+    (
+        "filled",
+        changed([i for i in range(119) if i % 10], quality="interpolated", t_report=None),
+        {"filled_share": pytest.approx(111 / 120, abs=1e-4)},
+        ERROR,
+    ),
+    # slots 20 and 54 stay measured
+    (
+        "long_filled_run",
+        changed(range(21, 54), quality="forward_filled", t_report=None),
+        {"longest_filled_run": 33},
+        WARN,
+    ),
+    ("missing", changed([4], quality="missing", value=None, t_report=None), {"missing_slots": 1}, WARN),
+    ("late_report", changed([0], t_report=START + timedelta(hours=2)), {"report_delay": 7200.0}, WARN),
+    # a value the series has nowhere else, so that the run is exactly these slots
+    ("flat_line", changed(range(30, 100), value=15.5), {"flat_line": 70}, WARN),
+    ("spike", changed([60], value=400.0), {"spikes": 1}, WARN),
+    ("reported_early", reported_early, {"report_before_measurement": 1.0}, WARN),
+]
 
 
-def test_flat_line_is_a_warning(spark):
+@pytest.fixture(scope="module")
+def broken_results(spark):
+    """The results of one run over the four healthy series and every series of ``BROKEN``."""
     rows = healthy_rows()
-    for i in range(30, 100):  # the values at 29 and 100 are 85 and 87
-        edit(rows, "device2", "energy export", i, value=86.0)
-    assert failing(results_of(spark, rows)) == {("flat_line", "device2/energy export"): 70}
+    for device, edit_rows, _fails, _severity in BROKEN:
+        template = [
+            [r[0], r[1], device, *r[3:]] for r in healthy_rows() if (r[2], r[3]) == ("device1", "energy import")
+        ]
+        rows += edit_rows(template)
+    return results_of(spark, rows, bounds={"beyond_its_bounds/energy import": (0.0, 21.0)})
 
 
-def test_spike_is_a_warning(spark):
-    rows = edit(healthy_rows(), "device1", "energy import", 60, value=400.0)
-    assert failing(results_of(spark, rows)) == {("spikes", "device1/energy import"): 1}
+@pytest.mark.parametrize(
+    ("device", "fails", "severity"), [(d, f, s) for d, _e, f, s in BROKEN], ids=[b[0] for b in BROKEN]
+)
+def test_a_series_broken_one_way_fails_those_checks_alone_with_their_severity(broken_results, device, fails, severity):
+    series = f"{device}/energy import"
+    failed = [r for r in broken_results if r.series == series and not r.passed]
+    assert {r.name: r.observed for r in failed} == fails
+    assert {r.severity for r in failed} <= {severity}
+
+
+def test_a_broken_series_fails_nothing_for_the_healthy_ones_or_the_whole(broken_results):
+    broken = {f"{device}/energy import" for device, *_rest in BROKEN}
+    assert {series for name, series in failing(broken_results)} <= broken
+    assert exit_code(broken_results) == 1
 
 
 def test_unknown_series_from_the_cleaner_is_a_warning(spark):
