@@ -48,11 +48,12 @@ STEPS = [
     # a late measurement inside a filled hole; a correction (later report); a tie (same report); a late
     # one earlier in its slot than the stored one, which changes the slot's value and the fill before it
     [msg(A, 30, 30), msg(A, 10, 99, report_lag=5.0), msg(B, 30, 60), msg(D, 21, 9)],
-    # a series back after a hole longer than max_gap; a new series; one before a series' start
-    [msg(A, 200, 20), msg(C, 100, 5), msg(C, 120, 7), msg(B, -20, 48)],
+    # a series back after a hole longer than max_gap; a new series; one before a series' start; a bad record and
+    # the unknown series again: every kind of write a cycle makes (the step the test interrupts)
+    [msg(A, 200, 20), msg(C, 100, 5), msg(C, 120, 7), msg(B, -20, 48), b"{", msg(X, 5, 1.5)],
     # nothing usable
     [b"not json", b"", b'{"t_measurement": 1}'],
-    # the unknown series again, and more
+    # the unknown series once more, and more
     [msg(X, 10, 2), msg(A, 210, 21), msg(C, 130, 8)],
 ]
 
@@ -114,14 +115,27 @@ def steps(spark, tmp_path_factory) -> Steps:
     return Steps(files, batch, accounting)
 
 
-def test_cycles_give_what_a_batch_run_gives_and_running_check_figures_what_the_batch_checker_gives(
-    spark, tmp_path, steps
+#: The step whose cycle is interrupted once before its commit (see STEPS).
+INTERRUPTED = 3
+
+
+def test_cycles_one_interrupted_and_redone_give_what_a_batch_run_gives_and_check_figures_what_the_checker_gives(
+    spark, tmp_path, monkeypatch, steps
 ):
     paths = config.Paths.under(str(tmp_path / "live"))
     # short check windows, so that the figures carried from cycle to cycle matter
     settings = dataclasses.replace(SETTINGS, checker=checker.CheckerConfig(spike_window=3, max_flat_slots=2))
     cursor = live.start(spark, paths, settings)
     for index, step_files in enumerate(steps.files):
+        if index == INTERRUPTED:
+            # It rewrites hours of both outputs, quarantines, adds to an unknown series, writes its state, then
+            # dies before its commit; the next start undoes all of it and the cycle is redone.
+            with monkeypatch.context() as patch:
+                patch.setattr(live.cycle, "commit_cursor", _killed)
+                with pytest.raises(RuntimeError):
+                    live.run_cycle(spark, paths, settings, cursor, step_files, {})
+            assert live.read_cursor(spark, paths).cycle == cursor.cycle
+            cursor = live.start(spark, paths, settings)
         cursor, result = live.run_cycle(spark, paths, settings, cursor, step_files, {})
         assert result.accounting.balanced() and result.accounting.raw == len(STEPS[index])
         if index == 0:
@@ -131,6 +145,7 @@ def test_cycles_give_what_a_batch_run_gives_and_running_check_figures_what_the_b
 
     assert steps.accounting.raw == sum(len(step) for step in STEPS)
     assert_same_outputs(spark, paths, steps.batch)
+    assert not leftovers(tmp_path / "live")
     cleaned = rows(spark, paths.cleaned_data, CLEANED_SCHEMA)
     assert ("missing" in {r[5] for r in cleaned if r[2:4] == A}) and any(r[2:4] == C for r in cleaned)
     assert str(utc("2026-11-25 13:58:40")) in {r[0] for r in cleaned if r[2:4] == B}
@@ -147,30 +162,8 @@ def test_cycles_give_what_a_batch_run_gives_and_running_check_figures_what_the_b
     assert sorted(map(tuple, figures.collect())) == sorted(map(tuple, batch.select(*figures.columns).collect()))
 
 
-def test_a_cycle_interrupted_before_its_commit_is_undone_and_redone(spark, tmp_path, monkeypatch, steps):
-    paths = config.Paths.under(str(tmp_path / "live"))
-    cursor = live.start(spark, paths, SETTINGS)
-
-    def crash(*_args):
-        raise RuntimeError("killed")
-
-    # Two cycles: the first two steps, then the rest. The second rewrites hours of both outputs for late
-    # measurements (one inside a filled hole, one before a series' start), quarantines and adds to an
-    # unknown series: it writes all its files and its state, then dies before its commit, and is redone.
-    # (One interrupted cycle holds every kind of write a cycle makes; two were the same guarantee twice.)
-    files = steps.files
-    for index, cycle_files in enumerate([files[0] + files[1], [f for step in files[2:] for f in step]]):
-        if index > 0:
-            with monkeypatch.context() as patch:
-                patch.setattr(live.cycle, "commit_cursor", crash)
-                with pytest.raises(RuntimeError):
-                    live.run_cycle(spark, paths, SETTINGS, cursor, cycle_files, {})
-            assert live.read_cursor(spark, paths).cycle == cursor.cycle
-            cursor = live.start(spark, paths, SETTINGS)
-        cursor, _result = live.run_cycle(spark, paths, SETTINGS, cursor, cycle_files, {})
-
-    assert_same_outputs(spark, paths, steps.batch)
-    assert not leftovers(tmp_path / "live")
+def _killed(*_args):
+    raise RuntimeError("killed")
 
 
 def wait_for_cycles(path, count, process, timeout=300):
