@@ -92,16 +92,32 @@ def test_wrong_schema_fails_alone(spark):
     assert exit_code(results) == 1
 
 
-def test_null_key_fails(spark):
-    results = results_of(spark, edit(healthy_rows(), "device1", "energy import", 5, quality=None))
-    assert failing(results) == {("keys_not_null", None): 1}
+#: Faults the checks over all series find: (check, what it observes, severity). All are in one run: each shows
+#: in its own result and nowhere else.
+WHOLE = [
+    ("keys_not_null", 1, ERROR),  # a null quality
+    ("expected_series_present", {"absent": ["device2/energy export"]}, ERROR),
+    ("unknown_series", {"series": 1, "rows": {"test-device/energy import": 366}}, WARN),
+]
 
 
-def test_absent_expected_series_fails(spark):
+@pytest.fixture(scope="module")
+def whole_results(spark):
+    """The results of one run over a grid with a null key and an expected series absent, and an unknown series."""
     rows = [r for r in healthy_rows() if (r[2], r[3]) != ("device2", "energy export")]
-    results = results_of(spark, rows)
-    assert failing(results) == {("expected_series_present", None): {"absent": ["device2/energy export"]}}
-    assert exit_code(results) == 1
+    unknown = spark.createDataFrame([("test-device", "energy import", 366)], UNKNOWN_SERIES_SCHEMA)
+    return results_of(spark, edit(rows, "device1", "energy import", 5, quality=None), unknown=unknown)
+
+
+@pytest.mark.parametrize(("name", "observed", "severity"), WHOLE, ids=[w[0] for w in WHOLE])
+def test_a_fault_over_all_series_fails_its_check_with_its_severity(whole_results, name, observed, severity):
+    (result,) = [r for r in whole_results if r.name == name]
+    assert (result.passed, result.observed, result.severity, result.series) == (False, observed, severity, None)
+
+
+def test_faults_over_all_series_fail_nothing_else(whole_results):
+    assert failing(whole_results) == {(name, None): observed for name, observed, _severity in WHOLE}
+    assert exit_code(whole_results) == 1
 
 
 def changed(indexes, **changes):
@@ -183,12 +199,6 @@ def test_a_broken_series_fails_nothing_for_the_healthy_ones_or_the_whole(broken_
     broken = {f"{device}/energy import" for device, *_rest in BROKEN}
     assert {series for name, series in failing(broken_results)} <= broken
     assert exit_code(broken_results) == 1
-
-
-def test_unknown_series_from_the_cleaner_is_a_warning(spark):
-    unknown = spark.createDataFrame([("test-device", "energy import", 366)], UNKNOWN_SERIES_SCHEMA)
-    results = results_of(spark, healthy_rows(), unknown=unknown)
-    assert failing(results) == {("unknown_series", None): {"series": 1, "rows": {"test-device/energy import": 366}}}
 
 
 def test_many_series_are_summarised_and_all_count(spark):
