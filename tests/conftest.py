@@ -16,9 +16,9 @@ from common import config
 from common.session import CODEGEN_CACHE, QUERY_OVERHEAD, class_archive_options, kafka_connector_jars
 from tests.helpers import ROOT
 
-# Fuzzed inputs: 40 examples in the full suite, 10 in make test-fast (HYPOTHESIS_PROFILE=fast).
+# Fuzzed inputs: 40 examples in the full suite, 5 in make test-fast (HYPOTHESIS_PROFILE=fast).
 settings.register_profile("full", max_examples=40)
-settings.register_profile("fast", max_examples=10)
+settings.register_profile("fast", max_examples=5)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "full"))
 
 
