@@ -53,10 +53,7 @@ def failing(results):
 
 def edit(rows, device, signal, index, **changes):
     """Change the index-th row of one series in place."""
-    columns = [f.name for f in CLEANED_SCHEMA.fields]
-    row = [r for r in rows if r[2] == device and r[3] == signal][index]
-    for name, value in changes.items():
-        row[columns.index(name)] = value
+    changed([index], **changes)([r for r in rows if r[2] == device and r[3] == signal])
     return rows
 
 
@@ -121,7 +118,7 @@ def test_faults_over_all_series_fail_nothing_else(whole_results):
 
 
 def changed(indexes, **changes):
-    """An edit that sets ``changes`` on the rows at ``indexes`` of a series."""
+    """An edit that sets ``changes`` on the rows at ``indexes`` of a series (its rows, changed in place)."""
 
     def edit_rows(rows):
         columns = [f.name for f in CLEANED_SCHEMA.fields]
