@@ -153,21 +153,12 @@ def merge_state(state: DataFrame, processed: DataFrame, grid: DataFrame, window:
     )
 
 
-def write_unknown(
-    spark: SparkSession,
-    paths: config.Paths,
-    config_: cleaner.CleanerConfig,
-    state: DataFrame,
-    touched: DataFrame | None = None,
-) -> None:
-    """Write unknown_series from the state: always, or with ``touched``, when it has a series outside the catalog."""
+def write_unknown(spark: SparkSession, paths: config.Paths, config_: cleaner.CleanerConfig, state: DataFrame) -> None:
+    """Write unknown_series from the state: the series outside the catalog, with their rows (none without one)."""
     catalog = cleaner.catalog_frame(spark, config_)
     if catalog is None:
         if not path_exists(spark, paths.unknown_series):
             replace_output(spark.createDataFrame([], UNKNOWN_SERIES_SCHEMA), paths.unknown_series, log)
-        return
-    exists = path_exists(spark, paths.unknown_series)
-    if touched is not None and exists and touched.join(F.broadcast(catalog), KEYS, "left_anti").isEmpty():
         return
     unknown = state.join(F.broadcast(catalog), KEYS, "left_anti").where(F.col("rows") > 0).select(*KEYS, "rows")
     replace_output(unknown, paths.unknown_series, log)
