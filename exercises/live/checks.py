@@ -18,7 +18,6 @@ from common.contracts import (
     PARTITION,
     UNKNOWN_SERIES_SCHEMA,
 )
-from common.session import one_row
 from common.storage import (
     path_exists,
     replace_output,
@@ -44,8 +43,8 @@ if TYPE_CHECKING:
 log = config.get_logger("live")
 
 
-def check_state(grid: Grid, settings: Settings) -> tuple[DataFrame, DataFrame, int | None]:
-    """Annotate the cycle's grid rows for the checks; return (figures per series and hour, state updates, newest).
+def check_state(grid: Grid, settings: Settings) -> tuple[DataFrame, DataFrame]:
+    """Annotate the cycle's grid rows for the checks; return (figures per series and hour, state updates).
 
     The state updates are, per series with new rows: its last slot and value, the flat run it ends
     with and the tail of its last ``spike_window`` values, from which the next cycle's checks go on.
@@ -88,8 +87,7 @@ def check_state(grid: Grid, settings: Settings) -> tuple[DataFrame, DataFrame, i
         ),
         F.max(REPLACES).alias(REPLACES),
     )
-    newest = one_row(hourly.agg(F.max("_last_slot")))[0]
-    return figures, updates, newest
+    return figures, updates
 
 
 def _last(items: Column, count: int) -> Column:

@@ -83,8 +83,8 @@ def run_cycle(
         grid = _clean(spark, paths, settings.cleaner, processed, state, cycle)
         histogram = latency_histogram(valid, time.time())
         marks.append(time.monotonic())
-        new_figures, grid_updates, newest_new = check_state(grid, settings)
-        newest = max(filter(None, [cursor.newest, newest_new]), default=None)
+        new_figures, grid_updates = check_state(grid, settings)
+        newest = max(filter(None, [cursor.newest, grid.newest]), default=None)
         figures = update_figures(spark, paths, settings, cursor, new_figures, newest, cycle)
         marks.append(time.monotonic())
         exit_code = write_report(spark, paths, settings.checker, figures)
@@ -242,10 +242,12 @@ class Grid:
             the state, ``REPLACES``): the new slots of growing series, and the whole rewritten
             hours of recomputed series.
         appended_hours: the hours appended to.
+        newest: the newest slot of the rows (epoch micros), or None when there are none.
     """
 
     rows: DataFrame
     appended_hours: list[int]
+    newest: int | None
 
 
 def _clean(
@@ -271,24 +273,25 @@ def _clean(
     if processed.late_hours:  # else (most cycles) every series only grew: no join, no empty frame to cache
         late = late.persist()
         appended = appended.join(late.select(*KEYS), KEYS, "left_anti")
-    grown = _grow(state, appended, config_)
+    grown, newest = _grow(state, appended, config_)
     written = [*CLEANED_SCHEMA.fieldNames(), PARTITION]
     if not processed.late_hours or late.isEmpty():
-        return Grid(grown, append_files(grown.select(*written), paths.cleaned_data, cycle))
-    recomputed, hours = recompute_late(spark, paths, config_, late, grown.select(*written), cycle)
+        return Grid(grown, append_files(grown.select(*written), paths.cleaned_data, cycle), newest)
+    recomputed, hours, newest_recomputed = recompute_late(spark, paths, config_, late, grown.select(*written), cycle)
     appended_hours = append_files(
         grown.where(~F.col(PARTITION).isin(*hours)).select(*written), paths.cleaned_data, cycle
     )
     late_rows = recomputed.join(late.select(*KEYS), KEYS, "left_semi").withColumn(REPLACES, F.lit(True))
-    return Grid(grown.unionByName(late_rows, allowMissingColumns=True), appended_hours)
+    newest = max(filter(None, [newest, newest_recomputed]), default=None)
+    return Grid(grown.unionByName(late_rows, allowMissingColumns=True), appended_hours, newest)
 
 
-def _grow(state: DataFrame, growing: DataFrame, config_: cleaner.CleanerConfig) -> DataFrame:
+def _grow(state: DataFrame, growing: DataFrame, config_: cleaner.CleanerConfig) -> tuple[DataFrame, int | None]:
     """The new grid rows of series that only grew: from each one's last slot (the state's anchor) on.
 
     Returns:
         The new rows (cleaned columns, hour, ``REPLACES`` false) with what the checks carry over
-        from the state, checkpointed.
+        from the state, checkpointed; and their newest slot (epoch micros), counted by the checkpoint.
     """
     # A semi join keeps each state row once however many rows match it: no distinct (a shuffle) first.
     series = state.join(growing.select(*KEYS), KEYS, "left_semi").where(F.col("last_slot").isNotNull())
@@ -309,7 +312,14 @@ def _grow(state: DataFrame, growing: DataFrame, config_: cleaner.CleanerConfig) 
     # The anchor's slot is written already: only the slots after it are new.
     carried_slot = F.col(check_figures.CARRY_SLOT)
     is_new = carried_slot.isNull() | (F.unix_micros(m.T_MEASUREMENT) > carried_slot)
-    return with_hour(grown.join(carry, KEYS, "left").where(is_new)).withColumn(REPLACES, F.lit(False)).localCheckpoint()
+    newest = Observation()
+    rows = (
+        with_hour(grown.join(carry, KEYS, "left").where(is_new))
+        .withColumn(REPLACES, F.lit(False))
+        .observe(newest, F.max(F.unix_micros(m.T_MEASUREMENT)).alias("slot"))
+        .localCheckpoint()
+    )
+    return rows, newest.get["slot"]
 
 
 def latency_histogram(measurements: DataFrame, done: float) -> dict[float, int]:

@@ -73,14 +73,15 @@ def recompute_late(
     late: DataFrame,
     grown: DataFrame,
     cycle: int,
-) -> tuple[DataFrame, list[int]]:
+) -> tuple[DataFrame, list[int], int | None]:
     """Recompute the grid of series with late measurements and rewrite the hours it touches.
 
     Each series is recomputed from its anchor (``recompute_regions``) to its end. The rewritten
     hours keep the other series' rows and get the cycle's grown rows for them.
 
     Returns:
-        The rewritten hours' rows (cleaned columns and hour), and the hours.
+        The rewritten hours' rows (cleaned columns and hour), the hours, and the newest recomputed slot
+        (epoch micros).
     """
     slot = slot_micros(F.col(m.T_MEASUREMENT), config_.slot_seconds)
     processed = read_partitioned(spark, paths.processed_data, PROCESSED_SCHEMA).withColumn("slot", slot)
@@ -93,8 +94,9 @@ def recompute_late(
         .select(*PROCESSED_SCHEMA.fieldNames())
     )
     recomputed = with_hour(cleaner.clean(changed, config_, None)[0]).persist()
-    # The hour names the recomputed slots fall in: a handful, not data.
-    hours = sorted(r[0] for r in recomputed.select(PARTITION).distinct().collect())
+    # The hours the recomputed slots fall in, with the newest slot of each: a handful, not data.
+    ends = recomputed.groupBy(PARTITION).agg(F.max(F.unix_micros(m.T_MEASUREMENT))).collect()
+    hours = sorted(hour for hour, _newest in ends)
     kept = (
         read_partitioned(spark, paths.cleaned_data, CLEANED_SCHEMA, hours)
         .join(regions, KEYS, "left")
@@ -103,7 +105,7 @@ def recompute_late(
     )
     content = kept.unionByName(recomputed).unionByName(grown.where(F.col(PARTITION).isin(*hours))).localCheckpoint()
     rewrite_hours(content, paths.cleaned_data, hours, cycle)
-    return content, hours
+    return content, hours, max((newest for _hour, newest in ends), default=None)
 
 
 def recompute_regions(processed: DataFrame, late: DataFrame, config_: cleaner.CleanerConfig) -> DataFrame:
