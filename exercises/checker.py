@@ -31,7 +31,7 @@ import check_report
 from check_figures import series_metrics
 from common import config
 from common import message as m
-from common.contracts import CLEANED_SCHEMA, PARTITION, UNKNOWN_SERIES_SCHEMA
+from common.contracts import CLEANED_SCHEMA, PARTITION, SERIES_KEYS, UNKNOWN_SERIES_SCHEMA, series_catalog
 from common.session import build_session, one_row
 from common.storage import (
     StageInputError,
@@ -238,17 +238,17 @@ def verdicts(checks: Sequence[Check], totals: Mapping[str, int], listed: Sequenc
 
 
 def _expected_series_result(metrics: DataFrame, config_: CheckerConfig) -> Result:
-    if config_.expected_series is None:
+    expected = series_catalog(metrics.sparkSession, config_.expected_series)
+    if expected is None or config_.expected_series is None:
         return Result("expected_series_present", ERROR, True, "not checked (all series accepted)", None)
-    expected = metrics.sparkSession.createDataFrame(list(config_.expected_series), [m.DEVICE_ID, m.SIGNAL_NAME])
-    absent = expected.join(metrics, on=[m.DEVICE_ID, m.SIGNAL_NAME], how="left_anti").take(1000)
+    absent = expected.join(metrics, on=SERIES_KEYS, how="left_anti").take(1000)
     names = sorted(m.series_name(r[m.DEVICE_ID], r[m.SIGNAL_NAME]) for r in absent)
     return Result(
         "expected_series_present",
         ERROR,
         not names,
         {"absent": names},
-        f"{len(config_.expected_series)} expected series",
+        f"{len(set(config_.expected_series))} expected series",
     )
 
 

@@ -43,9 +43,11 @@ from common.contracts import (
     PROCESSED_SCHEMA,
     QUALITY,
     QUALITY_FLAGS,
+    SERIES_KEYS,
     UNKNOWN_SERIES_SCHEMA,
     ZERO_FILLED,
     per_series,
+    series_catalog,
     with_hour,
 )
 from common.session import build_session
@@ -118,7 +120,7 @@ def split_catalog(processed: DataFrame, catalog: DataFrame | None) -> tuple[Data
     Returns:
         The expected series' rows, and one ``UNKNOWN_SERIES_SCHEMA`` row per other series.
     """
-    keys = [m.DEVICE_ID, m.SIGNAL_NAME]
+    keys = SERIES_KEYS
     if catalog is None:
         return processed, processed.sparkSession.createDataFrame([], UNKNOWN_SERIES_SCHEMA)
     catalog = F.broadcast(catalog.select(*keys))
@@ -257,9 +259,7 @@ def clean(
 
 def catalog_frame(spark: SparkSession, config_: CleanerConfig) -> DataFrame | None:
     """The expected series as a small frame, or None when every series is kept."""
-    if config_.expected_series is None:
-        return None
-    return spark.createDataFrame(list(config_.expected_series), [m.DEVICE_ID, m.SIGNAL_NAME])
+    return series_catalog(spark, config_.expected_series)
 
 
 def run(spark: SparkSession, paths: config.Paths, config_: CleanerConfig) -> dict[str, int]:

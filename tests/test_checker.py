@@ -229,6 +229,14 @@ def test_run_writes_the_json_report_and_prints_a_table(spark, paths, capsys):
 def test_expected_catalog_is_configurable(spark):
     rows = [r for r in healthy_rows() if r[2] == "device1"]
     assert failing(results_of(spark, rows, expected_series=(("device1", m.SIGNAL_EXPORT),))) == {}
+    # a name given twice counts once, and only the absent ones are listed
+    catalog = (("device1", m.SIGNAL_EXPORT), ("device1", m.SIGNAL_EXPORT), ("device7", m.SIGNAL_IMPORT))
+    results = results_of(spark, rows, expected_series=catalog)
+    assert failing(results) == {("expected_series_present", None): {"absent": [f"device7/{m.SIGNAL_IMPORT}"]}}
+    assert sorted(r.series for r in results if r.name == "filled_share") == [
+        f"device1/{m.SIGNAL_EXPORT}",
+        f"device1/{m.SIGNAL_IMPORT}",
+    ]
 
 
 def test_verdicts_list_each_series_and_count_all_when_not_all_are_listed():

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -126,7 +126,17 @@ def with_hour(rows: DataFrame) -> DataFrame:
     return rows.withColumn(PARTITION, hour_of(F.col(m.T_MEASUREMENT)))
 
 
-# --- per-series settings -------------------------------------------------------------------------
+# --- series and per-series settings --------------------------------------------------------------
+
+#: The columns that name a series.
+SERIES_KEYS = [m.DEVICE_ID, m.SIGNAL_NAME]
+
+
+def series_catalog(spark: SparkSession, series: Sequence[tuple[str, str]] | None) -> DataFrame | None:
+    """A catalog of (device_id, signal_name) as a small frame, each series once; None for None (every series)."""
+    if series is None:
+        return None
+    return spark.createDataFrame(sorted(set(series)), SERIES_KEYS)
 
 
 def per_series(settings: Mapping[str, object], default: object) -> Column:

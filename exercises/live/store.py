@@ -20,6 +20,7 @@ from common import message as m
 from common.contracts import (
     PARTITION,
     PARTITION_FORMAT,
+    SERIES_KEYS,
     hour_value,
 )
 from common.raw_input import generation_folders, sink_log_entries
@@ -38,7 +39,7 @@ from common.storage import (
 log = config.get_logger("live")
 
 
-KEYS = [m.DEVICE_ID, m.SIGNAL_NAME]
+KEYS = SERIES_KEYS
 CURSOR_FILE = "cursor.json"
 SERIES_STATE = "series"
 FIGURES = "figures"
