@@ -20,7 +20,14 @@ import cleaner
 import live
 import processor
 from common import config, kafka_client
-from common.contracts import CLEANED_SCHEMA, PROCESSED_SCHEMA, QUARANTINE_SCHEMA, RAW_SCHEMA, UNKNOWN_SERIES_SCHEMA
+from common.contracts import (
+    CLEANED_SCHEMA,
+    PROCESSED_SCHEMA,
+    QUARANTINE_SCHEMA,
+    RAW_SCHEMA,
+    UNKNOWN_SERIES_SCHEMA,
+    hour_value,
+)
 from common.storage import read_output
 from make_sample_data import raw_rows
 from tests.helpers import ROOT, epoch, message, run_python, utc
@@ -269,6 +276,37 @@ def test_cursor_gives_each_committed_file_once_across_compact_log_files(spark, t
 def test_cursor_round_trips_through_its_json():
     cursor = live.Cursor(7, {".": live.SinkPosition(3, 1234)}, "settings", 1_700_000_000_000_000, {"cleaned_data": [1]})
     assert live.Cursor.from_json(cursor.to_json()) == cursor
+
+
+def micros(seconds):
+    """Epoch microseconds ``seconds`` after T0."""
+    return int((T0 + seconds) * 1_000_000)
+
+
+def test_late_series_are_recomputed_from_the_anchor_near_or_far_else_from_their_late_slot(spark):
+    """``recompute_regions``: the last measured slot within max_gap + slot before the late one, else the last
+    one before it at all, else the late slot itself."""
+    stored = {A: [0, 10], B: [0], D: [40]}
+    processed = spark.createDataFrame(
+        [
+            (*series, hour_value(datetime.fromtimestamp(T0 + s, UTC)), micros(s))
+            for series, ts in stored.items()
+            for s in ts
+        ],
+        "device_id string, signal_name string, hour long, slot long",
+    )
+    # earliest late measurement per series (epoch micros): A's slot 40 s after its anchor, B 100 s after (more than
+    # max_gap + slot = 70 s), D before its first stored slot; A's is mid-slot, so its slot is the one recomputed
+    since = {A: micros(55), B: micros(100), D: micros(30)}
+    late = spark.createDataFrame(
+        [(*series, t) for series, t in since.items()], "device_id string, signal_name string, since long"
+    )
+    regions = live.late.recompute_regions(processed, late, CONFIG)
+    starts = {(r.device_id, r.signal_name): r.start for r in regions.collect()}
+    assert starts == {A: micros(10), B: micros(0), D: micros(30)}
+    # without a series that needs the far look-up
+    regions = live.late.recompute_regions(processed, late.where("device_id = 'device1'"), CONFIG)
+    assert [r.start for r in regions.collect()] == [micros(10)]
 
 
 HOURLY = T.StructType([*PROCESSED_SCHEMA.fields, T.StructField("hour", T.LongType())])
