@@ -120,12 +120,15 @@ def split_catalog(processed: DataFrame, catalog: DataFrame | None) -> tuple[Data
     Returns:
         The expected series' rows, and one ``UNKNOWN_SERIES_SCHEMA`` row per other series.
     """
-    keys = SERIES_KEYS
     if catalog is None:
         return processed, processed.sparkSession.createDataFrame([], UNKNOWN_SERIES_SCHEMA)
-    catalog = F.broadcast(catalog.select(*keys))
-    expected = processed.join(catalog, on=keys, how="left_semi")
-    unknown = processed.join(catalog, on=keys, how="left_anti").groupBy(*keys).agg(F.count(F.lit(1)).alias("rows"))
+    catalog = F.broadcast(catalog.select(*SERIES_KEYS))
+    expected = processed.join(catalog, on=SERIES_KEYS, how="left_semi")
+    unknown = (
+        processed.join(catalog, on=SERIES_KEYS, how="left_anti")
+        .groupBy(*SERIES_KEYS)
+        .agg(F.count(F.lit(1)).alias("rows"))
+    )
     return expected, unknown
 
 
