@@ -23,7 +23,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "full"))
 
 #: The in-process tests evaluate expressions without generated code. Their data is a few rows: compiling
 #: each query's code (and then the JVM compiling those classes) cost more than it saved. make test-fast took
-#: 148 and 161 s against 164 and 184 s with code generation, run alternately (2 cores). The stage scripts
+#: 148, 161 and 166 s against 164, 184 and 201 s with code generation, run alternately (2 cores). The stage scripts
 #: the slow tests start (spark-submit, the runner, the benchmarks' runs) keep Spark's code generation, as
 #: in production, and Spark gives the same results either way.
 INTERPRETED = {"spark.sql.codegen.wholeStage": "false", "spark.sql.codegen.factoryMode": "NO_CODEGEN"}
