@@ -26,7 +26,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "full"))
 #: 148, 161 and 166 s against 164, 184 and 201 s with code generation, run alternately (2 cores). The stage scripts
 #: the slow tests start (spark-submit, the runner, the benchmarks' runs) keep Spark's code generation, as
 #: in production, and Spark gives the same results either way. (``factoryMode`` is an internal setting,
-#: the one Spark's own test suites use for this; a Spark without it ignores it and generates code.)
+#: the one Spark's own test suites use for this: check it when pyspark is upgraded.)
 INTERPRETED = {"spark.sql.codegen.wholeStage": "false", "spark.sql.codegen.factoryMode": "NO_CODEGEN"}
 
 
