@@ -367,6 +367,10 @@ class StageTimes:
         return [*lines, ""]
 
 
+#: Measurements of the warm-up pass (``main``).
+WARM_UP_ROWS = 20_000
+
+
 def bench_size(spark, work: str, rows: int) -> tuple[list[dict], StageTimes]:
     folder = os.path.join(work, f"size-{rows}")
     shape = generate(spark, folder, rows)
@@ -562,11 +566,12 @@ def main(argv: list[str] | None = None) -> int:
     spark = build_session("meter-stream bench", jars=kafka_connector_jars(pyspark.__version__))
     work = args.work or tempfile.mkdtemp(prefix="meter-bench-")
     results: list[dict] = []
+    sizes = [int(s) for s in args.sizes.split(",") if s]
     # A first pass on a small input warms the JVM up (JIT, class loading), so that no stage pays
-    # for it in the figures; its results are dropped.
-    bench_size(spark, work, 20_000)
+    # for it in the figures; its results are dropped. No larger than the smallest size measured.
+    bench_size(spark, work, min([WARM_UP_ROWS, *sizes]))
     breakdown = []
-    for size in [int(s) for s in args.sizes.split(",") if s]:
+    for size in sizes:
         figures, times = bench_size(spark, work, size)
         results += figures
         breakdown = [f"Where the seconds go at {figures[0]['rows']:,} measurements, stage by stage:", ""]

@@ -74,7 +74,7 @@ def test_live_benchmark_smoke_run_writes_its_metrics(kafka, tmp_path):
     # Short live minutes: each run goes on past them until it has the cycles its figures need (keep_live).
     # One history run (a second one is the same run again, ~50 s; the ratio of two is tested below).
     args = ["--histories", "10m=0.2", "--trigger", "2", "--bootstrap-servers", kafka]
-    fleet = ["--sizes", "40", "--history", "10m", "--backlog", "2m", "--live-minutes", "0.2", "--settled-cycles", "2"]
+    fleet = ["--sizes", "40", "--history", "10m", "--backlog", "2m", "--live-minutes", "0.2", "--settled-cycles", "1"]
     assert live_bench.main([*args, *fleet, "--results", str(results), "--report", str(report)]) == 0
     metrics = {r["metric"]: r["value"] for r in json.loads(results.read_text())}
     expected = {"live_cycle_s_10m", "live_latency_p50_s"}

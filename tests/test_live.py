@@ -222,15 +222,16 @@ def test_live_runner_killed_mid_cycle_repairs_then_stops_on_sigterm_leaving_what
     command += ["--expected-series", "all"]
     cycles_file = os.path.join(paths.reports, "live_cycles.json")
     try:
-        # Cycles follow each other back to back here: a kill lands inside one.
+        # Cycles follow each other back to back here: the kill lands inside the third (the second live one).
         victim = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        wait_for_cycles(cycles_file, 3, victim)
+        wait_for_cycles(cycles_file, 2, victim)
         time.sleep(1.5)
         os.killpg(victim.pid, signal.SIGKILL)
         victim.wait()
         os.remove(cycles_file)  # the next runner's cycles only
         runner = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-        cycles = wait_for_cycles(cycles_file, 2, runner)
+        # its first cycle goes on from the repaired state; the batch run below checks what it left
+        cycles = wait_for_cycles(cycles_file, 1, runner)
     finally:
         stop_producer(producer)
     err = stop_runner(runner)
