@@ -390,8 +390,13 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     """Run the checker from the command line; return the exit code."""
     args, paths, checker_config = parse_args(argv)
-    spark = build_session("meter-stream checker", verbose=args.verbose)
-    return exit_code_of(lambda: exit_code(run(spark, paths, checker_config)), log)
+
+    def check() -> int:
+        with stage_lock(paths.reports, STAGE, log):  # a second run is refused before Spark starts
+            spark = build_session("meter-stream checker", verbose=args.verbose)
+            return exit_code(run(spark, paths, checker_config))
+
+    return exit_code_of(check, log)
 
 
 if __name__ == "__main__":

@@ -374,10 +374,10 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     """Run the cleaner from the command line; return the exit code."""
     args, paths, cleaner_config = parse_args(argv)
-    spark = build_session("meter-stream cleaner", verbose=args.verbose)
 
     def clean_all() -> int:
-        run(spark, paths, cleaner_config)
+        with stage_lock(paths.cleaned_data, STAGE, log):  # a second run is refused before Spark starts
+            run(build_session("meter-stream cleaner", verbose=args.verbose), paths, cleaner_config)
         return 0
 
     return exit_code_of(clean_all, log)

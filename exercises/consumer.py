@@ -397,12 +397,13 @@ def main(argv: list[str] | None = None) -> int:
     def consume() -> int:
         try:
             config_ = config_from_args(args)  # fail on bad settings before Spark starts
-            spark = build_session(
-                "meter-stream consumer", verbose=args.verbose, jars=kafka_connector_jars(pyspark.__version__)
-            )
-            # After the session: PySpark's SparkContext sets its own SIGINT handler.
-            should_stop = config.StopRequest(log) if args.continuous else (lambda: False)
-            run(spark, paths, config_, should_stop)
+            with stage_lock(paths.checkpoint_consumer, STAGE, log):  # and refuse a second run before it too
+                spark = build_session(
+                    "meter-stream consumer", verbose=args.verbose, jars=kafka_connector_jars(pyspark.__version__)
+                )
+                # After the session: PySpark's SparkContext sets its own SIGINT handler.
+                should_stop = config.StopRequest(log) if args.continuous else (lambda: False)
+                run(spark, paths, config_, should_stop)
         except (ConsumerError, OSError, ValueError) as error:
             log.error("%s", error)
             return 1

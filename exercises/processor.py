@@ -311,8 +311,13 @@ def parse_args(argv: list[str] | None) -> tuple:
 def main(argv: list[str] | None = None) -> int:
     """Run the processor from the command line; return the exit code."""
     args, paths = parse_args(argv)
-    spark = build_session("meter-stream processor", verbose=args.verbose)
-    return exit_code_of(lambda: 0 if run(spark, paths).balanced() else 1, log)
+
+    def process() -> int:
+        with stage_lock(paths.processed_data, STAGE, log):  # a second run is refused before Spark starts
+            spark = build_session("meter-stream processor", verbose=args.verbose)
+            return 0 if run(spark, paths).balanced() else 1
+
+    return exit_code_of(process, log)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -142,12 +144,8 @@ def test_every_stage_gives_identical_output_on_unchanged_input(spark, paths):
 # --- concurrent runs and SIGKILL -----------------------------------------------------------------
 
 
-def _write_large_raw(spark, path, rows=400_000, spacing=10):
-    """Raw rows of one series, ``spacing`` seconds apart, enough to keep the processor busy on two cores.
-
-    At 10 s, 400,000 rows span 46 days: about 1,100 hour partitions, which keeps a run busy for
-    long enough to start a second one beside it.
-    """
+def _write_large_raw(spark, path, rows, spacing=10):
+    """``rows`` raw rows of one series, ``spacing`` seconds apart (at 10 s, 20,000 rows span 56 hour partitions)."""
     value = F.format_string(
         '{"t_measurement": %d.5, "t_report": %d.5, "device_id": "device1", "signal_name": "energy import", '
         '"value": %d}',
@@ -196,17 +194,35 @@ def _wait_for_lock(lock_file, timeout=120):
     raise AssertionError(f"nobody took {lock_file}")
 
 
-def test_lock_refuses_a_second_holder_and_names_the_lock(tmp_path):
+def _wait_for_spark(process):
+    """Return once ``process`` (a stage) logged that its SparkSession is up."""
+    for line in process.stderr:
+        if "meter_stream.session" in line:
+            return
+    raise AssertionError(f"the stage ended ({process.wait()}) before its SparkSession was up")
+
+
+def test_lock_refuses_a_second_holder_and_names_the_lock_but_lets_its_holder_take_it_again(tmp_path):
     target = str(tmp_path / "processed_data")
     log = processor.log
-    with stage_lock(target, "processor", log):
-        with pytest.raises(
-            StageBusyError,
-            match=r"processor is already running: .*processed_data.lock is held by "
-            r"processor \(pid \d+",
-        ):
+    refused = []
+
+    def second_holder():
+        try:
             with stage_lock(target, "processor", log):
                 pass
+        except StageBusyError as error:
+            refused.append(str(error))
+
+    with stage_lock(target, "processor", log):
+        with stage_lock(target, "processor", log):  # a stage's main holds it, then its run takes it again
+            pass
+        # still held after the inner block: another holder (another thread here, as another process) is refused
+        thread = threading.Thread(target=second_holder)
+        thread.start()
+        thread.join()
+    assert len(refused) == 1
+    assert re.match(r"processor is already running: .*processed_data.lock is held by processor \(pid \d+", refused[0])
     with stage_lock(target, "processor", log):  # released when the first run ended
         pass
 
@@ -214,14 +230,16 @@ def test_lock_refuses_a_second_holder_and_names_the_lock(tmp_path):
 @pytest.mark.slow
 def test_second_run_of_a_stage_is_refused_and_output_stays_intact(spark, tmp_path):
     datastore = str(tmp_path / "datastore")
-    _write_large_raw(spark, f"{datastore}/consumer_data")
+    # The first run holds the lock from before its Spark starts; the second is refused before its own.
+    _write_large_raw(spark, f"{datastore}/consumer_data", rows=20_000)
     first = _start_processor(datastore)
     _wait_for_lock(f"{datastore}/processed_data.lock")
     second = run_python("exercises/processor.py", "--datastore", datastore)
     assert first.wait(timeout=600) == 0
     assert second.returncode == 3
     assert "processor is already running" in second.stderr and "processed_data.lock" in second.stderr
-    assert spark.read.parquet(f"{datastore}/processed_data").count() == 400_000
+    assert "meter_stream.session" not in second.stderr  # refused without starting Spark
+    assert spark.read.parquet(f"{datastore}/processed_data").count() == 20_000
 
 
 @pytest.mark.slow
@@ -229,12 +247,13 @@ def test_second_run_of_a_stage_is_refused_and_output_stays_intact(spark, tmp_pat
 def test_sigkill_at_any_moment_leaves_the_previous_output_and_the_next_run_recovers(spark, tmp_path, delay):
     datastore = str(tmp_path / "datastore")
     paths = config.Paths.under(datastore)
+    # 200,000 rows keep the killed run busy for the delays
     _write_large_raw(spark, paths.consumer_data, rows=200_000, spacing=1)
     processor.run(spark, paths)  # the previous output, written in this process
     _write_large_raw(spark, paths.consumer_data, rows=200_000, spacing=1)  # the same rows: replays
 
     victim = _start_processor(datastore)
-    _wait_for_lock(f"{paths.processed_data}.lock")
+    _wait_for_spark(victim)  # its run begins: it holds the lock from before
     time.sleep(delay)
     victim.send_signal(signal.SIGKILL)
     victim.wait()

@@ -7,9 +7,11 @@ import logging
 import os
 import re
 import socket
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import IO
 
 from pyspark.sql import DataFrame, DataFrameWriter, SparkSession
 from pyspark.sql import types as T
@@ -55,6 +57,10 @@ def local_path(path: str) -> str | None:
     return re.sub(r"^file:(//)?", "", path)
 
 
+#: The lock files this thread holds (``stage_lock``).
+_held_locks = threading.local()
+
+
 @contextmanager
 def stage_lock(path: str, stage: str, log: logging.Logger) -> Iterator[None]:
     """Hold an exclusive lock on ``PATH.lock`` while a stage writes ``path``.
@@ -62,34 +68,49 @@ def stage_lock(path: str, stage: str, log: logging.Logger) -> Iterator[None]:
     The lock is an OS file lock (flock): the kernel releases it when its process ends, also on
     SIGKILL, so a lock left by a killed run never blocks the next one.
 
+    A thread that holds the lock already (a stage's ``main`` takes it before Spark starts, so that
+    a second run is refused at once, then calls ``run``, which takes it again) goes on under it.
+
     Raises:
         StageBusyError: when another process holds the lock.
     """
     local = local_path(path)
-    if local is None:
-        log.warning("%s is not on a local file system: running without a lock against concurrent runs", path)
+    lock_file = path if local is None else local.rstrip("/") + ".lock"
+    key, held = os.path.abspath(lock_file), _held_locks.__dict__.setdefault("files", set())
+    if key in held:
         yield
         return
-    lock_file = local.rstrip("/") + ".lock"
-    os.makedirs(os.path.dirname(os.path.abspath(lock_file)), exist_ok=True)
-    handle = open(lock_file, "a+", encoding="utf-8")  # noqa: SIM115 (held for the whole block)
+    if local is None:
+        log.warning("%s is not on a local file system: running without a lock against concurrent runs", path)
+    handle = None if local is None else _take_lock(lock_file, stage)
+    held.add(key)
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise StageBusyError(
-                f"{stage} is already running: {lock_file} is held by {holder}; wait for that run to end"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-        handle.write(f"{stage} (pid {os.getpid()} on {socket.gethostname()}, since {started})\n")
-        handle.flush()
         yield
     finally:
-        handle.close()  # closing releases the lock
+        held.discard(key)
+        if handle is not None:
+            handle.close()  # closing releases the lock
+
+
+def _take_lock(lock_file: str, stage: str) -> IO[str]:
+    """Take the flock on ``lock_file`` and write who holds it; return the open file that holds it."""
+    os.makedirs(os.path.dirname(os.path.abspath(lock_file)), exist_ok=True)
+    handle = open(lock_file, "a+", encoding="utf-8")  # noqa: SIM115 (held until the stage ends)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise StageBusyError(
+            f"{stage} is already running: {lock_file} is held by {holder}; wait for that run to end"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    handle.write(f"{stage} (pid {os.getpid()} on {socket.gethostname()}, since {started})\n")
+    handle.flush()
+    return handle
 
 
 def _fs_path(spark: SparkSession, path: str):
