@@ -66,7 +66,8 @@ $(VENV)/.installed: requirements.txt
 
 # The whole suite in TEST_WORKERS processes (pytest-xdist), each with its own SparkSession and broker: the
 # broker and subprocess tests wait a good part of their time, which the other process uses (whole suite,
-# 2 cores: 12.4 min with two, ~15 min in one). make test-fast stays in one: it is all CPU, and two were slower.
+# 2 cores: 12.4 min with two, ~15 min in one; three took 758 s against 618 and 677 s for two on the same day,
+# the cores being busy 99 % of the run). make test-fast stays in one: it is all CPU, and two were slower.
 TEST_WORKERS ?= 2
 test: lint $(VENV)/.bench-installed
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
