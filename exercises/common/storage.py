@@ -57,8 +57,14 @@ def local_path(path: str) -> str | None:
     return re.sub(r"^file:(//)?", "", path)
 
 
-#: The lock files this thread holds (``stage_lock``).
-_held_locks = threading.local()
+class _HeldLocks(threading.local):
+    """The lock files (absolute paths) that this thread holds (``stage_lock``)."""
+
+    def __init__(self) -> None:
+        self.files: set[str] = set()
+
+
+_held_locks = _HeldLocks()
 
 
 @contextmanager
@@ -76,7 +82,7 @@ def stage_lock(path: str, stage: str, log: logging.Logger) -> Iterator[None]:
     """
     local = local_path(path)
     lock_file = path if local is None else local.rstrip("/") + ".lock"
-    key, held = os.path.abspath(lock_file), _held_locks.__dict__.setdefault("files", set())
+    key, held = os.path.abspath(lock_file), _held_locks.files
     if key in held:
         yield
         return
