@@ -15,7 +15,8 @@ from pyspark.sql import functions as F
 
 from common import config
 from common import message as m
-from common.contracts import MEASURED, MISSING, QUALITY
+from common.contracts import MEASURED, MISSING, QUALITY, SERIES_KEYS_SCHEMA
+from common.session import local_frame
 from common.storage import write_bytes
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ def format_summary(listed: Sequence) -> str:
 
 def chart_points(cleaned: DataFrame, series: list[tuple[str, str]]) -> DataFrame:
     """The rows the chart draws: the given series over the last CHART_HOURS of their data."""
-    catalog = cleaned.sparkSession.createDataFrame(series, [m.DEVICE_ID, m.SIGNAL_NAME])
+    catalog = local_frame(cleaned.sparkSession, series, SERIES_KEYS_SCHEMA)
     chosen = cleaned.join(F.broadcast(catalog), on=[m.DEVICE_ID, m.SIGNAL_NAME], how="left_semi")
     newest = chosen.agg(F.max(m.T_MEASUREMENT).alias("newest"))
     return (

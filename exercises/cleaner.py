@@ -50,7 +50,7 @@ from common.contracts import (
     series_catalog,
     with_hour,
 )
-from common.session import build_session
+from common.session import build_session, local_frame
 from common.storage import exit_code_of, read_output, replace_output, stage_lock
 
 STAGE = "cleaner"
@@ -121,7 +121,7 @@ def split_catalog(processed: DataFrame, catalog: DataFrame | None) -> tuple[Data
         The expected series' rows, and one ``UNKNOWN_SERIES_SCHEMA`` row per other series.
     """
     if catalog is None:
-        return processed, processed.sparkSession.createDataFrame([], UNKNOWN_SERIES_SCHEMA)
+        return processed, local_frame(processed.sparkSession, [], UNKNOWN_SERIES_SCHEMA)
     catalog = F.broadcast(catalog.select(*SERIES_KEYS))
     expected = processed.join(catalog, on=SERIES_KEYS, how="left_semi")
     unknown = (

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pyspark.sql import DataFrame, SparkSession
 
 from common.contracts import RAW_SCHEMA
+from common.session import local_frame
 from make_sample_data import raw_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +42,7 @@ def message(t_measurement, t_report, device_id="device1", signal_name="energy im
 
 def raw_frame(spark: SparkSession, payloads: list[bytes | None]) -> DataFrame:
     """Raw consumer rows (topic mytopic, partition 0, offsets 0..n-1) for message values."""
-    return spark.createDataFrame(raw_rows(payloads), RAW_SCHEMA)
+    return local_frame(spark, raw_rows(payloads), RAW_SCHEMA)
 
 
 def run_command(*command: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -11,6 +11,7 @@ from check_report import format_table
 from checker import ERROR, WARN, Check, CheckerConfig, Result, check_cleaned, exit_code, run, verdicts
 from common import message as m
 from common.contracts import CLEANED_SCHEMA, UNKNOWN_SERIES_SCHEMA
+from common.session import local_frame
 
 START = datetime(2024, 5, 22, 9, 0, 0)
 RANGES = {
@@ -43,7 +44,7 @@ def healthy_rows(slots: int = 120) -> list[list]:
 
 
 def results_of(spark, rows, unknown=None, **settings):
-    frame = spark.createDataFrame([tuple(r) for r in rows], CLEANED_SCHEMA)
+    frame = local_frame(spark, [tuple(r) for r in rows], CLEANED_SCHEMA)
     return check_cleaned(frame, unknown, CheckerConfig(**settings))
 
 
@@ -83,7 +84,7 @@ def test_healthy_grid_passes_every_check(spark):
 
 
 def test_wrong_schema_fails_alone(spark):
-    frame = spark.createDataFrame([tuple(r) for r in healthy_rows(3)], CLEANED_SCHEMA).drop("quality")
+    frame = local_frame(spark, [tuple(r) for r in healthy_rows(3)], CLEANED_SCHEMA).drop("quality")
     results = check_cleaned(frame, None, CheckerConfig())
     assert [(r.name, r.passed, r.observed) for r in results] == [("schema", False, ["missing column quality"])]
     assert exit_code(results) == 1
@@ -102,7 +103,7 @@ WHOLE = [
 def whole_results(spark):
     """The results of one run over a grid with a null key and an expected series absent, and an unknown series."""
     rows = [r for r in healthy_rows() if (r[2], r[3]) != ("device2", "energy export")]
-    unknown = spark.createDataFrame([("test-device", "energy import", 366)], UNKNOWN_SERIES_SCHEMA)
+    unknown = local_frame(spark, [("test-device", "energy import", 366)], UNKNOWN_SERIES_SCHEMA)
     return results_of(spark, edit(rows, "device1", "energy import", 5, quality=None), unknown=unknown)
 
 
@@ -208,7 +209,7 @@ def test_many_series_are_summarised_and_all_count(spark):
 
 
 def test_run_writes_the_json_report_and_prints_a_table(spark, paths, capsys):
-    spark.createDataFrame([tuple(r) for r in healthy_rows(30)], CLEANED_SCHEMA).write.parquet(paths.cleaned_data)
+    local_frame(spark, [tuple(r) for r in healthy_rows(30)], CLEANED_SCHEMA).write.parquet(paths.cleaned_data)
     results = run(spark, paths, CheckerConfig())
     with open(f"{paths.reports}/check_report.json") as handle:
         report = json.load(handle)

@@ -10,6 +10,7 @@ from pyspark.sql import Observation
 
 from cleaner import CleanerConfig, clean, parse_args, run, slot_counts
 from common.contracts import CLEANED_SCHEMA, PROCESSED_SCHEMA
+from common.session import local_frame
 from tests.helpers import utc
 
 IMPORT = ("device1", "energy import")
@@ -17,14 +18,13 @@ IMPORT = ("device1", "energy import")
 
 def processed(spark, rows, series=IMPORT):
     """processed_data rows from (t_measurement, value) pairs of one series; t_report 10 s earlier."""
-    return spark.createDataFrame(
-        [(utc(t), utc(t) - timedelta(seconds=10), *series, v) for t, v in rows], PROCESSED_SCHEMA
-    )
+    return local_frame(spark, [(utc(t), utc(t) - timedelta(seconds=10), *series, v) for t, v in rows], PROCESSED_SCHEMA)
 
 
 def cleaned(spark, rows, series=IMPORT):
     """cleaned_data rows from (slot, t_report or None, value, quality) of one series."""
-    return spark.createDataFrame(
+    return local_frame(
+        spark,
         [
             (utc(slot), None if report is None else utc(report), *series, value, quality)
             for slot, report, value, quality in rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -10,9 +11,9 @@ from pyspark.sql import functions as F
 
 from common import config
 from common import message as m
-from common.contracts import PROCESSED_SCHEMA, RAW_SCHEMA, hour_of, hour_value
+from common.contracts import CLEANED_SCHEMA, PROCESSED_SCHEMA, RAW_SCHEMA, hour_of, hour_value
 from common.raw_input import CheckpointMismatchError, check_sink_matches_checkpoint
-from common.session import cached_for_the_block
+from common.session import cached_for_the_block, local_frame
 from common.storage import PREVIOUS_SUFFIX, StageInputError, read_output, replace_output
 
 log = logging.getLogger("test")
@@ -46,8 +47,8 @@ def test_series_names_round_trip_and_reject_malformed():
 
 def test_replace_output_swaps_in_complete_data(spark, tmp_path):
     target = str(tmp_path / "out")
-    replace_output(spark.createDataFrame([(None, b"1", "t", 0, 1, None, 0)], RAW_SCHEMA), target, log)
-    replace_output(spark.createDataFrame([(None, b"2", "t", 0, 2, None, 0)], RAW_SCHEMA), target, log)
+    replace_output(local_frame(spark, [(None, b"1", "t", 0, 1, None, 0)], RAW_SCHEMA), target, log)
+    replace_output(local_frame(spark, [(None, b"2", "t", 0, 2, None, 0)], RAW_SCHEMA), target, log)
     values = [bytes(r.value) for r in read_output(spark, target, RAW_SCHEMA, log, "test").collect()]
     assert values == [b"2"]
     assert not (tmp_path / "out.staging").exists() and not (tmp_path / "out.previous").exists()
@@ -60,7 +61,7 @@ def test_outputs_encode_report_times_and_values_plainly_and_names_with_a_diction
     times = [start + timedelta(seconds=10 * i) for i in range(2000)]
     rows = [(t, t + timedelta(seconds=1), f"device{i % 2}", m.SIGNAL_IMPORT, 7.0) for i, t in enumerate(times)]
     target = str(tmp_path / "out")
-    replace_output(spark.createDataFrame(rows, PROCESSED_SCHEMA).coalesce(1), target, log)
+    replace_output(local_frame(spark, rows, PROCESSED_SCHEMA).coalesce(1), target, log)
     encodings = dict(
         duckdb.sql(f"SELECT path_in_schema, encodings FROM parquet_metadata('{target}/*.parquet')").fetchall()
     )
@@ -71,7 +72,7 @@ def test_outputs_encode_report_times_and_values_plainly_and_names_with_a_diction
 
 def test_read_output_restores_previous_output_after_interrupted_swap(spark, tmp_path):
     target = str(tmp_path / "out")
-    replace_output(spark.createDataFrame([(None, b"1", "t", 0, 1, None, 0)], RAW_SCHEMA), target, log)
+    replace_output(local_frame(spark, [(None, b"1", "t", 0, 1, None, 0)], RAW_SCHEMA), target, log)
     (tmp_path / "out").rename(tmp_path / ("out" + PREVIOUS_SUFFIX))  # as a crash between the renames leaves it
     rows = read_output(spark, target, RAW_SCHEMA, log, "test").collect()
     assert [bytes(r.value) for r in rows] == [b"1"]
@@ -80,6 +81,28 @@ def test_read_output_restores_previous_output_after_interrupted_swap(spark, tmp_
 def test_read_output_names_the_stage_to_run_when_missing(spark, tmp_path):
     with pytest.raises(StageInputError, match="run the processor first"):
         read_output(spark, str(tmp_path / "nothing"), RAW_SCHEMA, log, "processor")
+
+
+def test_local_frame_is_what_create_data_frame_gives_without_python_workers(spark):
+    moment = datetime(2026, 11, 25, 13, 59, 59, 999999)
+    cases = [
+        (RAW_SCHEMA, [(None, b"{\x00\xff", "t", 0, 2**40, moment, 0), (b"k", b"", "", -1, 0, None, None)]),
+        (
+            CLEANED_SCHEMA,
+            [(moment, None, "d\u00e9vice", "", v, "measured") for v in (float("nan"), float("inf"), -0.0, None)],
+        ),
+        (CLEANED_SCHEMA, [{m.DEVICE_ID: "device1", m.VALUE: 1.5, m.T_MEASUREMENT: moment}]),
+        (PROCESSED_SCHEMA, []),
+        ("device_id string, hour long", [("device1", 2026112513)]),
+    ]
+    for schema, rows in cases:
+        frame, created = local_frame(spark, rows, schema), spark.createDataFrame(rows, schema)
+        assert frame.schema == created.schema
+        assert sorted(map(repr, frame.collect())) == sorted(map(repr, created.collect()))
+        # no RDD of Python's in its lineage (the name PythonRDD also appears in call sites)
+        assert not re.search(r"\bPythonRDD\[", frame._jdf.queryExecution().toRdd().toDebugString())
+    with pytest.raises(TypeError, match="value"):
+        local_frame(spark, [(moment, None, "device1", "energy import", "12", "measured")], CLEANED_SCHEMA)
 
 
 def test_what_a_block_cached_is_released_when_it_ends_checkpoints_too_even_on_an_error(spark):

@@ -28,6 +28,7 @@ from common.contracts import (
     UNKNOWN_SERIES_SCHEMA,
     hour_value,
 )
+from common.session import local_frame
 from common.storage import read_output
 from make_sample_data import raw_rows
 from tests.helpers import ROOT, epoch, message, run_python, utc
@@ -71,7 +72,7 @@ def write_steps(spark, folder):
     for index, step in enumerate(STEPS):
         start = sum(len(s) for s in STEPS[:index])
         staging = os.path.join(folder + ".tmp", str(index))
-        spark.createDataFrame(rows[start : start + len(step)], RAW_SCHEMA).coalesce(1).write.parquet(staging)
+        local_frame(spark, rows[start : start + len(step)], RAW_SCHEMA).coalesce(1).write.parquet(staging)
         (name,) = [f for f in os.listdir(staging) if f.endswith(".parquet")]
         os.makedirs(folder, exist_ok=True)
         os.rename(os.path.join(staging, name), os.path.join(folder, f"step-{index}.parquet"))
@@ -288,7 +289,8 @@ def test_late_series_are_recomputed_from_the_anchor_near_or_far_else_from_their_
     """``recompute_regions``: the last measured slot within max_gap + slot before the late one, else the last
     one before it at all, else the late slot itself."""
     stored = {A: [0, 10], B: [0], D: [40]}
-    processed = spark.createDataFrame(
+    processed = local_frame(
+        spark,
         [
             (*series, hour_value(datetime.fromtimestamp(T0 + s, UTC)), micros(s))
             for series, ts in stored.items()
@@ -299,8 +301,8 @@ def test_late_series_are_recomputed_from_the_anchor_near_or_far_else_from_their_
     # earliest late measurement per series (epoch micros): A's slot 40 s after its anchor, B 100 s after (more than
     # max_gap + slot = 70 s), D before its first stored slot; A's is mid-slot, so its slot is the one recomputed
     since = {A: micros(55), B: micros(100), D: micros(30)}
-    late = spark.createDataFrame(
-        [(*series, t) for series, t in since.items()], "device_id string, signal_name string, since long"
+    late = local_frame(
+        spark, [(*series, t) for series, t in since.items()], "device_id string, signal_name string, since long"
     )
     regions = live.late.recompute_regions(processed, late, CONFIG)
     starts = {(r.device_id, r.signal_name): r.start for r in regions.collect()}
@@ -316,7 +318,7 @@ HOURLY = T.StructType([*PROCESSED_SCHEMA.fields, T.StructField("hour", T.LongTyp
 def _append(spark, paths, hour, cycle, series, seconds, value):
     """One file of one processed row in ``hour``, as a cycle appends it."""
     at = datetime.fromtimestamp(T0 + seconds, UTC).replace(tzinfo=None)
-    frame = spark.createDataFrame([(at, at, *series, value, hour)], HOURLY)
+    frame = local_frame(spark, [(at, at, *series, value, hour)], HOURLY)
     live.append_files(frame.coalesce(1), paths.processed_data, cycle)
 
 

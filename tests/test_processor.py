@@ -11,6 +11,7 @@ from chispa import assert_df_equality
 
 from common.contracts import PROCESSED_SCHEMA, QUARANTINE_SCHEMA, RAW_SCHEMA
 from common.raw_input import read_raw
+from common.session import local_frame
 from processor import (
     Accounting,
     collapse_replays,
@@ -37,7 +38,8 @@ def test_numbers_and_numeric_strings_parse_to_exact_typed_columns(spark):
         message(T, T - 10, "device1", "energy import", 12),
         message(str(T), str(T - 10), "device2", "energy export", "84.5"),
     ]
-    expected = spark.createDataFrame(
+    expected = local_frame(
+        spark,
         [
             (utc("2024-05-22 09:14:06.734911"), utc("2024-05-22 09:13:56.734911"), "device1", "energy import", 12.0),
             (utc("2024-05-22 09:14:06.734911"), utc("2024-05-22 09:13:56.734911"), "device2", "energy export", 84.5),
@@ -166,7 +168,8 @@ def test_replays_collapse_to_the_latest_report(spark):
         message(T, T - 5, value=13),  # a correction, reported later
         message(T + 10, T, value=14),
     ]
-    expected = spark.createDataFrame(
+    expected = local_frame(
+        spark,
         [
             (utc("2024-05-22 09:14:06.734911"), utc("2024-05-22 09:14:01.734911"), "device1", "energy import", 13.0),
             (utc("2024-05-22 09:14:16.734911"), utc("2024-05-22 09:14:06.734911"), "device1", "energy import", 14.0),
@@ -195,7 +198,7 @@ def test_run_accounts_for_every_raw_row(spark, paths):
 
 
 def test_run_on_empty_consumer_data_writes_empty_outputs(spark, paths):
-    spark.createDataFrame([], RAW_SCHEMA).write.parquet(paths.consumer_data)
+    local_frame(spark, [], RAW_SCHEMA).write.parquet(paths.consumer_data)
     assert run(spark, paths) == Accounting(raw=0, processed=0, quarantined=0, duplicates=0)
     assert spark.read.schema(PROCESSED_SCHEMA).parquet(paths.processed_data).count() == 0
 

@@ -23,6 +23,7 @@ import processor
 from common import config
 from common import message as m
 from common.contracts import PROCESSED_SCHEMA, RAW_SCHEMA
+from common.session import local_frame
 from common.storage import StageBusyError, read_output, stage_lock
 from make_sample_data import sample_payloads
 from tests.helpers import ROOT, raw_frame, run_python
@@ -99,7 +100,7 @@ def test_fuzzed_values_never_crash_and_every_row_is_accounted_for(spark, values)
 
 
 def test_empty_processed_data_gives_an_empty_grid_and_the_checker_says_series_are_absent(spark, paths):
-    spark.createDataFrame([], PROCESSED_SCHEMA).write.parquet(paths.processed_data)
+    local_frame(spark, [], PROCESSED_SCHEMA).write.parquet(paths.processed_data)
     counts = cleaner.run(spark, paths, cleaner.CleanerConfig())
     assert sum(counts.values()) == 0
     results = checker.run(spark, paths, checker.CheckerConfig())

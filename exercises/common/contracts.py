@@ -10,6 +10,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from common import message as m
+from common.session import local_frame
 
 # --- schemas -------------------------------------------------------------------------------------
 
@@ -130,13 +131,15 @@ def with_hour(rows: DataFrame) -> DataFrame:
 
 #: The columns that name a series.
 SERIES_KEYS = [m.DEVICE_ID, m.SIGNAL_NAME]
+#: A frame of series names: the catalog's schema.
+SERIES_KEYS_SCHEMA = T.StructType([T.StructField(key, T.StringType()) for key in SERIES_KEYS])
 
 
 def series_catalog(spark: SparkSession, series: Sequence[tuple[str, str]] | None) -> DataFrame | None:
     """A catalog of (device_id, signal_name) as a small frame, each series once; None for None (every series)."""
     if series is None:
         return None
-    return spark.createDataFrame(sorted(set(series)), SERIES_KEYS)
+    return local_frame(spark, sorted(set(series)), SERIES_KEYS_SCHEMA)
 
 
 def per_series(settings: Mapping[str, object], default: object) -> Column:

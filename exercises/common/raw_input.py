@@ -15,6 +15,7 @@ from pyspark.sql import DataFrame, SparkSession
 
 from common import config
 from common.contracts import RAW_SCHEMA
+from common.session import local_frame
 from common.storage import SINK_LOG, StageInputError, list_files, local_path, path_exists, read_text, write_text
 
 GENERATION_PREFIX = "generation-"
@@ -80,7 +81,7 @@ def _read_sink_output(spark: SparkSession, path: str, log: logging.Logger, neste
         if nested:
             return reader.parquet(path)
         present = list_files(spark, glob_path)
-        return reader.parquet(*present) if present else spark.createDataFrame([], RAW_SCHEMA)
+        return reader.parquet(*present) if present else local_frame(spark, [], RAW_SCHEMA)
     # One spelling per file: file:///x and file:/x are the same local file.
     logged = {local_path(name) or name for name in _sink_log_files(spark, sink_log)}
     # A glob is not a folder, so Spark lists the files instead of reading the log.
@@ -100,7 +101,7 @@ def _read_sink_output(spark: SparkSession, path: str, log: logging.Logger, neste
         " that the log names" if matched else "",
     )
     if not present_by_local:
-        return spark.createDataFrame([], RAW_SCHEMA)
+        return local_frame(spark, [], RAW_SCHEMA)
     return reader.parquet(*(matched or present_by_local.values()))
 
 

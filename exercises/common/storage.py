@@ -18,7 +18,7 @@ from pyspark.sql import types as T
 
 from common import message as m
 from common.contracts import PARTITION
-from common.session import jvm
+from common.session import jvm, local_frame
 
 STAGING_SUFFIX = ".staging"
 PREVIOUS_SUFFIX = ".previous"
@@ -170,12 +170,12 @@ def read_partitioned(
     """
     partitioned = T.StructType([*schema.fields, T.StructField(PARTITION, T.LongType())])
     if not path_exists(spark, path):
-        return spark.createDataFrame([], partitioned)
+        return local_frame(spark, [], partitioned)
     if hours is None:
         return spark.read.schema(partitioned).parquet(path)
     folders = [folder for hour in hours if path_exists(spark, folder := f"{path}/{PARTITION}={hour}")]
     if not folders:
-        return spark.createDataFrame([], partitioned)
+        return local_frame(spark, [], partitioned)
     return spark.read.schema(partitioned).option("basePath", path).parquet(*folders)
 
 

@@ -18,6 +18,7 @@ from common.contracts import (
     PARTITION,
     UNKNOWN_SERIES_SCHEMA,
 )
+from common.session import local_frame
 from common.storage import (
     path_exists,
     replace_output,
@@ -156,7 +157,7 @@ def write_unknown(spark: SparkSession, paths: config.Paths, config_: cleaner.Cle
     catalog = cleaner.catalog_frame(spark, config_)
     if catalog is None:
         if not path_exists(spark, paths.unknown_series):
-            replace_output(spark.createDataFrame([], UNKNOWN_SERIES_SCHEMA), paths.unknown_series, log)
+            replace_output(local_frame(spark, [], UNKNOWN_SERIES_SCHEMA), paths.unknown_series, log)
         return
     unknown = state.join(F.broadcast(catalog), KEYS, "left_anti").where(F.col("rows") > 0).select(*KEYS, "rows")
     replace_output(unknown, paths.unknown_series, log)

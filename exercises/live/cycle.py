@@ -9,7 +9,6 @@ from typing import Any
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
 import check_figures
 import cleaner
@@ -20,10 +19,11 @@ from common.contracts import (
     CLEANED_SCHEMA,
     PARTITION,
     RAW_SCHEMA,
+    SERIES_KEYS_SCHEMA,
     hour_of,
     with_hour,
 )
-from common.session import cached_for_the_block, one_row
+from common.session import cached_for_the_block, local_frame, one_row
 from common.storage import path_exists
 from live.checks import check_state, merge_state, update_figures, write_report, write_unknown
 from live.compaction import Compactor
@@ -226,7 +226,7 @@ def _process(
     appended_hours = append_files(to_append, paths.processed_data, cycle)
     gained = appended_count.get["n"]
     updates = appended.groupBy(*KEYS).agg(F.count(F.lit(1)).alias("rows"), F.max(m.T_MEASUREMENT).alias("max_t"))
-    late_series = spark.createDataFrame([], T.StructType([*[T.StructField(k, T.StringType()) for k in KEYS]]))
+    late_series = local_frame(spark, [], SERIES_KEYS_SCHEMA)
     if late_hours:
         updates = merge_late(spark, paths, late, appended, late_hours, updates, cycle)
         gained = one_row(updates.agg(F.sum("rows")))[0] or 0

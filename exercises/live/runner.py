@@ -25,7 +25,7 @@ from common.contracts import (
     PROCESSED_SCHEMA,
     QUARANTINE_SCHEMA,
 )
-from common.session import one_row
+from common.session import local_frame, one_row
 from common.storage import (
     delete_path,
     make_folder,
@@ -103,7 +103,7 @@ def start(spark: SparkSession, paths: config.Paths, settings: Settings) -> Curso
         checker.run(spark, paths, settings.checker, show=False)
     state, figures, newest = initial_state(spark, paths, settings)
     if not path_exists(spark, paths.quarantine_data):  # cycles add to it only when they reject a row
-        replace_output(spark.createDataFrame([], QUARANTINE_SCHEMA), paths.quarantine_data, log)
+        replace_output(local_frame(spark, [], QUARANTINE_SCHEMA), paths.quarantine_data, log)
     for output in (paths.processed_data, paths.cleaned_data):
         make_folder(spark, output)
         write_text(spark, config.join_path(output, LIVE_MARKER), "kept up to date by the live mode\n")
@@ -132,7 +132,7 @@ def initial_state(
 ) -> tuple[DataFrame, DataFrame, int | None]:
     """Build the per-series state and the report window's figures from full outputs (after a full run)."""
     if not path_exists(spark, paths.cleaned_data):
-        return spark.createDataFrame([], SERIES_STATE_SCHEMA), spark.createDataFrame([], FIGURES_SCHEMA), None
+        return local_frame(spark, [], SERIES_STATE_SCHEMA), local_frame(spark, [], FIGURES_SCHEMA), None
     processed = read_partitioned(spark, paths.processed_data, PROCESSED_SCHEMA)
     counts = processed.groupBy(*KEYS).agg(F.count(F.lit(1)).alias("rows"), F.max(m.T_MEASUREMENT).alias("max_t"))
     cleaned = read_partitioned(spark, paths.cleaned_data, CLEANED_SCHEMA)
@@ -159,7 +159,7 @@ def initial_state(
     )
     state = conform(counts.join(grid, KEYS, "full"), SERIES_STATE_SCHEMA)
     newest = one_row(ends.agg(F.max("last_slot")))[0]
-    figures = spark.createDataFrame([], FIGURES_SCHEMA)
+    figures = local_frame(spark, [], FIGURES_SCHEMA)
     if newest is not None:
         since = hour_of_micros(newest - int(settings.report_window_seconds * 1_000_000))
         figures = (
