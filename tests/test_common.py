@@ -123,7 +123,7 @@ def test_what_a_block_cached_is_released_when_it_ends_checkpoints_too_even_on_an
 
 def test_hour_partition_value_is_the_utc_hour_as_a_number(spark):
     moment = datetime(2026, 11, 25, 23, 59, 59, 999999, tzinfo=UTC)
-    row = spark.createDataFrame([(moment,)], "t timestamp").select(hour_of(F.col("t")).alias("hour")).first()
+    row = local_frame(spark, [(moment,)], "t timestamp").select(hour_of(F.col("t")).alias("hour")).first()
     assert row.hour == 2026112523
     assert hour_value(moment) == 2026112523
     # An aware datetime elsewhere is converted to UTC first.
@@ -137,7 +137,7 @@ def test_hour_partition_value_is_the_utc_hour_as_a_number(spark):
         datetime(2100, 2, 28, 23, 0, tzinfo=UTC),
         datetime(2100, 3, 1, 0, 30, tzinfo=UTC),
     ]
-    rows = spark.createDataFrame([(t,) for t in moments], "t timestamp").select(hour_of(F.col("t")).alias("hour"))
+    rows = local_frame(spark, [(t,) for t in moments], "t timestamp").select(hour_of(F.col("t")).alias("hour"))
     assert [r.hour for r in rows.collect()] == [hour_value(t) for t in moments]
     assert hour_value(moments[0]) == 1969123123
 
