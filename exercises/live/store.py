@@ -21,6 +21,7 @@ from common.contracts import (
     PARTITION,
     PARTITION_FORMAT,
     SERIES_KEYS,
+    SERIES_KEYS_SCHEMA,
     hour_value,
 )
 from common.raw_input import generation_folders, sink_log_entries
@@ -54,7 +55,7 @@ LAYOUT = f"live-2 {PARTITION}={PARTITION_FORMAT}"
 #: The running check figures: one row per series and hour (``check_figures.series_figures``).
 FIGURES_SCHEMA = T.StructType(
     [
-        *[T.StructField(key, T.StringType()) for key in KEYS],
+        *SERIES_KEYS_SCHEMA.fields,
         T.StructField(PARTITION, T.LongType()),
         *[T.StructField(name, T.LongType()) for name in check_figures.SUMMED_FIGURES],
         *[
