@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import random
-import re
 import signal
 import sys
 import time
@@ -177,18 +176,6 @@ def _mix(payloads: Iterator[bytes], rng: random.Random, malformed_share: float, 
             yield payload
 
 
-def parse_duration(text: str) -> float:
-    """Return seconds for a duration such as ``90``, ``90s``, ``15m``, ``6h`` or ``2d``.
-
-    Raises:
-        ValueError: when the text is not such a duration.
-    """
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
-    if not match:
-        raise ValueError(f"{text!r} is not a duration like 90s, 15m, 6h or 2d")
-    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-
-
 def kafka_client_config(bootstrap_servers: str) -> dict:
     """Return the confluent-kafka configuration, with security options from the environment."""
     return {"bootstrap.servers": bootstrap_servers, **kafka_client.kafka_security_from_env()}
@@ -273,8 +260,8 @@ def run_backfill(sender: Sender, args: argparse.Namespace, value_ranges: dict) -
     from tqdm import tqdm
 
     spacing = args.interval + args.drift
-    rounds = max(1, int(parse_duration(args.backfill) // spacing))
-    start = time.time() - parse_duration(args.until) - (rounds - 1) * spacing
+    rounds = max(1, int(config.parse_duration(args.backfill) // spacing))
+    start = time.time() - config.parse_duration(args.until) - (rounds - 1) * spacing
     expected = rounds * len(value_ranges) * (1 - args.skip_probability) * (1 + args.replay_share)
     messages = simulate(
         start,
@@ -346,8 +333,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.backfill:
         try:
-            parse_duration(args.backfill)
-            parse_duration(args.until)
+            config.parse_duration(args.backfill)
+            config.parse_duration(args.until)
         except ValueError as error:
             parser.error(str(error))
     if args.devices is not None and args.devices < 1:

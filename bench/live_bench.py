@@ -54,7 +54,7 @@ import harness  # noqa: E402
 
 import live  # noqa: E402
 import producer  # noqa: E402
-from common import kafka_client  # noqa: E402
+from common import config, kafka_client  # noqa: E402
 
 PYTHON = sys.executable
 #: The --watch interval of the runs (--trigger).
@@ -379,7 +379,7 @@ def history_figures(cycles: dict[str, list[dict]], runs: list[tuple[str, float]]
         steady = [c for c in cycles[history][1:] if c["measurements"]]
         if not steady:
             raise RuntimeError(f"no cycle with new measurements after {history} of history")
-        rows = round(producer.parse_duration(history) / producer.DEFAULT_INTERVAL * len(producer.VALUE_RANGES))
+        rows = round(config.parse_duration(history) / producer.DEFAULT_INTERVAL * len(producer.VALUE_RANGES))
         median = statistics.median(c["seconds"] for c in steady)
         results.append({"metric": f"live_cycle_s_{history}", "rows": rows, "value": round(median, 2), "unit": "s"})
         print(f"{history} of history: {len(steady)} cycles, median {median:.2f} s", flush=True)

@@ -8,7 +8,8 @@ severity ``error`` fails, else 0 (2 when the input is missing).
 Checks (severity): schema, keys_not_null, expected_series_present (error); per series
 unique_slots, regular_grid, value_not_negative, value_within_bounds, filled_share (error);
 longest_filled_run, missing_slots, report_before_measurement, report_delay, flat_line, spikes
-(warn); unknown_series (warn). Thresholds are options; the defaults pass on a healthy feed and
+(warn); unknown_series, clock_faults (warn: measurements the processor quarantined because their
+meter's clock was off, counted by reason from ``quarantine_data``). Thresholds are options; the defaults pass on a healthy feed and
 fail on broken data. t_report is compared with the slot start (cleaned t_measurement).
 
 Usage:
@@ -31,7 +32,15 @@ import check_report
 from check_figures import series_metrics
 from common import config
 from common import message as m
-from common.contracts import CLEANED_SCHEMA, PARTITION, SERIES_KEYS, UNKNOWN_SERIES_SCHEMA, series_catalog
+from common.contracts import (
+    CLEANED_SCHEMA,
+    CLOCK_FAULT_REASONS,
+    PARTITION,
+    QUARANTINE_SCHEMA,
+    SERIES_KEYS,
+    UNKNOWN_SERIES_SCHEMA,
+    series_catalog,
+)
 from common.session import build_session, one_row
 from common.storage import (
     StageInputError,
@@ -261,6 +270,31 @@ def _unknown_series_result(unknown: DataFrame | None) -> Result:
     return Result("unknown_series", WARN, count == 0, observed, 0)
 
 
+def clock_fault_result(counts: Mapping[str, int] | None) -> Result:
+    """The clock_faults check: the quarantined measurements whose meter's clock was off, by reason.
+
+    Args:
+        counts: rows per clock-fault reason (``count_clock_faults``), or None without quarantine_data.
+    """
+    if counts is None:
+        return Result("clock_faults", WARN, True, "no quarantine_data from the processor", 0)
+    by_reason = {reason: counts.get(reason, 0) for reason in CLOCK_FAULT_REASONS}
+    total = sum(by_reason.values())
+    return Result("clock_faults", WARN, total == 0, {"rows": total, **by_reason}, 0)
+
+
+def count_clock_faults(spark: SparkSession, paths: config.Paths) -> dict[str, int] | None:
+    """Rows per clock-fault reason in quarantine_data (one aggregate row); None when it does not exist."""
+    recover_output(spark, paths.quarantine_data, log)
+    if not path_exists(spark, paths.quarantine_data):
+        return None
+    quarantine = spark.read.schema(QUARANTINE_SCHEMA).parquet(paths.quarantine_data)
+    row = one_row(
+        quarantine.agg(*[F.count_if(F.col("reason") == reason).alias(reason) for reason in CLOCK_FAULT_REASONS])
+    )
+    return {reason: int(row[reason]) for reason in CLOCK_FAULT_REASONS}
+
+
 def exit_code(results: list[Result]) -> int:
     """Return 1 when an error-severity check failed, else 0."""
     return 1 if any(not r.passed and r.severity == ERROR for r in results) else 0
@@ -281,6 +315,7 @@ def run(spark: SparkSession, paths: config.Paths, config_: CheckerConfig, show: 
         # The partition column is layout, not contract.
         cleaned = spark.read.parquet(paths.cleaned_data).drop(PARTITION)
         results, listed = check_and_summarize(cleaned, read_unknown(spark, paths), config_)
+        results.append(clock_fault_result(count_clock_faults(spark, paths)))
         report_path = write_report(spark, paths, results)
         if show:
             check_report.show(cleaned, listed, results, config.join_path(paths.reports, check_report.CHART_FILE))

@@ -37,7 +37,7 @@ DEFAULT_REPORT_WINDOW_SECONDS = 3600.0
 
 
 def parse_args(argv: list[str] | None):
-    """Parse the options of all four stages into (args, paths, cleaner config, checker config)."""
+    """Parse the options of all four stages into (args, paths, clock limits, cleaner config, checker config)."""
     parser = config.make_parser(__doc__)
     parser.add_argument("--skip-consumer", action="store_true", help="start from consumer_data as it is")
     live = parser.add_argument_group("live mode")
@@ -58,17 +58,19 @@ def parse_args(argv: list[str] | None):
     )
     config.add_datastore_options(parser, tuple(config.FOLDERS))
     consumer.add_arguments(parser)
+    processor.add_arguments(parser)
     config.add_series_options(parser)
     cleaner.add_arguments(parser)
     checker.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        return args, config.paths_from_args(args), cleaner.load_config(args), checker.config_from_args(args)
+        clock = processor.clock_from_args(args)
+        return args, config.paths_from_args(args), clock, cleaner.load_config(args), checker.config_from_args(args)
     except (ValueError, OSError) as error:
         parser.error(str(error))
 
 
-def run(spark, paths, consumer_config, cleaner_config, checker_config) -> int:
+def run(spark, paths, consumer_config, cleaner_config, checker_config, clock=processor.ClockLimits()) -> int:
     """Run the stages in order (without ``consumer_config``, from consumer_data as it is); return the
     first non-zero exit code, else 0."""
 
@@ -81,7 +83,7 @@ def run(spark, paths, consumer_config, cleaner_config, checker_config) -> int:
         return 0
 
     def process() -> int:
-        return 0 if processor.run(spark, paths).balanced() else 1
+        return 0 if processor.run(spark, paths, clock).balanced() else 1
 
     def clean() -> int:
         cleaner.run(spark, paths, cleaner_config)
@@ -105,7 +107,7 @@ def run(spark, paths, consumer_config, cleaner_config, checker_config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the pipeline from the command line; return the exit code."""
-    args, paths, cleaner_config, checker_config = parse_args(argv)
+    args, paths, clock, cleaner_config, checker_config = parse_args(argv)
     if args.watch is not None and float(args.watch) <= 0:
         log.error("--watch needs a positive number of seconds")
         return 1
@@ -121,11 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.watch is not None:
         # After the session: PySpark's SparkContext sets its own SIGINT handler.
         should_stop = config.StopRequest(log)
-        settings = live.Settings(cleaner_config, checker_config, args.report_window)
+        settings = live.Settings(cleaner_config, checker_config, args.report_window, clock)
         consumer_live = None if consumer_config is None else consumer_config.continuous(float(args.watch))
         code = exit_code_of(lambda: live.watch(spark, paths, settings, consumer_live, should_stop), log)
     else:
-        code = run(spark, paths, consumer_config, cleaner_config, checker_config)
+        code = run(spark, paths, consumer_config, cleaner_config, checker_config, clock)
     log.info("pipeline %s in %.1f s", "done" if code == 0 else "stopped", time.monotonic() - started)
     return code
 

@@ -4,8 +4,10 @@ Reads ``consumer_data`` (raw Kafka rows), parses each message value with an expl
 flattens it to t_measurement, t_report (UTC timestamps), device_id, signal_name and value (double),
 collapses replays of a measurement to the one with the latest t_report, and replaces
 ``processed_data``. Records that cannot be used go to ``quarantine_data`` with the raw value as
-text, a reason and their Kafka topic/partition/offset. One log line accounts for every raw row:
-raw = processed + quarantined + duplicates collapsed.
+text, a reason and their Kafka topic/partition/offset. A measurement whose t_measurement is too far
+ahead of its arrival at the broker (Kafka's timestamp, ``--max-ahead``) or older than the lateness
+horizon before it (``--max-lateness``) is a clock fault: quarantined with its own reason. One log
+line accounts for every raw row: raw = processed + quarantined + duplicates collapsed.
 
 Usage:
     python exercises/processor.py --datastore DIR
@@ -14,6 +16,7 @@ Usage:
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from dataclasses import dataclass
@@ -25,7 +28,16 @@ from pyspark.sql import types as T
 
 from common import config
 from common import message as m
-from common.contracts import PARTITION, PROCESSED_SCHEMA, QUARANTINE_SCHEMA, with_hour
+from common.contracts import (
+    CLOCK_FAULT_REASONS,
+    PARTITION,
+    PROCESSED_SCHEMA,
+    QUARANTINE_SCHEMA,
+    REASON_AHEAD_OF_ARRIVAL,
+    REASON_BEYOND_LATENESS,
+    REASON_IMPLAUSIBLE_TIMESTAMP,
+    with_hour,
+)
 from common.raw_input import read_raw
 from common.session import build_session
 from common.storage import exit_code_of, replace_output, stage_lock
@@ -40,13 +52,38 @@ REASON_MALFORMED = "malformed_json"
 REASON_NOT_OBJECT = "not_a_json_object"
 REASON_MISSING = "missing_field:"  # followed by the field's name
 REASON_BAD_TIMESTAMP = "unparseable_timestamp:"  # followed by the field's name
-REASON_IMPLAUSIBLE_TIMESTAMP = "implausible_timestamp:"  # followed by the field's name
 REASON_NON_NUMERIC = "non_numeric_value"
 REASON_NON_FINITE = "non_finite_value"
 
 #: Plausible measurement times, in epoch seconds: 2000-01-01 to 2100-01-01 (UTC). Milliseconds or
 #: microseconds sent as seconds land far beyond the upper bound.
 PLAUSIBLE_EPOCH_SECONDS = (946_684_800, 4_102_444_800)
+
+#: Clock faults, judged against the record's arrival at the broker: a meter's clock runs minutes off, a
+#: reset one reports from 2000 or 1970, a broken one months or years ahead. The horizon lets a head-end's
+#: or the producer's backfill of days through; both are options (``--max-ahead``, ``--max-lateness``).
+DEFAULT_MAX_AHEAD_SECONDS = 3600.0
+DEFAULT_MAX_LATENESS_SECONDS = 7 * 86400.0
+ENV_MAX_AHEAD = "METER_MAX_AHEAD"
+ENV_MAX_LATENESS = "METER_MAX_LATENESS"
+
+
+@dataclass(frozen=True)
+class ClockLimits:
+    """How far a t_measurement may be from its record's arrival at the broker (Kafka's timestamp).
+
+    Attributes:
+        max_ahead_seconds: the most a measurement may be ahead of its arrival.
+        max_lateness_seconds: the most it may be older than its arrival (the lateness horizon).
+    """
+
+    max_ahead_seconds: float = DEFAULT_MAX_AHEAD_SECONDS
+    max_lateness_seconds: float = DEFAULT_MAX_LATENESS_SECONDS
+
+    def __post_init__(self) -> None:
+        if not (self.max_ahead_seconds > 0 and self.max_lateness_seconds > 0):
+            raise ValueError("the clock limits (max ahead, max lateness) must be positive durations")
+
 
 _CORRUPT = "_corrupt_record"
 # Every field is read as text: producers send numbers, the brief's example file has strings, and
@@ -66,6 +103,7 @@ class Accounting:
     processed: int
     quarantined: int
     duplicates: int
+    clock_faults: int = 0  # of the quarantined
 
     def balanced(self) -> bool:
         """Return whether every raw row is accounted for."""
@@ -109,6 +147,7 @@ def _rejection(value: Column) -> Column:
         plausible = F.col(f"_{field}_plausible")
         reason = reason.when(plausible.isNull(), REASON_BAD_TIMESTAMP + field)
         reason = reason.when(~plausible, REASON_IMPLAUSIBLE_TIMESTAMP + field)
+    reason = reason.when(F.col("_ahead"), REASON_AHEAD_OF_ARRIVAL).when(F.col("_behind"), REASON_BEYOND_LATENESS)
     reason = reason.when(non_finite, REASON_NON_FINITE).when(value.isNull(), REASON_NON_NUMERIC)
     return reason
 
@@ -125,6 +164,7 @@ def _usable(value: Column) -> Column:
         & F.is_valid_utf8("raw_value")
         & F.col(f"_{m.T_MEASUREMENT}_plausible")
         & F.col(f"_{m.T_REPORT}_plausible")
+        & ~F.coalesce(F.col("_ahead") | F.col("_behind"), F.lit(False))
         & ~F.isnan(value)
         & (F.abs(value) < float("inf"))
         & ~F.coalesce(F.trim(F.col(m.DEVICE_ID)).isin("", "null"), F.lit(True))
@@ -132,7 +172,7 @@ def _usable(value: Column) -> Column:
     )
 
 
-def parse_measurements(raw: DataFrame) -> DataFrame:
+def parse_measurements(raw: DataFrame, clock: ClockLimits = ClockLimits()) -> DataFrame:
     """Parse raw Kafka rows into typed columns plus a quarantine ``reason`` (null when usable).
 
     Built in steps that each read the previous step's columns, so that the JSON is parsed once and
@@ -141,6 +181,7 @@ def parse_measurements(raw: DataFrame) -> DataFrame:
 
     Args:
         raw: rows of ``RAW_SCHEMA``.
+        clock: the clock-fault limits; a record without an arrival time is not judged by them.
 
     Returns:
         The processed columns, ``reason``, ``raw_value`` (the value as text, where rejected) and the Kafka
@@ -151,10 +192,13 @@ def parse_measurements(raw: DataFrame) -> DataFrame:
     parsed = raw.select(
         text.alias("raw_value"),
         *kafka,
+        (F.unix_micros("timestamp") / 1_000_000).alias("_arrival_s"),
         F.from_json(text, MESSAGE_SCHEMA, {"columnNameOfCorruptRecord": _CORRUPT}).alias("msg"),
     )
-    fields = parsed.select("raw_value", *kafka, *[F.col(f"msg.{name}").alias(name) for name in MESSAGE_SCHEMA.names])
-    converted = _converted(fields)
+    fields = parsed.select(
+        "raw_value", *kafka, "_arrival_s", *[F.col(f"msg.{name}").alias(name) for name in MESSAGE_SCHEMA.names]
+    )
+    converted = _converted(fields, clock)
     value = F.col("_value")
     reason = F.when(_usable(value), F.lit(None).cast(T.StringType())).otherwise(_rejection(value))
 
@@ -176,9 +220,11 @@ def parse_measurements(raw: DataFrame) -> DataFrame:
     )
 
 
-def _converted(fields: DataFrame) -> DataFrame:
-    """The message's fields with their conversions: epoch seconds, whether plausible, the value as a number."""
+def _converted(fields: DataFrame, clock: ClockLimits) -> DataFrame:
+    """The message's fields with their conversions: epoch seconds, whether plausible, the value as a number,
+    and whether t_measurement is ``_ahead`` of its arrival or ``_behind`` it (null without an arrival time)."""
     low, high = PLAUSIBLE_EPOCH_SECONDS
+    offset = F.col(f"_{m.T_MEASUREMENT}_s") - F.col("_arrival_s")
     return fields.select(
         "*",
         *[_epoch_seconds(F.col(name)).alias(f"_{name}_s") for name in (m.T_MEASUREMENT, m.T_REPORT)],
@@ -187,6 +233,8 @@ def _converted(fields: DataFrame) -> DataFrame:
         "*",
         F.col("_value_text").try_cast(T.DoubleType()).alias("_value"),
         *[F.col(f"_{name}_s").between(low, high).alias(f"_{name}_plausible") for name in (m.T_MEASUREMENT, m.T_REPORT)],
+        (offset > clock.max_ahead_seconds).alias("_ahead"),
+        (offset < -clock.max_lateness_seconds).alias("_behind"),
     )
 
 
@@ -235,7 +283,7 @@ def collapse_replays(parsed: DataFrame, with_partition: bool = False) -> DataFra
     )
 
 
-def parse_and_cache(raw: DataFrame, counts: Observation) -> DataFrame:
+def parse_and_cache(raw: DataFrame, counts: Observation, clock: ClockLimits = ClockLimits()) -> DataFrame:
     """Parse raw rows (``parse_measurements``), count raw/valid/quarantined into ``counts``, and cache.
 
     One parse feeds both outputs. The cache is also a barrier: a filter on the parsed columns would
@@ -245,11 +293,12 @@ def parse_and_cache(raw: DataFrame, counts: Observation) -> DataFrame:
     processor took 59 s with a compressed cache in memory and on disk, 47 s with this one). The
     caller unpersists.
     """
-    parsed = parse_measurements(raw).observe(
+    parsed = parse_measurements(raw, clock).observe(
         counts,
         F.count(F.lit(1)).alias("raw"),
         F.count_if(F.col("reason").isNull()).alias("valid"),
         F.count_if(F.col("reason").isNotNull()).alias("quarantined"),
+        F.count_if(F.col("reason").isin(*CLOCK_FAULT_REASONS)).alias("clock_faults"),
     )
     # Spark caches with a copy of the session's settings taken here, so the setting is restored at once.
     spark = raw.sparkSession
@@ -261,13 +310,17 @@ def parse_and_cache(raw: DataFrame, counts: Observation) -> DataFrame:
         spark.conf.set(CACHE_COMPRESSED, previous or "true")
 
 
-def run(spark: SparkSession, paths: config.Paths) -> Accounting:
-    """Read consumer_data, write processed_data and quarantine_data, and account for every row."""
+def run(spark: SparkSession, paths: config.Paths, clock: ClockLimits = ClockLimits()) -> Accounting:
+    """Read consumer_data, write processed_data and quarantine_data, and account for every row.
+
+    Args:
+        clock: the clock-fault limits (``ClockLimits``).
+    """
     with stage_lock(paths.processed_data, STAGE, log):
         started = time.monotonic()
         raw = read_raw(spark, paths.consumer_data, log)
         parse_counts = Observation("parse")
-        parsed = parse_and_cache(raw, parse_counts)
+        parsed = parse_and_cache(raw, parse_counts, clock)
         try:
             output_counts = Observation("output")
             processed = collapse_replays(parsed, with_partition=True).observe(
@@ -283,12 +336,14 @@ def run(spark: SparkSession, paths: config.Paths) -> Accounting:
             processed=output_counts.get["processed"],
             quarantined=counts["quarantined"],
             duplicates=counts["valid"] - output_counts.get["processed"],
+            clock_faults=counts["clock_faults"],
         )
         log.info(
-            "raw rows %d = processed %d + quarantined %d + duplicates collapsed %d%s (%.1f s)",
+            "raw rows %d = processed %d + quarantined %d (clock faults %d) + duplicates collapsed %d%s (%.1f s)",
             accounting.raw,
             accounting.processed,
             accounting.quarantined,
+            accounting.clock_faults,
             accounting.duplicates,
             "" if accounting.balanced() else "  MISMATCH",
             time.monotonic() - started,
@@ -300,22 +355,53 @@ def run(spark: SparkSession, paths: config.Paths) -> Accounting:
         return accounting
 
 
-def parse_args(argv: list[str] | None) -> tuple:
-    """Parse the command line into (args, paths)."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the processor's own options: the clock-fault limits."""
+    group = parser.add_argument_group("clock faults")
+    group.add_argument(
+        "--max-ahead",
+        default=config.env_default(ENV_MAX_AHEAD, f"{DEFAULT_MAX_AHEAD_SECONDS / 3600:g}h"),
+        help="quarantine a measurement whose t_measurement is more than this ahead of its arrival at the broker "
+        f"(Kafka's timestamp): a duration such as 90s, 15m, 6h or 2d [env {ENV_MAX_AHEAD}]",
+    )
+    group.add_argument(
+        "--max-lateness",
+        default=config.env_default(ENV_MAX_LATENESS, f"{DEFAULT_MAX_LATENESS_SECONDS / 86400:g}d"),
+        help="quarantine a measurement whose t_measurement is more than this older than its arrival (the lateness "
+        f"horizon; a backfill older than this is rejected) [env {ENV_MAX_LATENESS}]",
+    )
+
+
+def clock_from_args(args: argparse.Namespace) -> ClockLimits:
+    """The clock-fault limits of parsed ``add_arguments`` options.
+
+    Raises:
+        ValueError: on a duration that does not parse or is not positive.
+    """
+    return ClockLimits(config.parse_duration(args.max_ahead), config.parse_duration(args.max_lateness))
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, config.Paths, ClockLimits]:
+    """Parse the command line into (args, paths, clock limits)."""
     parser = config.make_parser(__doc__)
     config.add_datastore_options(parser, ("consumer_data", "processed_data", "quarantine_data"))
+    add_arguments(parser)
     args = parser.parse_args(argv)
-    return args, config.paths_from_args(args)
+    try:
+        clock = clock_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return args, config.paths_from_args(args), clock
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the processor from the command line; return the exit code."""
-    args, paths = parse_args(argv)
+    args, paths, clock = parse_args(argv)
 
     def process() -> int:
         with stage_lock(paths.processed_data, STAGE, log):  # a second run is refused before Spark starts
             spark = build_session("meter-stream processor", verbose=args.verbose)
-            return 0 if run(spark, paths).balanced() else 1
+            return 0 if run(spark, paths, clock).balanced() else 1
 
     return exit_code_of(process, log)
 

@@ -45,6 +45,12 @@ def raw_frame(spark: SparkSession, payloads: list[bytes | None]) -> DataFrame:
     return local_frame(spark, raw_rows(payloads), RAW_SCHEMA)
 
 
+def raw_frame_arriving(spark: SparkSession, payloads: list[bytes | None], arrival: float) -> DataFrame:
+    """Raw consumer rows as ``raw_frame`` gives, every one arriving at the broker at epoch ``arrival``."""
+    stamp = datetime.fromtimestamp(arrival, UTC).replace(tzinfo=None)
+    return local_frame(spark, [(*row[:5], stamp, row[6]) for row in raw_rows(payloads)], RAW_SCHEMA)
+
+
 def run_command(*command: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run a command from the repo root and capture its text output."""
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

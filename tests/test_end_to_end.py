@@ -11,9 +11,15 @@ import pytest
 import checker
 import cleaner
 import processor
-from make_sample_data import UNKNOWN_SERIES, sample_payloads
+from datetime import UTC, datetime
+
+from pyspark.sql import functions as F
+
+from common.contracts import RAW_SCHEMA
+from common.session import local_frame
+from make_sample_data import SAMPLE_START, UNKNOWN_SERIES, raw_rows, sample_payloads
 from producer import MALFORMED_PAYLOADS
-from tests.helpers import raw_frame, run_command, run_python
+from tests.helpers import message, raw_frame, run_command, run_python
 
 
 def expected_accounting(payloads):
@@ -22,7 +28,9 @@ def expected_accounting(payloads):
     replays = sum(
         1 for before, p in zip(payloads, payloads[1:], strict=False) if p == before and p not in MALFORMED_PAYLOADS
     )
-    return processor.Accounting(len(payloads), len(payloads) - malformed - replays, malformed, replays)
+    # Of the malformed payloads, one has its measurement time in milliseconds: a clock fault.
+    clock_faults = sum(b'"t_measurement": 1716369246734,' in p for p in payloads)
+    return processor.Accounting(len(payloads), len(payloads) - malformed - replays, malformed, replays, clock_faults)
 
 
 def test_processor_cleaner_checker_on_simulated_feed(spark, paths):
@@ -37,8 +45,9 @@ def test_processor_cleaner_checker_on_simulated_feed(spark, paths):
     assert checker.exit_code(results) == 0
     assert counts["missing"] == 0 and counts["measured"] > 0 and counts["interpolated"] > 0
     failed = {(r.name, r.series) for r in results if not r.passed}
-    # The feed's quirk (reports 10 s before the measurement) and the unknown series are warnings.
-    assert {name for name, _ in failed} == {"report_before_measurement", "unknown_series"}
+    # The feed's quirk (reports 10 s before the measurement), the unknown series and its millisecond clock are
+    # warnings.
+    assert {name for name, _ in failed} == {"report_before_measurement", "unknown_series", "clock_faults"}
     cleaned = spark.read.parquet(paths.cleaned_data)
     assert {(r.device_id, r.signal_name) for r in cleaned.select("device_id", "signal_name").distinct().collect()} == {
         ("device1", "energy export"),
@@ -48,6 +57,49 @@ def test_processor_cleaner_checker_on_simulated_feed(spark, paths):
     }
     unknown = [(r.device_id, r.signal_name) for r in spark.read.parquet(paths.unknown_series).collect()]
     assert unknown == [UNKNOWN_SERIES]
+
+
+DAY = 86_400.0
+#: Meters with broken clocks (one series of the normal feed): reset to 2000-01-01 and to 1970, months and a
+#: year ahead; each arrives 15 minutes into the feed.
+CLOCK_FAULTS = [946_684_800.0, 0.0, SAMPLE_START + 120 * DAY, SAMPLE_START + 365 * DAY]
+
+
+def test_clock_faulty_meters_among_normal_ones_are_quarantined_and_the_run_passes(spark, paths):
+    payloads = sample_payloads(hours=0.5, seed=3)
+    faulty = [message(t, t + 1, "device1", "energy import", 15) for t in CLOCK_FAULTS]
+    arrival = datetime.fromtimestamp(SAMPLE_START + 900, UTC).replace(tzinfo=None)
+    rows = raw_rows(payloads + faulty)
+    rows[len(payloads) :] = [(*row[:5], arrival, row[6]) for row in rows[len(payloads) :]]
+    local_frame(spark, rows, RAW_SCHEMA).write.parquet(paths.consumer_data)
+
+    normal = expected_accounting(payloads)
+    assert processor.run(spark, paths) == processor.Accounting(
+        normal.raw + 4, normal.processed, normal.quarantined + 4, normal.duplicates, normal.clock_faults + 4
+    )
+    cleaner.run(spark, paths, cleaner.CleanerConfig())
+    results = checker.run(spark, paths, checker.CheckerConfig(), show=False)
+
+    assert checker.exit_code(results) == 0
+    (clock,) = [r for r in results if r.name == "clock_faults"]
+    assert (clock.passed, clock.severity) == (False, checker.WARN)
+    assert clock.observed == {
+        "rows": 4 + normal.clock_faults,
+        "implausible_timestamp:t_measurement": 1 + normal.clock_faults,
+        "ahead_of_arrival:t_measurement": 2,
+        "beyond_lateness_horizon:t_measurement": 1,
+    }
+    quarantine = spark.read.parquet(paths.quarantine_data).where(F.col("offset") >= len(payloads))
+    assert sorted((r.offset - len(payloads), r.reason) for r in quarantine.collect()) == [
+        (0, "beyond_lateness_horizon:t_measurement"),
+        (1, "implausible_timestamp:t_measurement"),
+        (2, "ahead_of_arrival:t_measurement"),
+        (3, "ahead_of_arrival:t_measurement"),
+    ]
+    # the faulty meter's series keeps its real span: the feed's half hour, on the grid
+    series = spark.read.parquet(paths.cleaned_data).where("device_id = 'device1' AND signal_name = 'energy import'")
+    first, last, slots = series.agg(F.min("t_measurement"), F.max("t_measurement"), F.count(F.lit(1))).first()
+    assert (last - first).total_seconds() < 1800 and slots == (last - first).total_seconds() / 10 + 1
 
 
 def test_checker_fails_when_a_series_stops_reporting(spark, paths):

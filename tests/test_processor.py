@@ -8,18 +8,20 @@ import os
 
 import pytest
 from chispa import assert_df_equality
+from pyspark.sql import functions as F
 
 from common.contracts import PROCESSED_SCHEMA, QUARANTINE_SCHEMA, RAW_SCHEMA
 from common.raw_input import read_raw
 from common.session import local_frame
 from processor import (
     Accounting,
+    ClockLimits,
     collapse_replays,
     parse_measurements,
     run,
     select_quarantine,
 )
-from tests.helpers import message, raw_frame, utc
+from tests.helpers import message, raw_frame, raw_frame_arriving, utc
 
 T = 1716369246.734911
 GOOD = message(T, T - 10)
@@ -253,3 +255,53 @@ def test_copied_folder_reads_only_the_files_its_log_names(spark, tmp_path):
     raw_frame(spark, [message(T + 10, T)]).coalesce(1).write.mode("append").parquet(str(folder))  # a failed batch
     rows = read_raw(spark, str(folder), logging.getLogger("test")).collect()
     assert [r.offset for r in rows] == [0]
+
+
+# --- clock faults: judged against the record's arrival at the broker --------------------------------
+
+ARRIVAL = 1_764_072_000.0  # 2025-11-25 12:00:00 UTC
+DAY = 86_400.0
+CLOCK_CASES = [
+    (ARRIVAL - 5, None),  # the usual report delay
+    (ARRIVAL + 3500, None),  # a clock a little ahead
+    (ARRIVAL - 6 * DAY, None),  # a backfill of days
+    (946_684_800.0, "beyond_lateness_horizon:t_measurement"),  # a clock reset to 2000-01-01
+    (0.0, "implausible_timestamp:t_measurement"),  # a clock reset to 1970
+    (ARRIVAL - 8 * DAY, "beyond_lateness_horizon:t_measurement"),
+    (ARRIVAL + 2 * 3600, "ahead_of_arrival:t_measurement"),
+    (ARRIVAL + 120 * DAY, "ahead_of_arrival:t_measurement"),  # months ahead
+    (ARRIVAL + 365 * DAY, "ahead_of_arrival:t_measurement"),  # a year ahead
+]
+
+
+@pytest.fixture(scope="module")
+def clock_reasons(spark):
+    """Each CLOCK_CASES measurement (a series each) arriving at ARRIVAL, parsed with the default limits."""
+    payloads = [message(t, t + 1, f"meter{index}") for index, (t, _) in enumerate(CLOCK_CASES)]
+    parsed = parse_measurements(raw_frame_arriving(spark, payloads, ARRIVAL))
+    return {row.offset: row.reason for row in parsed.select("offset", "reason").collect()}
+
+
+@pytest.mark.parametrize(("index", "reason"), list(enumerate(r for _, r in CLOCK_CASES)))
+def test_a_measurement_is_judged_by_its_distance_from_its_arrival(clock_reasons, index, reason):
+    assert clock_reasons[index] == reason
+
+
+def test_clock_limits_are_settings_and_a_record_without_arrival_time_is_not_judged(spark):
+    payloads = [message(ARRIVAL - 2 * 3600, ARRIVAL), message(ARRIVAL + 600, ARRIVAL)]
+    tight = ClockLimits(max_ahead_seconds=60, max_lateness_seconds=3600)
+    parsed = parse_measurements(raw_frame_arriving(spark, payloads, ARRIVAL), tight)
+    assert [r.reason for r in parsed.orderBy("offset").collect()] == [
+        "beyond_lateness_horizon:t_measurement",
+        "ahead_of_arrival:t_measurement",
+    ]
+    unknown_arrival = raw_frame_arriving(spark, payloads, ARRIVAL).withColumn("timestamp", F.lit(None))
+    assert [r.reason for r in parse_measurements(unknown_arrival, tight).collect()] == [None, None]
+    with pytest.raises(ValueError, match="positive"):
+        ClockLimits(max_ahead_seconds=0)
+
+
+def test_run_counts_clock_faults_among_the_quarantined(spark, paths):
+    payloads = [message(ARRIVAL - 5, ARRIVAL), message(946_684_800.0, ARRIVAL), b"not json"]
+    raw_frame_arriving(spark, payloads, ARRIVAL).write.parquet(paths.consumer_data)
+    assert run(spark, paths) == Accounting(raw=3, processed=1, quarantined=2, duplicates=0, clock_faults=1)

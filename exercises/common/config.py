@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass, fields
@@ -147,6 +148,18 @@ def parse_expected_series(names, default):
         return None
     items = names.split(",") if isinstance(names, str) else names
     return tuple(m.parse_series_name(name) for name in items if name.strip())
+
+
+def parse_duration(text: str) -> float:
+    """Return seconds for a duration such as ``90``, ``90s``, ``15m``, ``6h`` or ``2d``.
+
+    Raises:
+        ValueError: when the text is not such a duration.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match:
+        raise ValueError(f"{text!r} is not a duration like 90s, 15m, 6h or 2d")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
 def paths_from_args(args: argparse.Namespace) -> Paths:

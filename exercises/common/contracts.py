@@ -49,6 +49,14 @@ QUARANTINE_SCHEMA = T.StructType(
     ]
 )
 
+#: quarantine_data reasons of a meter clock fault, which the processor sets and the checker counts: a
+#: t_measurement outside 2000-2100 (a reset clock, or milliseconds sent as seconds), too far ahead of the
+#: record's arrival at the broker (Kafka's ``timestamp``), or older than the lateness horizon before it.
+REASON_IMPLAUSIBLE_TIMESTAMP = "implausible_timestamp:"  # followed by the field's name
+REASON_AHEAD_OF_ARRIVAL = "ahead_of_arrival:" + m.T_MEASUREMENT
+REASON_BEYOND_LATENESS = "beyond_lateness_horizon:" + m.T_MEASUREMENT
+CLOCK_FAULT_REASONS = (REASON_IMPLAUSIBLE_TIMESTAMP + m.T_MEASUREMENT, REASON_AHEAD_OF_ARRIVAL, REASON_BEYOND_LATENESS)
+
 QUALITY = "quality"
 
 #: cleaned_data: one row per series and slot; t_measurement is the slot's start.

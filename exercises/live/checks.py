@@ -163,12 +163,28 @@ def write_unknown(spark: SparkSession, paths: config.Paths, config_: cleaner.Cle
     replace_output(unknown, paths.unknown_series, log)
 
 
-def write_report(spark: SparkSession, paths: config.Paths, config_: checker.CheckerConfig, figures: DataFrame) -> int:
-    """Check the running figures of the report window, write the report; return the checker's exit code."""
+def write_report(
+    spark: SparkSession,
+    paths: config.Paths,
+    config_: checker.CheckerConfig,
+    figures: DataFrame,
+    written: DataFrame,
+    clock_faults: dict[str, int],
+) -> int:
+    """Check the running figures of the report window, write the report; return the checker's exit code.
+
+    Args:
+        written: the cleaned_data rows this cycle wrote: the schema check is of their columns (the full
+            run's checker checked the files before them).
+        clock_faults: quarantine_data's rows per clock-fault reason.
+    """
     with stage_lock(paths.reports, checker.STAGE, checker.log):
         started = time.monotonic()
-        schema = checker.Result("schema", checker.ERROR, True, "as declared", "cleaned_data contract")
+        problems = checker.schema_problems(written)
+        observed = problems or "as declared (the rows this cycle wrote)"
+        schema = checker.Result("schema", checker.ERROR, not problems, observed, "cleaned_data contract")
         metrics = check_figures.summarize_figures(figures)
         results, _listed = checker.evaluate(metrics, checker.read_unknown(spark, paths), config_, [schema])
+        results.append(checker.clock_fault_result(clock_faults))
         checker.log_outcome(results, checker.write_report(spark, paths, results), started)
         return checker.exit_code(results)

@@ -17,6 +17,7 @@ from common import config
 from common import message as m
 from common.contracts import (
     CLEANED_SCHEMA,
+    CLOCK_FAULT_REASONS,
     PARTITION,
     RAW_SCHEMA,
     SERIES_KEYS_SCHEMA,
@@ -78,7 +79,7 @@ def run_cycle(
     # Everything a cycle caches is the cycle's own.
     with cached_for_the_block(spark):
         state = read_series_state(spark, paths, cursor.cycle).persist()
-        counts, valid, processed = _processor_part(spark, paths, settings.cleaner, files, state, cycle)
+        counts, valid, processed = _processor_part(spark, paths, settings, files, state, cycle)
         marks.append(time.monotonic())
         grid = _clean(spark, paths, settings.cleaner, processed, state, cycle)
         histogram = latency_histogram(valid, time.time())
@@ -87,7 +88,9 @@ def run_cycle(
         newest = max(filter(None, [cursor.newest, grid.newest]), default=None)
         figures = update_figures(spark, paths, settings, cursor, new_figures, newest, cycle)
         marks.append(time.monotonic())
-        exit_code = write_report(spark, paths, settings.checker, figures)
+        clock_faults = {reason: cursor.clock_faults.get(reason, 0) + counts[reason] for reason in CLOCK_FAULT_REASONS}
+        written = grid.rows.select(*CLEANED_SCHEMA.fieldNames())
+        exit_code = write_report(spark, paths, settings.checker, figures, written, clock_faults)
         marks.append(time.monotonic())
         # Written, then read back for what else needs it: one pass, where a checkpoint and a write were two.
         write_state(
@@ -100,12 +103,16 @@ def run_cycle(
             write_unknown(spark, paths, settings.cleaner, read_series_state(spark, paths, cycle))
         open_hours = _open_hours(cursor, processed, grid)
         open_hours = (compactor or Compactor(background=False)).step(spark, paths, open_hours, newest, cycle)
-        committed = Cursor(cycle, positions, settings.fingerprint, newest, open_hours)
+        committed = Cursor(cycle, positions, settings.fingerprint, newest, open_hours, clock_faults)
         commit_cursor(spark, paths, committed)
         cleanup(spark, paths, cycle)
         marks.append(time.monotonic())
     accounting = processor.Accounting(
-        counts["raw"], processed.gained, counts["quarantined"], counts["valid"] - processed.gained
+        counts["raw"],
+        processed.gained,
+        counts["quarantined"],
+        counts["valid"] - processed.gained,
+        sum(counts[reason] for reason in CLOCK_FAULT_REASONS),
     )
     return committed, CycleResult(accounting, histogram, newest, exit_code, _part_seconds(marks))
 
@@ -113,7 +120,7 @@ def run_cycle(
 def _processor_part(
     spark: SparkSession,
     paths: config.Paths,
-    config_: cleaner.CleanerConfig,
+    settings: Settings,
     files: list[str],
     state: DataFrame,
     cycle: int,
@@ -123,9 +130,10 @@ def _processor_part(
     Returns:
         The counts (``_mark``), the valid rows, what processed_data gained.
     """
-    parsed = processor.parse_and_cache(spark.read.schema(RAW_SCHEMA).parquet(*files), Observation(f"parse-{cycle}"))
+    raw = spark.read.schema(RAW_SCHEMA).parquet(*files)
+    parsed = processor.parse_and_cache(raw, Observation(f"parse-{cycle}"), settings.clock)
     observed = Observation(f"counts-{cycle}")
-    marked = _mark(parsed, state, cleaner.catalog_frame(spark, config_), observed)
+    marked = _mark(parsed, state, cleaner.catalog_frame(spark, settings.cleaner), observed)
     counts = observed.get
     valid = parsed.where(F.col("reason").isNull()).drop("raw_value")
     processed = _process(spark, paths, marked.where(F.col("reason").isNull()), counts["late_hours"], cycle)
@@ -161,6 +169,7 @@ def _mark(parsed: DataFrame, state: DataFrame, catalog: DataFrame | None, counts
         F.count(F.lit(1)).alias("raw"),
         F.count_if(valid).alias("valid"),
         F.count_if(~valid).alias("quarantined"),
+        *[F.count_if(F.col("reason") == reason).alias(reason) for reason in CLOCK_FAULT_REASONS],
         F.array_sort(F.collect_set(late_hour)).alias("late_hours"),
         F.count_if(valid & ~F.col("_known")).alias("unknown"),
     ).localCheckpoint()

@@ -98,7 +98,7 @@ def start(spark: SparkSession, paths: config.Paths, settings: Settings) -> Curso
     _files, positions = new_raw_files(spark, paths, {})
     if path_exists(spark, paths.consumer_data):
         log.info("live: no usable live state in %s: one full run first", paths.live_state)
-        processor.run(spark, paths)
+        processor.run(spark, paths, settings.clock)
         cleaner.run(spark, paths, settings.cleaner)
         checker.run(spark, paths, settings.checker, show=False)
     state, figures, newest = initial_state(spark, paths, settings)
@@ -109,7 +109,8 @@ def start(spark: SparkSession, paths: config.Paths, settings: Settings) -> Curso
         write_text(spark, config.join_path(output, LIVE_MARKER), "kept up to date by the live mode\n")
     write_state(state, paths, SERIES_STATE, 0)
     write_state(figures, paths, FIGURES, 0)
-    cursor = Cursor(0, positions, settings.fingerprint, newest, {})
+    clock_faults = checker.count_clock_faults(spark, paths) or {}
+    cursor = Cursor(0, positions, settings.fingerprint, newest, {}, clock_faults)
     commit_cursor(spark, paths, cursor)
     return cursor
 
@@ -207,10 +208,10 @@ class LiveRunner:
         self.cycles = [*self.cycles, metrics][-KEPT_CYCLES:]
         write_text(self.spark, config.join_path(self.paths.reports, LIVE_CYCLES), json.dumps(self.cycles) + "\n")
         log.info(
-            "cycle %d: %d raw rows = %d new + %d quarantined + %d duplicates; latency p50 %s s, p95 %s s, "
+            "cycle %d: %d raw rows = %d new + %d quarantined (clock faults %d) + %d duplicates; latency p50 %s s, p95 %s s, "
             "max %s s; freshness %s s; checks exit %s; %.1f s "
             "(processor %.1f, cleaner %.1f, checker %.1f, report %.1f)",
-            *(metrics[k] for k in ("cycle", "raw_rows", "processed", "quarantined", "duplicates")),
+            *(metrics[k] for k in ("cycle", "raw_rows", "processed", "quarantined", "clock_faults", "duplicates")),
             *(metrics[k] for k in ("latency_p50_s", "latency_p95_s", "latency_max_s", "freshness_s")),
             metrics["checker_exit_code"],
             *(metrics[k] for k in ("seconds", "processor_s", "cleaner_s", "checker_s", "report_s")),
@@ -229,6 +230,7 @@ def cycle_metrics(number: int, wall: float, seconds: float, result: CycleResult)
         "raw_rows": accounting.raw,
         "processed": accounting.processed,
         "quarantined": accounting.quarantined,
+        "clock_faults": accounting.clock_faults,
         "duplicates": accounting.duplicates,
         "measurements": sum(histogram.values()),
         "latency_p50_s": percentile(histogram, 0.5),

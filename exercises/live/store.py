@@ -15,6 +15,7 @@ from pyspark.sql import types as T
 import check_figures
 import checker
 import cleaner
+import processor
 from common import config
 from common import message as m
 from common.contracts import (
@@ -133,6 +134,7 @@ class Cursor:
         settings: the layout and the cleaner's and checker's settings the state was made with.
         newest: the newest slot in cleaned_data (epoch microseconds), or None.
         open_hours: per output, the hours cycles appended to that are not compacted yet.
+        clock_faults: the rows quarantine_data holds per clock-fault reason (for the report's check).
     """
 
     cycle: int
@@ -140,6 +142,7 @@ class Cursor:
     settings: str
     newest: int | None = None
     open_hours: dict[str, list[int]] = field(default_factory=dict)
+    clock_faults: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> str:
         fields = asdict(self)
@@ -291,15 +294,17 @@ def cleanup(spark: SparkSession, paths: config.Paths, committed: int) -> None:
 
 @dataclass(frozen=True)
 class Settings:
-    """What a cycle needs besides its input: the cleaner's and the checker's configurations."""
+    """What a cycle needs besides its input: the processor's clock limits, the cleaner's and the checker's
+    configurations."""
 
     cleaner: cleaner.CleanerConfig
     checker: checker.CheckerConfig
     report_window_seconds: float
+    clock: processor.ClockLimits = processor.ClockLimits()
 
     @property
     def fingerprint(self) -> str:
-        return f"{LAYOUT} {self.cleaner!r} {self.checker!r}"
+        return f"{LAYOUT} {self.clock!r} {self.cleaner!r} {self.checker!r}"
 
 
 def hour_of_micros(micros: int) -> int:
