@@ -9,8 +9,9 @@ Checks (severity): schema, keys_not_null, expected_series_present (error); per s
 unique_slots, regular_grid, value_not_negative, value_within_bounds, filled_share (error);
 longest_filled_run, missing_slots, report_before_measurement, report_delay, flat_line, spikes
 (warn); unknown_series, clock_faults (warn: measurements the processor quarantined because their
-meter's clock was off, counted by reason from ``quarantine_data``). Thresholds are options; the defaults pass on a healthy feed and
-fail on broken data. t_report is compared with the slot start (cleaned t_measurement).
+meter's clock was off, counted by reason from ``quarantine_data``). Thresholds are options; the
+defaults pass on a healthy feed and fail on broken data. t_report is compared with the slot start
+(cleaned t_measurement).
 
 Usage:
     python exercises/checker.py --datastore DIR

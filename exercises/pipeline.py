@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None):
         parser.error(str(error))
 
 
-def run(spark, paths, consumer_config, cleaner_config, checker_config, clock=processor.ClockLimits()) -> int:
+def run(spark, paths, consumer_config, cleaner_config, checker_config, clock=processor.DEFAULT_CLOCK) -> int:
     """Run the stages in order (without ``consumer_config``, from consumer_data as it is); return the
     first non-zero exit code, else 0."""
 

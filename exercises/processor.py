@@ -85,6 +85,8 @@ class ClockLimits:
             raise ValueError("the clock limits (max ahead, max lateness) must be positive durations")
 
 
+DEFAULT_CLOCK = ClockLimits()
+
 _CORRUPT = "_corrupt_record"
 # Every field is read as text: producers send numbers, the brief's example file has strings, and
 # the text is converted below with tolerant casts (Spark 4's ANSI mode makes plain casts raise).
@@ -172,7 +174,7 @@ def _usable(value: Column) -> Column:
     )
 
 
-def parse_measurements(raw: DataFrame, clock: ClockLimits = ClockLimits()) -> DataFrame:
+def parse_measurements(raw: DataFrame, clock: ClockLimits = DEFAULT_CLOCK) -> DataFrame:
     """Parse raw Kafka rows into typed columns plus a quarantine ``reason`` (null when usable).
 
     Built in steps that each read the previous step's columns, so that the JSON is parsed once and
@@ -283,7 +285,7 @@ def collapse_replays(parsed: DataFrame, with_partition: bool = False) -> DataFra
     )
 
 
-def parse_and_cache(raw: DataFrame, counts: Observation, clock: ClockLimits = ClockLimits()) -> DataFrame:
+def parse_and_cache(raw: DataFrame, counts: Observation, clock: ClockLimits = DEFAULT_CLOCK) -> DataFrame:
     """Parse raw rows (``parse_measurements``), count raw/valid/quarantined into ``counts``, and cache.
 
     One parse feeds both outputs. The cache is also a barrier: a filter on the parsed columns would
@@ -310,7 +312,7 @@ def parse_and_cache(raw: DataFrame, counts: Observation, clock: ClockLimits = Cl
         spark.conf.set(CACHE_COMPRESSED, previous or "true")
 
 
-def run(spark: SparkSession, paths: config.Paths, clock: ClockLimits = ClockLimits()) -> Accounting:
+def run(spark: SparkSession, paths: config.Paths, clock: ClockLimits = DEFAULT_CLOCK) -> Accounting:
     """Read consumer_data, write processed_data and quarantine_data, and account for every row.
 
     Args:

@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+from datetime import UTC, datetime
 
 import pytest
+from pyspark.sql import functions as F
 
 import checker
 import cleaner
 import processor
-from datetime import UTC, datetime
-
-from pyspark.sql import functions as F
-
 from common.contracts import RAW_SCHEMA
 from common.session import local_frame
 from make_sample_data import SAMPLE_START, UNKNOWN_SERIES, raw_rows, sample_payloads

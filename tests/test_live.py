@@ -361,3 +361,40 @@ def test_compaction_in_the_background_swaps_in_an_unchanged_hour_and_drops_a_cha
     assert len([name for name in os.listdir(folder) if name.endswith(".parquet")]) == len(after) + 2
     assert leftovers(str(tmp_path)) == [f"processed_data{live.UNDO_SUFFIX}5"]
     assert _values(spark, paths) == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def test_cycles_quarantine_clock_faulty_meters_as_a_batch_run_does_and_report_them(spark, tmp_path):
+    """Clock faults among normal series in live cycles: quarantined with their reasons, nothing else changed."""
+    arrival = datetime.fromtimestamp(T0 + 100, UTC).replace(tzinfo=None)
+    day = 86_400
+    steps = [
+        [msg(A, 0, 10), msg(A, 10, 11), msg(B, 0, 50)],
+        # a clock reset to 2000-01-01 and to 1970, months and a year ahead, among A's and B's next measurements
+        [message(946_684_800.0, 946_684_801.0, *A, value=1), msg(A, 20, 12), message(0.0, 1.0, *B, value=2)]
+        + [msg(B, 10, 51), message(T0 + 120 * day, T0 + 120 * day, *A, value=3), msg(A, 30, 13)]
+        + [message(T0 + 365 * day, T0 + 365 * day, *B, value=4)],
+    ]
+    rows = raw_rows([payload for step in steps for payload in step])
+    rows = [(*row[:5], arrival, row[6]) for row in rows]
+    files = []
+    for index, step in enumerate(steps):
+        start = sum(len(s) for s in steps[:index])
+        folder = str(tmp_path / "raw" / f"step-{index}")
+        local_frame(spark, rows[start : start + len(step)], RAW_SCHEMA).coalesce(1).write.parquet(folder)
+        files.append([os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".parquet")])
+    paths = config.Paths.under(str(tmp_path / "live"))
+    cursor = live.start(spark, paths, SETTINGS)
+    for step_files in files:
+        cursor, result = live.run_cycle(spark, paths, SETTINGS, cursor, step_files, {})
+    assert result.accounting == processor.Accounting(7, 3, 4, 0, clock_faults=4)
+
+    local_frame(spark, rows, RAW_SCHEMA).write.parquet(str(tmp_path / "all"))
+    batch, accounting = run_batch(spark, tmp_path, str(tmp_path / "all"))
+    assert accounting == processor.Accounting(10, 6, 4, 0, clock_faults=4)
+    assert_same_outputs(spark, paths, batch)
+    faults = {"implausible_timestamp:t_measurement": 1, "ahead_of_arrival:t_measurement": 2}
+    faults["beyond_lateness_horizon:t_measurement"] = 1
+    assert cursor.clock_faults == faults
+    with open(os.path.join(paths.reports, checker.REPORT_FILE)) as handle:
+        (clock,) = [r for r in json.load(handle) if r["name"] == "clock_faults"]
+    assert (clock["passed"], clock["observed"]) == (False, {"rows": 4, **faults})

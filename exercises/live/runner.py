@@ -208,8 +208,8 @@ class LiveRunner:
         self.cycles = [*self.cycles, metrics][-KEPT_CYCLES:]
         write_text(self.spark, config.join_path(self.paths.reports, LIVE_CYCLES), json.dumps(self.cycles) + "\n")
         log.info(
-            "cycle %d: %d raw rows = %d new + %d quarantined (clock faults %d) + %d duplicates; latency p50 %s s, p95 %s s, "
-            "max %s s; freshness %s s; checks exit %s; %.1f s "
+            "cycle %d: %d raw rows = %d new + %d quarantined (clock faults %d) + %d duplicates; "
+            "latency p50 %s s, p95 %s s, max %s s; freshness %s s; checks exit %s; %.1f s "
             "(processor %.1f, cleaner %.1f, checker %.1f, report %.1f)",
             *(metrics[k] for k in ("cycle", "raw_rows", "processed", "quarantined", "clock_faults", "duplicates")),
             *(metrics[k] for k in ("latency_p50_s", "latency_p95_s", "latency_max_s", "freshness_s")),

@@ -300,7 +300,7 @@ class Settings:
     cleaner: cleaner.CleanerConfig
     checker: checker.CheckerConfig
     report_window_seconds: float
-    clock: processor.ClockLimits = processor.ClockLimits()
+    clock: processor.ClockLimits = processor.DEFAULT_CLOCK
 
     @property
     def fingerprint(self) -> str:
