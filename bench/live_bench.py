@@ -255,12 +255,16 @@ def take_in_history(feed: Feed, series: int, history: str, backlog: str) -> int:
     feed.backfill(history, until=backlog, seed=1)
     subprocess.run([PYTHON, "exercises/consumer.py", "--datastore", feed.datastore], cwd=ROOT, env=feed.env, check=True)
     runner = feed.start_runner()
-    cursor = os.path.join(feed.datastore, "live_state", live.CURSOR_FILE)
-    wait_for(lambda: os.path.exists(cursor), runner, "full run")
+    live_state = os.path.join(feed.datastore, "live_state")
+    wait_for(lambda: any(f.startswith("cursor-") for f in _names(live_state)), runner, "full run")
     stop(runner, "the live runner after its full run")
     if os.path.exists(cycles := os.path.join(feed.datastore, "reports", live.LIVE_CYCLES)):
         os.remove(cycles)
     return feed.delivered
+
+
+def _names(folder: str) -> list[str]:
+    return os.listdir(folder) if os.path.isdir(folder) else []
 
 
 def sum_until(cycles: list[dict], last: dict) -> int:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 
@@ -29,7 +30,7 @@ from common.contracts import (
     hour_value,
 )
 from common.session import local_frame
-from common.storage import read_output
+from common.storage import StageBusyError, read_output, stage_lock
 from make_sample_data import raw_rows
 from tests.helpers import ROOT, epoch, message, run_python, utc
 from tests.test_consumer import new_topic
@@ -398,3 +399,58 @@ def test_cycles_quarantine_clock_faulty_meters_as_a_batch_run_does_and_report_th
     with open(os.path.join(paths.reports, checker.REPORT_FILE)) as handle:
         (clock,) = [r for r in json.load(handle) if r["name"] == "clock_faults"]
     assert (clock["passed"], clock["observed"]) == (False, {"rows": 4, **faults})
+
+
+def test_commit_adds_a_cursor_file_the_newest_wins_and_older_ones_go_only_after_it(spark, tmp_path):
+    paths = config.Paths.under(str(tmp_path))
+    for cycle in (4, 5):
+        live.store.commit_cursor(spark, paths, live.Cursor(cycle, {}, "settings"))
+    # a crash after the commit, before its cleanup: both are there, and the newest is the committed one
+    names = [f.rsplit("/", 1)[-1] for f in live.cursor_files(spark, paths)]
+    assert names == ["cursor-0000000004.json", "cursor-0000000005.json"]
+    assert live.read_cursor(spark, paths).cycle == 5
+    # a cursor being written (not yet renamed into place) is not a committed one
+    (tmp_path / "live_state" / "cursor-0000000006.json.staging").write_text("{")
+    assert live.read_cursor(spark, paths).cycle == 5
+    live.store.cleanup(spark, paths, 5)
+    assert [f.rsplit("/", 1)[-1] for f in live.cursor_files(spark, paths)] == ["cursor-0000000005.json"]
+
+
+def test_a_runner_is_refused_beside_a_batch_stage_and_holds_off_batch_stages_while_it_runs(spark, tmp_path):
+    paths = config.Paths.under(str(tmp_path))
+    held, release = threading.Event(), threading.Event()
+
+    def batch_stage_running():
+        with stage_lock(paths.cleaned_data, cleaner.STAGE, cleaner.log):
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=batch_stage_running)
+    holder.start()
+    held.wait(60)
+    try:
+        with pytest.raises(StageBusyError, match="cleaner is already running"):
+            live.watch(spark, paths, SETTINGS, None, lambda: True)
+        assert not os.path.exists(paths.live_state)  # refused before it read or changed anything
+    finally:
+        release.set()
+        holder.join()
+
+    refusals = []
+
+    def try_batch_stages():
+        for path, stage in ((paths.processed_data, processor), (paths.reports, checker)):
+            try:
+                with stage_lock(path, stage.STAGE, stage.log):
+                    refusals.append(None)
+            except StageBusyError as error:
+                refusals.append(str(error))
+
+    def stop_after_trying():
+        thread = threading.Thread(target=try_batch_stages)
+        thread.start()
+        thread.join()
+        return True
+
+    assert live.watch(spark, paths, SETTINGS, None, stop_after_trying) == 0
+    assert [r is not None and "is already running" in r for r in refusals] == [True, True]

@@ -5,7 +5,7 @@ Read top to bottom, one module each: ``store`` (1, 2, 4), ``cycle`` (3), ``late`
 
 1. **Cursor.** consumer_data is a file-sink output; the files its log committed after the cursor
    are a cycle's input (``new_raw_files``).
-2. **State** (``live_state/``, next to the outputs): ``cursor.json`` (the last committed cycle, the
+2. **State** (``live_state/``, next to the outputs): ``cursor-N.json`` (the last committed cycle, the
    raw positions after it, the settings it ran with, the newest slot, the hours still open) and, per
    series, one row in ``series-<cycle>/``: its processed rows and latest t_measurement (the
    processor's), its last grid slot and value, the tail of grid values and the flat run the checks
@@ -20,7 +20,8 @@ Read top to bottom, one module each: ``store`` (1, 2, 4), ``cycle`` (3), ``late`
    window are summed up.
 4. **Files.** Appended files are named ``cycle-<N>-...`` inside their hour folder; a rewritten hour
    folder is swapped in by renames, the old one kept in ``<output>.undo-<N>`` until the cycle is
-   committed. The commit is one atomic write of ``cursor.json``; on start, ``recover`` undoes what
+   committed. The commit is one atomic step, the rename of a new ``cursor-N.json`` into place (the newest
+   wins; older ones are removed after it); on start, ``recover`` undoes what
    an uncommitted cycle left (its tagged files, its swapped hours), so a SIGKILL loses nothing and
    a reader never sees a (series, slot) twice.
 5. **Compaction.** Hours that cycles appended to are compacted once they are closed (older than the
@@ -41,20 +42,19 @@ from live.compaction import Compactor
 from live.cycle import CycleResult, run_cycle
 from live.runner import LIVE_CYCLES, percentile, start, watch
 from live.store import (
-    CURSOR_FILE,
     CYCLE_TAG,
     UNDO_SUFFIX,
     Cursor,
     Settings,
     SinkPosition,
     append_files,
+    cursor_files,
     new_sink_files,
     read_cursor,
     read_figures,
 )
 
 __all__ = [
-    "CURSOR_FILE",
     "CYCLE_TAG",
     "LIVE_CYCLES",
     "UNDO_SUFFIX",
@@ -64,6 +64,7 @@ __all__ = [
     "Settings",
     "SinkPosition",
     "append_files",
+    "cursor_files",
     "new_sink_files",
     "percentile",
     "read_cursor",

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 
 from pyspark.sql import DataFrame, SparkSession
@@ -54,6 +55,7 @@ from live.store import (
     read_cursor,
     read_series_state,
     recover,
+    remove_cycle_leftovers,
     state_folder,
     write_state,
 )
@@ -79,13 +81,29 @@ def percentile(histogram: dict[float, int], share: float) -> float | None:
     return None
 
 
+@contextmanager
+def runner_locks(paths: config.Paths) -> Iterator[None]:
+    """Hold the processor's, the cleaner's and the checker's locks: one runner per datastore, and no batch
+    stage beside it (both refused with exit 3, naming the holder). Re-entrant within the thread."""
+    with ExitStack() as stack:
+        for path, stage in ((paths.processed_data, processor), (paths.cleaned_data, cleaner), (paths.reports, checker)):
+            stack.enter_context(stage_lock(path, stage.STAGE, stage.log))
+        yield
+
+
 def start(spark: SparkSession, paths: config.Paths, settings: Settings) -> Cursor:
     """Return the committed cursor to go on from, after repairing what an interrupted cycle left.
 
     Without a cursor made with these settings (first start, other settings, or a batch run
     replaced the outputs since: the state says nothing about them then), one full run first: the
-    batch stages, then the state and the figures built from their outputs.
+    batch stages, then the state and the figures built from their outputs. Runs under
+    ``runner_locks``, so a second runner never repairs the first one's cycle in flight.
     """
+    with runner_locks(paths):
+        return _start(spark, paths, settings)
+
+
+def _start(spark: SparkSession, paths: config.Paths, settings: Settings) -> Cursor:
     cursor = read_cursor(spark, paths)
     if cursor is not None and cursor.settings == settings.fingerprint and _outputs_match(spark, paths, cursor):
         log.info("live: going on after cycle %d", cursor.cycle)
@@ -94,6 +112,7 @@ def start(spark: SparkSession, paths: config.Paths, settings: Settings) -> Curso
         write_unknown(spark, paths, settings.cleaner, read_series_state(spark, paths, cursor.cycle))
         return cursor
     delete_path(spark, paths.live_state)
+    remove_cycle_leftovers(spark, paths)
     # Positions before the full run: a file that arrives during it is read twice, not missed.
     _files, positions = new_raw_files(spark, paths, {})
     if path_exists(spark, paths.consumer_data):
@@ -255,8 +274,20 @@ def watch(
     in a thread of this session (a batch every ``consumer_config.interval_seconds``; without
     ``consumer_config``, another process fills consumer_data). A cycle starts as soon as new raw
     files are committed. On SIGTERM or Ctrl-C the
-    consumer ends after its batch, a last cycle takes what it wrote, and the run exits 0.
+    consumer ends after its batch, a last cycle takes what it wrote, and the run exits 0. The runner
+    holds ``runner_locks`` all along.
     """
+    with runner_locks(paths):
+        return _watch(spark, paths, settings, consumer_config, should_stop)
+
+
+def _watch(
+    spark: SparkSession,
+    paths: config.Paths,
+    settings: Settings,
+    consumer_config: consumer.ConsumerConfig | None,
+    should_stop: Callable[[], bool],
+) -> int:
     runner = LiveRunner(spark, paths, settings, should_stop)
     cursor = start(spark, paths, settings)
     # A cycle's data is small: one shuffle partition per core, not Spark's default of 200.

@@ -42,7 +42,9 @@ log = config.get_logger("live")
 
 
 KEYS = SERIES_KEYS
-CURSOR_FILE = "cursor.json"
+#: The committed cursors: ``cursor-<cycle>.json``, the newest wins (``read_cursor``).
+CURSOR_PREFIX = "cursor-"
+CURSOR_SUFFIX = ".json"
 SERIES_STATE = "series"
 FIGURES = "figures"
 CYCLE_TAG = "cycle-"
@@ -156,15 +158,31 @@ class Cursor:
         return cls(**fields)
 
 
+def cursor_file(paths: config.Paths, cycle: int) -> str:
+    return config.join_path(paths.live_state, f"{CURSOR_PREFIX}{cycle:010d}{CURSOR_SUFFIX}")
+
+
+def cursor_files(spark: SparkSession, paths: config.Paths) -> list[str]:
+    """The committed cursor files, oldest first (a cursor being written has another name until it is whole)."""
+    pattern = config.join_path(paths.live_state, f"{CURSOR_PREFIX}*{CURSOR_SUFFIX}")
+    return sorted(list_files(spark, pattern), key=lambda path: path.rsplit("/", 1)[-1])
+
+
 def read_cursor(spark: SparkSession, paths: config.Paths) -> Cursor | None:
-    """The committed cursor, or None when there is none."""
-    text = read_text(spark, config.join_path(paths.live_state, CURSOR_FILE))
+    """The committed cursor: the newest cursor file; None when there is none."""
+    files = cursor_files(spark, paths)
+    text = read_text(spark, files[-1]) if files else None
     return Cursor.from_json(text) if text else None
 
 
 def commit_cursor(spark: SparkSession, paths: config.Paths, cursor: Cursor) -> None:
-    """Commit a cycle: one atomic write (a rename) of ``cursor.json``."""
-    write_text(spark, config.join_path(paths.live_state, CURSOR_FILE), cursor.to_json())
+    """Commit a cycle: one atomic step, the rename of its new cursor file into place.
+
+    The file has a name of its own per cycle, so nothing is replaced or deleted first: at every
+    instant the newest whole cursor file is the previous cycle's or this one's. ``cleanup`` then
+    removes the older ones.
+    """
+    write_text(spark, cursor_file(paths, cursor.cycle), cursor.to_json())
 
 
 def state_folder(paths: config.Paths, kind: str, cycle: int) -> str:
@@ -278,6 +296,8 @@ def recover(spark: SparkSession, paths: config.Paths, cursor: Cursor) -> None:
                 if cycle > cursor.cycle:
                     log.warning("removing %s, written by the interrupted cycle %d", file, cycle)
                     delete_path(spark, file)
+    for older in cursor_files(spark, paths)[:-1]:
+        delete_path(spark, older)
     keep = {state_folder(paths, kind, cursor.cycle).rsplit("/", 1)[-1] for kind in (SERIES_STATE, FIGURES)}
     for folder in list_files(spark, config.join_path(paths.live_state, "*-*"), folders=True):
         if folder.rsplit("/", 1)[-1] not in keep:
@@ -285,11 +305,25 @@ def recover(spark: SparkSession, paths: config.Paths, cursor: Cursor) -> None:
 
 
 def cleanup(spark: SparkSession, paths: config.Paths, committed: int) -> None:
-    """After a commit: the undo copies of that cycle and the state tables before it are not needed."""
+    """After a commit: the undo copies of that cycle, the state tables and cursor files before it are not needed."""
     for output in (paths.processed_data, paths.cleaned_data, paths.quarantine_data):
         delete_path(spark, f"{output}{UNDO_SUFFIX}{committed}")
     for kind in (SERIES_STATE, FIGURES):
         delete_path(spark, state_folder(paths, kind, committed - 1))
+    for older in cursor_files(spark, paths)[:-1]:
+        delete_path(spark, older)
+
+
+def remove_cycle_leftovers(spark: SparkSession, paths: config.Paths) -> None:
+    """Before a full run: the undo and staging folders of earlier cycles describe outputs it replaces.
+
+    Left in place, a later ``recover`` could restore one of them over newer data.
+    """
+    for output in (paths.processed_data, paths.cleaned_data, paths.quarantine_data):
+        parent, name = output.rstrip("/").rsplit("/", 1)
+        for suffix in (UNDO_SUFFIX, STAGING_SUFFIX):
+            for folder in list_files(spark, f"{parent}/{name}{suffix}*", folders=True):
+                delete_path(spark, folder)
 
 
 @dataclass(frozen=True)
