@@ -454,3 +454,20 @@ def test_a_runner_is_refused_beside_a_batch_stage_and_holds_off_batch_stages_whi
 
     assert live.watch(spark, paths, SETTINGS, None, stop_after_trying) == 0
     assert [r is not None and "is already running" in r for r in refusals] == [True, True]
+
+
+def test_an_hour_that_an_interrupted_cycle_created_by_a_swap_is_removed_by_recover(spark, tmp_path):
+    paths = config.Paths.under(str(tmp_path))
+    hour, new_hour = 2026112513, 2026112514
+    _append(spark, paths, hour, 1, A, 10, 1.0)
+    # cycle 2 rewrites the stored hour and creates the next one (late data for the first, new data in the second)
+    staging = str(tmp_path / "staging")
+    for h, seconds, value in ((hour, 20, 2.0), (new_hour, 3600, 3.0)):
+        at = datetime.fromtimestamp(T0 + seconds, UTC).replace(tzinfo=None)
+        local_frame(spark, [(at, at, *A, value, h)], HOURLY).write.mode("append").partitionBy("hour").parquet(staging)
+    live.store.swap_hours(spark, paths.processed_data, staging, [hour, new_hour], 2)
+    assert _values(spark, paths) == [2.0, 3.0]
+    # it dies before its commit: the restart finds cycle 1 committed
+    live.store.recover(spark, paths, live.Cursor(1, {}, "settings"))
+    assert _values(spark, paths) == [1.0]
+    assert sorted(os.listdir(paths.processed_data)) == [f"hour={hour}"] and not leftovers(str(tmp_path))

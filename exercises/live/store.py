@@ -50,6 +50,8 @@ FIGURES = "figures"
 CYCLE_TAG = "cycle-"
 UNDO_SUFFIX = ".undo-"
 STAGING_SUFFIX = ".staging-"
+#: In an undo folder: marks an hour that the cycle's swap created (it had no old folder to keep).
+CREATED_PREFIX = "created-"
 #: Marks the grid rows of a recomputed series: their figures replace the old ones of their hours.
 REPLACES = "_replaces"
 #: Written into the cursor: state written by another layout or other settings needs a full run.
@@ -248,17 +250,22 @@ def rewrite_hours(frame: DataFrame, output: str, hours: list[int], cycle: int) -
 def swap_hours(spark: SparkSession, output: str, staging: str, hours: list[int], cycle: int) -> None:
     """Swap the ``hours`` folders of ``staging`` into ``output``, then delete ``staging``.
 
-    Each old folder is renamed into ``OUTPUT.undo-N`` and the new one into place, so a reader sees
-    one or the other, never both. The undo copies are deleted once the cycle is committed, or
-    restored by ``recover``.
+    Each old folder is renamed into ``OUTPUT.undo-N`` and the new one into place, so a reader never
+    sees both (between the two renames the hour is absent). An hour without an old folder is first
+    marked ``created-hour=H`` in the undo folder, so that ``recover`` removes it. The undo copies
+    are deleted once the cycle is committed, or restored by ``recover``.
     """
     undo = f"{output}{UNDO_SUFFIX}{cycle}"
     make_folder(spark, undo)
     make_folder(spark, output)
     for hour in hours:
         name = f"{PARTITION}={hour}"
-        if path_exists(spark, f"{output}/{name}") and not path_exists(spark, f"{undo}/{name}"):
+        if path_exists(spark, f"{undo}/{name}") or path_exists(spark, f"{undo}/{CREATED_PREFIX}{name}"):
+            pass  # swapped earlier in this cycle: the undo folder keeps what was there before it
+        elif path_exists(spark, f"{output}/{name}"):
             rename_path(spark, f"{output}/{name}", f"{undo}/{name}")
+        else:
+            make_folder(spark, f"{undo}/{CREATED_PREFIX}{name}")
         delete_path(spark, f"{output}/{name}")
         if path_exists(spark, f"{staging}/{name}"):
             rename_path(spark, f"{staging}/{name}", f"{output}/{name}")
@@ -282,6 +289,10 @@ def recover(spark: SparkSession, paths: config.Paths, cursor: Cursor) -> None:
         for folder in list_files(spark, f"{parent}/{name}{UNDO_SUFFIX}*", folders=True):
             cycle = _cycle_of(folder, UNDO_SUFFIX)
             if cycle is not None and cycle > cursor.cycle:
+                for created in list_files(spark, f"{folder}/{CREATED_PREFIX}{PARTITION}=*", folders=True):
+                    target = f"{output}/{created.rsplit('/', 1)[-1][len(CREATED_PREFIX) :]}"
+                    log.warning("removing %s, created by the interrupted cycle %d", target, cycle)
+                    delete_path(spark, target)
                 for hour_folder in list_files(spark, f"{folder}/{PARTITION}=*", folders=True):
                     target = f"{output}/{hour_folder.rsplit('/', 1)[-1]}"
                     log.warning("restoring %s as it was before the interrupted cycle %d", target, cycle)
