@@ -162,7 +162,8 @@ def _write_large_raw(spark, path, rows, spacing=10):
             F.lit("mytopic").alias("topic"),
             F.lit(0).alias("partition"),
             F.col("id").alias("offset"),
-            F.current_timestamp().alias("timestamp"),
+            # arriving at the broker as they are measured
+            F.timestamp_seconds(F.col("id") * spacing + 1716368400).alias("timestamp"),
             F.lit(0).alias("timestampType"),
         )
         .write.mode("append")
