@@ -134,7 +134,9 @@ def test_shipped_sample_runs_through_the_scripts_with_spark_submit_and_python(tm
     )
     assert submitted.returncode == 0, submitted.stderr[-2000:]
     # spark-submit forwards the Python driver's stderr to its stdout.
-    assert "raw rows 1876 = processed 1828 + quarantined 13 (clock faults 2) + duplicates collapsed 35" in submitted.stdout
+    assert (
+        "raw rows 1876 = processed 1828 + quarantined 13 (clock faults 2) + duplicates collapsed 35" in submitted.stdout
+    )
     assert "master local[1]" in submitted.stdout  # spark-submit's master wins over the local fallback
     for stage in ("cleaner", "checker"):
         result = run_python(f"exercises/{stage}.py", env=env)
