@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
 import logging
 import os
@@ -119,6 +121,16 @@ def _take_lock(lock_file: str, stage: str) -> IO[str]:
     return handle
 
 
+#: Called before each file-system mutation the stages make (write, rename, exchange, delete, mkdir) with its
+#: kind and path; None in a run. The crash-point tests set it to crash at each mutation in turn.
+mutation_hook: Callable[[str, str], None] | None = None
+
+
+def _mutation(kind: str, path: str) -> None:
+    if mutation_hook is not None:
+        mutation_hook(kind, path)
+
+
 def _fs_path(spark: SparkSession, path: str):
     """Return (Hadoop FileSystem, Hadoop Path) for a local path or URI."""
     hadoop_path = jvm(spark).org.apache.hadoop.fs.Path(path)
@@ -135,6 +147,7 @@ def delete_path(spark: SparkSession, path: str) -> None:
     """Delete a file or a folder with its contents; nothing when it does not exist."""
     fs, hadoop_path = _fs_path(spark, path)
     if fs.exists(hadoop_path):
+        _mutation("delete", path)
         fs.delete(hadoop_path, True)
 
 
@@ -145,8 +158,37 @@ def rename_path(spark: SparkSession, source: str, target: str) -> None:
         OSError: when the file system refuses.
     """
     fs, source_path = _fs_path(spark, source)
+    _mutation("rename", f"{source} -> {target}")
     if not fs.rename(source_path, _fs_path(spark, target)[1]):
         raise OSError(f"could not rename {source} to {target}")
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def exchange_paths(spark: SparkSession, first: str, second: str) -> bool:
+    """Swap two existing files or folders in one atomic step, where the file system can; return whether it did.
+
+    Linux local file systems can (``renameat2`` with ``RENAME_EXCHANGE``); for others (HDFS, or a
+    kernel or file system without it) nothing is changed and False is returned: the caller then
+    swaps by renames, with an instant between them where one of the names is absent.
+
+    Raises:
+        OSError: when the file system refuses for another reason.
+    """
+    local_first, local_second = local_path(first), local_path(second)
+    renameat2 = getattr(_libc, "renameat2", None)
+    if local_first is None or local_second is None or renameat2 is None:
+        return False
+    _mutation("exchange", f"{first} <-> {second}")
+    done = renameat2(_AT_FDCWD, os.fsencode(local_first), _AT_FDCWD, os.fsencode(local_second), _RENAME_EXCHANGE)
+    if done == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, f"could not exchange {first} and {second}: {os.strerror(code)}")
 
 
 def recover_output(spark: SparkSession, path: str, log: logging.Logger) -> None:
@@ -191,28 +233,40 @@ def parquet_writer(df: DataFrame) -> DataFrameWriter:
     return df.write.options(**PARQUET_OPTIONS)
 
 
+def write_parquet(writer: DataFrameWriter, path: str) -> None:
+    """Run a configured parquet writer into ``path`` (every stage's parquet output goes through here)."""
+    _mutation("write", path)
+    writer.parquet(path)
+
+
 def replace_output(df: DataFrame, path: str, log: logging.Logger, partition_by: str | None = None) -> None:
     """Write ``df`` as parquet to ``path``, replacing what was there only once it is complete.
 
-    The data is written to ``PATH.staging`` and swapped in by two renames, so readers see either
-    the previous complete output or the new one; ``recover_output`` repairs a crash between the
-    renames. On object stores without atomic rename the swap is a copy and not atomic.
+    The data is written to ``PATH.staging`` and then exchanged with the old output in one step
+    (``exchange_paths``), so readers see either the previous complete output or the new one. Where
+    the file system cannot exchange, two renames swap it (the output is absent between them) and
+    ``recover_output`` repairs a crash between them. On object stores without atomic rename the
+    swap is a copy and not atomic.
     """
     spark = df.sparkSession
     staging, previous = path + STAGING_SUFFIX, path + PREVIOUS_SUFFIX
     recover_output(spark, path, log)
     delete_path(spark, staging)
     if partition_by:
-        parquet_writer(df).mode("overwrite").partitionBy(partition_by).parquet(staging)
+        write_parquet(parquet_writer(df).mode("overwrite").partitionBy(partition_by), staging)
         if not list_files(spark, f"{staging}/{partition_by}=*/*.parquet"):
             # No rows, no partition files: one empty file keeps the schema readable.
-            parquet_writer(df.limit(0).drop(partition_by)).mode("overwrite").parquet(staging)
+            write_parquet(parquet_writer(df.limit(0).drop(partition_by)).mode("overwrite"), staging)
     else:
-        parquet_writer(df).mode("overwrite").parquet(staging)
-    if path_exists(spark, path):
+        write_parquet(parquet_writer(df).mode("overwrite"), staging)
+    if not path_exists(spark, path):
+        rename_path(spark, staging, path)
+    elif exchange_paths(spark, staging, path):
+        delete_path(spark, staging)  # now the old output
+    else:
         rename_path(spark, path, previous)
-    rename_path(spark, staging, path)
-    delete_path(spark, previous)
+        rename_path(spark, staging, path)
+        delete_path(spark, previous)
 
 
 def read_output(spark: SparkSession, path: str, schema: T.StructType, log: logging.Logger, producer: str) -> DataFrame:
@@ -231,7 +285,16 @@ def read_output(spark: SparkSession, path: str, schema: T.StructType, log: loggi
 def make_folder(spark: SparkSession, path: str) -> None:
     """Create a folder and its parents (nothing when it exists)."""
     fs, hadoop_path = _fs_path(spark, path)
-    fs.mkdirs(hadoop_path)
+    if not fs.exists(hadoop_path):
+        _mutation("mkdir", path)
+        fs.mkdirs(hadoop_path)
+
+
+def create_empty_file(spark: SparkSession, path: str) -> None:
+    """Create an empty file (a marker), replacing one of the same name."""
+    fs, hadoop_path = _fs_path(spark, path)
+    _mutation("write", path)
+    fs.create(hadoop_path, True).close()
 
 
 def list_files(spark: SparkSession, glob_path: str, folders: bool = False) -> list[str]:
@@ -254,18 +317,48 @@ def read_text(spark: SparkSession, path: str) -> str | None:
 
 
 def write_bytes(spark: SparkSession, path: str, data: bytes) -> None:
-    """Write a small file (a report, a chart) through Hadoop, replacing the old one by a rename."""
+    """Write a small file (a report, a chart), replacing the old one in one step: never absent, never partial.
+
+    On a local file system the file is written beside its target and renamed over it (``os.replace``).
+    Elsewhere Hadoop's ``FileContext`` renames with ``OVERWRITE``, which HDFS does in one step.
+    """
+    local = local_path(path)
+    if local is None:
+        _write_bytes_hadoop(spark, path, data)
+        return
+    folder, name = os.path.split(os.path.abspath(local))
+    os.makedirs(folder, exist_ok=True)
+    staging = os.path.join(folder, f".{name}{STAGING_SUFFIX}")
+    _mutation("write", staging)
+    with open(staging, "wb") as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())  # whole on disk before it is renamed in, also after a power cut
+    # Written by Hadoop before, the file may have a checksum beside it that no longer matches.
+    checksum = os.path.join(folder, f".{name}.crc")
+    if os.path.exists(checksum):
+        _mutation("delete", checksum)
+        os.remove(checksum)
+    _mutation("rename", f"{staging} -> {path}")
+    os.replace(staging, local)
+
+
+def _write_bytes_hadoop(spark: SparkSession, path: str, data: bytes) -> None:
+    """``write_bytes`` on a file system other than the local one."""
+    hadoop = jvm(spark).org.apache.hadoop
     fs, target = _fs_path(spark, path)
     staging = _fs_path(spark, path + STAGING_SUFFIX)[1]
+    _mutation("write", path + STAGING_SUFFIX)
     stream = fs.create(staging, True)
     try:
         stream.write(bytearray(data))
     finally:
         stream.close()
-    if fs.exists(target):
-        fs.delete(target, False)
-    if not fs.rename(staging, target):
-        raise OSError(f"could not write {path}")
+    context = hadoop.fs.FileContext.getFileContext(target.toUri(), spark.sparkContext._jsc.hadoopConfiguration())
+    overwrite = spark.sparkContext._gateway.new_array(hadoop.fs.Options.Rename, 1)
+    overwrite[0] = hadoop.fs.Options.Rename.OVERWRITE
+    _mutation("rename", f"{path + STAGING_SUFFIX} -> {path}")
+    context.rename(staging, target, overwrite)
 
 
 def write_text(spark: SparkSession, path: str, text: str) -> None:

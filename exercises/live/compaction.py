@@ -18,6 +18,7 @@ from common.storage import (
     delete_path,
     list_files,
     parquet_writer,
+    write_parquet,
 )
 from live.store import STAGING_SUFFIX, hour_of_micros, swap_hours
 
@@ -104,7 +105,7 @@ class Compactor:
         def merge() -> None:
             try:
                 rows = spark.read.schema(schema).parquet(*job.files).withColumn(PARTITION, F.lit(hour).cast("long"))
-                parquet_writer(rows.coalesce(files)).mode("overwrite").partitionBy(PARTITION).parquet(job.staging)
+                write_parquet(parquet_writer(rows.coalesce(files)).mode("overwrite").partitionBy(PARTITION), job.staging)
             except Exception as error:  # a late rewrite moved the files away: dropped, compacted later
                 job.error = error
             finally:

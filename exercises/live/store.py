@@ -28,13 +28,16 @@ from common.contracts import (
 from common.raw_input import generation_folders, sink_log_entries
 from common.storage import (
     SINK_LOG,
+    create_empty_file,
     delete_path,
+    exchange_paths,
     list_files,
     make_folder,
     parquet_writer,
     path_exists,
     read_text,
     rename_path,
+    write_parquet,
     write_text,
 )
 
@@ -52,6 +55,10 @@ UNDO_SUFFIX = ".undo-"
 STAGING_SUFFIX = ".staging-"
 #: In an undo folder: marks an hour that the cycle's swap created (it had no old folder to keep).
 CREATED_PREFIX = "created-"
+#: In an undo folder: a new hour folder on its way in (``swap_hours``), or one a swap put aside.
+NEXT_PREFIX, SPARE_PREFIX, DROPPED_PREFIX = "next-", "spare-", "dropped-"
+#: In an hour folder that a cycle swapped in (``_written-by-cycle-N``): tells its data from the folder it replaced.
+WRITTEN_BY = "_written-by-cycle-"
 #: Marks the grid rows of a recomputed series: their figures replace the old ones of their hours.
 REPLACES = "_replaces"
 #: Written into the cursor: state written by another layout or other settings needs a full run.
@@ -205,7 +212,7 @@ def conform(frame: DataFrame, schema: T.StructType) -> DataFrame:
 
 def write_state(frame: DataFrame, paths: config.Paths, kind: str, cycle: int) -> None:
     """Write one of a cycle's state tables (a folder of its own, named by the cycle; a file per task)."""
-    frame.write.mode("overwrite").parquet(state_folder(paths, kind, cycle))
+    write_parquet(frame.write.mode("overwrite"), state_folder(paths, kind, cycle))
 
 
 def _hour_of_file(path: str) -> int | None:
@@ -223,7 +230,7 @@ def append_files(frame: DataFrame, output: str, cycle: int, partitioned: bool = 
     staging = f"{output}{STAGING_SUFFIX}{cycle}"
     delete_path(spark, staging)
     writer = parquet_writer(frame).mode("overwrite")
-    (writer.partitionBy(PARTITION) if partitioned else writer).parquet(staging)
+    write_parquet(writer.partitionBy(PARTITION) if partitioned else writer, staging)
     hours = set()
     for file in list_files(spark, f"{staging}/{PARTITION}=*/*.parquet" if partitioned else f"{staging}/*.parquet"):
         hour = _hour_of_file(file)
@@ -243,38 +250,89 @@ def rewrite_hours(frame: DataFrame, output: str, hours: list[int], cycle: int) -
     """
     staging = f"{output}{STAGING_SUFFIX}{cycle}"
     delete_path(frame.sparkSession, staging)
-    parquet_writer(frame).mode("overwrite").partitionBy(PARTITION).parquet(staging)
+    write_parquet(parquet_writer(frame).mode("overwrite").partitionBy(PARTITION), staging)
     swap_hours(frame.sparkSession, output, staging, hours, cycle)
 
 
 def swap_hours(spark: SparkSession, output: str, staging: str, hours: list[int], cycle: int) -> None:
     """Swap the ``hours`` folders of ``staging`` into ``output``, then delete ``staging``.
 
-    Each old folder is renamed into ``OUTPUT.undo-N`` and the new one into place, so a reader never
-    sees both (between the two renames the hour is absent). An hour without an old folder is first
-    marked ``created-hour=H`` in the undo folder, so that ``recover`` removes it. The undo copies
-    are deleted once the cycle is committed, or restored by ``recover``.
+    A reader sees each hour whole, the old folder or the new one, at every instant: the new folder,
+    marked as this cycle's (``WRITTEN_BY``), is moved into ``OUTPUT.undo-N`` and exchanged with the
+    old one in one step (``exchange_paths``; by three renames where the file system cannot). The old
+    folder stays in the undo folder until the cycle is committed, or ``recover`` puts it back. An
+    hour without an old folder is marked ``created-hour=H`` in the undo folder first. An hour that
+    ``staging`` lacks is removed (moved into the undo folder).
     """
     undo = f"{output}{UNDO_SUFFIX}{cycle}"
     make_folder(spark, undo)
     make_folder(spark, output)
     for hour in hours:
         name = f"{PARTITION}={hour}"
-        if path_exists(spark, f"{undo}/{name}") or path_exists(spark, f"{undo}/{CREATED_PREFIX}{name}"):
-            pass  # swapped earlier in this cycle: the undo folder keeps what was there before it
-        elif path_exists(spark, f"{output}/{name}"):
-            rename_path(spark, f"{output}/{name}", f"{undo}/{name}")
-        else:
-            make_folder(spark, f"{undo}/{CREATED_PREFIX}{name}")
-        delete_path(spark, f"{output}/{name}")
-        if path_exists(spark, f"{staging}/{name}"):
-            rename_path(spark, f"{staging}/{name}", f"{output}/{name}")
+        new, current, kept = f"{staging}/{name}", f"{output}/{name}", f"{undo}/{name}"
+        # Swapped before in this cycle: the undo folder keeps what was there before the cycle already.
+        first = not (path_exists(spark, kept) or path_exists(spark, f"{undo}/{CREATED_PREFIX}{name}"))
+        if not path_exists(spark, new):
+            if path_exists(spark, current):
+                rename_path(spark, current, kept if first else f"{undo}/{DROPPED_PREFIX}{name}")
+            continue
+        create_empty_file(spark, f"{new}/{WRITTEN_BY}{cycle}")
+        if not path_exists(spark, current):
+            if first:
+                make_folder(spark, f"{undo}/{CREATED_PREFIX}{name}")
+            rename_path(spark, new, current)
+            continue
+        arriving = f"{undo}/{NEXT_PREFIX}{name}"
+        rename_path(spark, new, arriving)
+        _exchange(spark, arriving, current, f"{undo}/{SPARE_PREFIX}{name}")
+        # ``arriving`` holds the replaced folder now: kept for recover, or dropped if not the cycle's first
+        rename_path(spark, arriving, kept if first else f"{undo}/{DROPPED_PREFIX}{name}")
     delete_path(spark, staging)
+
+
+def _exchange(spark: SparkSession, first: str, second: str, spare: str) -> None:
+    """Swap two folders: in one step where the file system can, else by three renames through ``spare``."""
+    if not exchange_paths(spark, first, second):
+        rename_path(spark, second, spare)
+        rename_path(spark, first, second)
+        rename_path(spark, spare, first)
 
 
 def _cycle_of(name: str, suffix: str) -> int | None:
     match = re.search(rf"{re.escape(suffix)}(\d+)$", name)
     return int(match.group(1)) if match else None
+
+
+def _restore_hours(spark: SparkSession, output: str, undo: str, cycle: int) -> None:
+    """Put each hour that the interrupted ``cycle`` swapped back as it was before the cycle.
+
+    Which folder holds what is read from the folders themselves (``WRITTEN_BY``), not from where a
+    crash stopped the swap, so this is right after a crash at any point, and again after a crash
+    within it: the hour's folder that the cycle did not write is the old one, and goes back into
+    place in one step; a created hour is removed.
+    """
+    by_hour: dict[str, list[str]] = {}
+    for folder in list_files(spark, f"{undo}/*{PARTITION}=*", folders=True):
+        by_hour.setdefault(folder.rsplit("/", 1)[-1].rsplit("-", 1)[-1], []).append(folder)
+    for name, folders in sorted(by_hour.items()):
+        current = f"{output}/{name}"
+        candidates = [current, *(f for f in folders if not f.rsplit("/", 1)[-1].startswith(CREATED_PREFIX))]
+        old = [
+            folder
+            for folder in candidates
+            if path_exists(spark, folder) and not path_exists(spark, f"{folder}/{WRITTEN_BY}{cycle}")
+        ]
+        if old and old[0] == current:
+            continue
+        if old:
+            log.warning("restoring %s as it was before the interrupted cycle %d", current, cycle)
+            if path_exists(spark, current):
+                _exchange(spark, old[0], current, f"{undo}/{SPARE_PREFIX}back-{name}")
+            else:
+                rename_path(spark, old[0], current)
+        elif path_exists(spark, current):
+            log.warning("removing %s, created by the interrupted cycle %d", current, cycle)
+            rename_path(spark, current, f"{undo}/{DROPPED_PREFIX}{name}")
 
 
 def recover(spark: SparkSession, paths: config.Paths, cursor: Cursor) -> None:
@@ -289,15 +347,7 @@ def recover(spark: SparkSession, paths: config.Paths, cursor: Cursor) -> None:
         for folder in list_files(spark, f"{parent}/{name}{UNDO_SUFFIX}*", folders=True):
             cycle = _cycle_of(folder, UNDO_SUFFIX)
             if cycle is not None and cycle > cursor.cycle:
-                for created in list_files(spark, f"{folder}/{CREATED_PREFIX}{PARTITION}=*", folders=True):
-                    target = f"{output}/{created.rsplit('/', 1)[-1][len(CREATED_PREFIX) :]}"
-                    log.warning("removing %s, created by the interrupted cycle %d", target, cycle)
-                    delete_path(spark, target)
-                for hour_folder in list_files(spark, f"{folder}/{PARTITION}=*", folders=True):
-                    target = f"{output}/{hour_folder.rsplit('/', 1)[-1]}"
-                    log.warning("restoring %s as it was before the interrupted cycle %d", target, cycle)
-                    delete_path(spark, target)
-                    rename_path(spark, hour_folder, target)
+                _restore_hours(spark, output, folder, cycle)
             delete_path(spark, folder)
         for folder in list_files(spark, f"{parent}/{name}{STAGING_SUFFIX}*", folders=True):
             delete_path(spark, folder)
@@ -307,6 +357,9 @@ def recover(spark: SparkSession, paths: config.Paths, cursor: Cursor) -> None:
                 if cycle > cursor.cycle:
                     log.warning("removing %s, written by the interrupted cycle %d", file, cycle)
                     delete_path(spark, file)
+    # A cursor file that a kill stopped before its commit's rename (``write_bytes``).
+    for unfinished in list_files(spark, config.join_path(paths.live_state, f".{CURSOR_PREFIX}*")):
+        delete_path(spark, unfinished)
     for older in cursor_files(spark, paths)[:-1]:
         delete_path(spark, older)
     keep = {state_folder(paths, kind, cursor.cycle).rsplit("/", 1)[-1] for kind in (SERIES_STATE, FIGURES)}

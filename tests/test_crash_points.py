@@ -1,0 +1,320 @@
+"""Crash-point injection: the live mode killed at each file-system mutation in turn gives what a batch run gives.
+
+For each scenario the harness counts the mutations (writes, renames, exchanges, deletes, folders made) of
+one step of the live mode: a cycle, or a start with its full run. Then, for k = 1 .. that count, it puts the
+datastore back as it was before the step, runs the step with a crash at its k-th mutation (nothing after it
+happens, as when the process is killed there), restarts the live mode, runs the remaining cycles, and
+compares everything with a batch run of the same input and with the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+from collections.abc import Callable
+
+import pytest
+
+import checker
+import cleaner
+import live
+import processor
+from common import config, storage
+from common.contracts import (
+    CLEANED_SCHEMA,
+    PARTITION,
+    PROCESSED_SCHEMA,
+    QUARANTINE_SCHEMA,
+    RAW_SCHEMA,
+    UNKNOWN_SERIES_SCHEMA,
+)
+from common.session import local_frame
+from common.storage import read_output
+from make_sample_data import raw_rows
+from tests.helpers import epoch, message
+
+T0 = epoch("2026-11-25 13:58:00")  # the steps cross from hour 13 into hour 14 at T0 + 120 s
+A = ("device1", "energy import")
+B = ("device2", "energy import")
+C = ("device1", "energy export")
+X = ("device9", "energy import")  # outside the catalog
+
+
+def msg(series, seconds, value, report_lag=1.0):
+    return message(T0 + seconds, T0 + seconds + report_lag, *series, value=value)
+
+
+STEPS = [
+    # the start: two series in hour 13, one outside the catalog
+    [msg(A, 0, 10), msg(A, 10, 11), msg(A, 20, 12), msg(B, 0, 50), msg(B, 20, 52), msg(X, 0, 1)],
+    # appending: new measurements after each series' latest, a new series, a bad record
+    [msg(A, 30, 13), msg(A, 50, 15), msg(B, 30, 53), msg(C, 10, 5), b"{"],
+    # late: hour 13 rewritten in both outputs (a hole filled, a correction, a tie)
+    [msg(A, 40, 14), msg(A, 10, 99, report_lag=5.0), msg(B, 10, 51), msg(B, 30, 60)],
+    # into hour 14, with late data for hour 13 whose recomputed grid creates hour 14 by a swap; hour 13 closes
+    [msg(A, 130, 20), msg(B, 25, 40), msg(B, 140, 70), msg(C, 20, 6), msg(X, 5, 2)],
+    # appending in hour 14 while the closed hour 13 is compacted
+    [msg(A, 140, 21), msg(B, 150, 71), msg(C, 130, 9)],
+    # appending once more (the remaining cycle after every crash), and nothing usable
+    [msg(A, 150, 22), msg(C, 140, 10), b"not json"],
+]
+
+SETTINGS = live.Settings(cleaner.CleanerConfig(max_gap_seconds=60), checker.CheckerConfig(), 3600.0)
+#: Settings that give the same outputs but another fingerprint: a start with them needs a full run.
+OTHER_SETTINGS = dataclasses.replace(SETTINGS, clock=processor.ClockLimits(max_ahead_seconds=7200.0))
+OUTPUTS = (
+    ("processed_data", PROCESSED_SCHEMA),
+    ("cleaned_data", CLEANED_SCHEMA),
+    ("quarantine_data", QUARANTINE_SCHEMA),
+    ("unknown_series", UNKNOWN_SERIES_SCHEMA),
+)
+
+
+class Crash(BaseException):
+    """A simulated kill: not an ``Exception``, so no handler in the project catches it."""
+
+
+class Mutations:
+    """The storage mutation hook: counts the mutations; crashes at the ``crash_at``-th one; or, given a
+    ``snapshots`` folder, copies the datastore as it is before each one (all that a kill there leaves)."""
+
+    def __init__(self, crash_at: int | None = None, root: str = "", snapshots: str = "") -> None:
+        self.crash_at, self.root, self.snapshots, self.seen = crash_at, root, snapshots, []
+
+    def __call__(self, kind: str, path: str) -> None:
+        self.seen.append(f"{kind} {path}")
+        if self.snapshots:
+            shutil.copytree(self.root, os.path.join(self.snapshots, str(len(self.seen))))
+        if len(self.seen) == self.crash_at:
+            raise Crash(f"killed before mutation {self.crash_at}: {self.seen[-1]}")
+
+
+def with_hook(hook: Mutations, action: Callable):
+    storage.mutation_hook = hook
+    try:
+        return action()
+    finally:
+        storage.mutation_hook = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    """A step of the live mode to crash at each of its mutations, and how the datastore reaches it.
+
+    Attributes:
+        name: what the step does.
+        in_consumer_data: how many steps consumer_data holds at the first start (its full run's input).
+        cycles_before: the cycles run before the step, one step each.
+        start: the step is a start with ``OTHER_SETTINGS`` (a full run); else the next cycle.
+        interrupted_before: before the step, one more cycle is killed before its commit (its undo
+            folders left behind), and consumer_data gets every step so far, as the consumer wrote them.
+    """
+
+    name: str
+    in_consumer_data: int
+    cycles_before: int
+    start: bool = False
+    interrupted_before: bool = False
+
+    @property
+    def steps_read(self) -> int:
+        """How many steps the live mode has read when the step starts (the step reads the next one)."""
+        return self.in_consumer_data + self.cycles_before + self.interrupted_before
+
+    @property
+    def last_step(self) -> int:
+        """The step of the remaining cycle after the crashed one."""
+        return self.steps_read + (0 if self.start else 1)
+
+
+SCENARIOS = [
+    Scenario("an appending cycle", 1, 0),
+    Scenario("a cycle with late data that rewrites hours", 1, 1),
+    Scenario("a cycle into a new hour with late data for the previous one", 1, 2),
+    Scenario("a cycle that compacts a closed hour", 1, 3),
+    Scenario("the start-up full run", 2, 0, start=True),
+    Scenario("a full run after a killed cycle left its undo folders", 1, 2, start=True, interrupted_before=True),
+]
+def write_step_files(spark, folder) -> list[str]:
+    """Write each step as one raw parquet file in ``folder`` (offsets go on across steps); return the files."""
+    rows, files = raw_rows([payload for step in STEPS for payload in step]), []
+    for index, step in enumerate(STEPS):
+        start = sum(len(s) for s in STEPS[:index])
+        staging = os.path.join(folder + ".tmp", str(index))
+        local_frame(spark, rows[start : start + len(step)], RAW_SCHEMA).coalesce(1).write.parquet(staging)
+        (name,) = [f for f in os.listdir(staging) if f.endswith(".parquet")]
+        os.makedirs(folder, exist_ok=True)
+        os.rename(os.path.join(staging, name), os.path.join(folder, f"step-{index}.parquet"))
+        files.append(os.path.join(folder, f"step-{index}.parquet"))
+    return files
+
+
+def outputs(spark, paths: config.Paths) -> dict[str, list[tuple]]:
+    """Every output's rows, sorted, as text (the outputs that exist)."""
+    found = {}
+    for folder, schema in OUTPUTS:
+        if not os.path.exists(getattr(paths, folder)):
+            continue
+        frame = read_output(spark, getattr(paths, folder), schema, cleaner.log, "test")
+        found[folder] = sorted(tuple(str(v) for v in r) for r in frame.collect())
+    return found
+
+
+def live_state(spark, paths: config.Paths) -> dict[str, object]:
+    """What the live mode carries to its next cycle: the cursor, the per-series state, the running figures."""
+    cursor = live.read_cursor(spark, paths)
+    return {
+        "cursor": cursor.to_json(),
+        "series": sorted(map(str, live.store.read_series_state(spark, paths, cursor.cycle).collect())),
+        "figures": sorted(map(str, live.read_figures(spark, paths, cursor.cycle).collect())),
+    }
+
+
+def leftovers(root: str, cycle: int) -> list[str]:
+    """Files and folders that no committed state explains: undo, staging, older state, later cycles' files."""
+    found = []
+    keep = {f"cursor-{cycle:010d}.json", f"series-{cycle}", f"figures-{cycle}"}
+    for folder, folders, files in os.walk(root):
+        relative = os.path.relpath(folder, root)
+        for name in folders + files:
+            if re.search(r"\.undo-|\.staging|\.previous", name):
+                found.append(os.path.join(relative, name))
+            tagged = re.match(rf"{live.CYCLE_TAG}(\d+)-", name)
+            if tagged and int(tagged.group(1)) > cycle:
+                found.append(os.path.join(relative, name))
+        if relative == "live_state":
+            found += [name for name in folders + files if name not in keep and not name.startswith(".")]
+    return found
+
+
+@pytest.fixture(scope="module")
+def inputs(spark, tmp_path_factory):
+    """The step files, and a function giving a batch run's outputs over the first n of them (the oracle)."""
+    folder = tmp_path_factory.mktemp("crash-inputs")
+    files = write_step_files(spark, str(folder / "raw"))
+    batches: dict[int, dict] = {}
+
+    def batch(steps: int) -> dict[str, list[tuple]]:
+        if steps not in batches:
+            raw = str(folder / f"raw-{steps}")
+            os.makedirs(raw)
+            for file in files[:steps]:
+                shutil.copy(file, raw)
+            paths = dataclasses.replace(config.Paths.under(str(folder / f"batch-{steps}")), consumer_data=raw)
+            processor.run(spark, paths)
+            cleaner.run(spark, paths, SETTINGS.cleaner)
+            batches[steps] = outputs(spark, paths)
+        return batches[steps]
+
+    return files, batch
+
+
+def settings_of(scenario: Scenario) -> live.Settings:
+    return OTHER_SETTINGS if scenario.start else SETTINGS
+
+
+def reach(spark, paths: config.Paths, scenario: Scenario, files: list[str]) -> live.Cursor | None:
+    """Bring a new datastore to just before the scenario's step; return the committed cursor (None: none yet)."""
+    os.makedirs(paths.consumer_data)
+    for file in files[: scenario.in_consumer_data]:
+        shutil.copy(file, paths.consumer_data)
+    if scenario.start and scenario.cycles_before == 0 and not scenario.interrupted_before:
+        return None
+    cursor = live.start(spark, paths, SETTINGS)
+    for step in range(scenario.in_consumer_data, scenario.in_consumer_data + scenario.cycles_before):
+        cursor = live.run_cycle(spark, paths, SETTINGS, cursor, [files[step]], {})[0]
+    if scenario.interrupted_before:
+        step = scenario.steps_read - 1
+        root = os.path.dirname(paths.cleaned_data)
+        shutil.copytree(root, root + ".kept")
+        counted = Mutations()
+        with_hook(counted, lambda: live.run_cycle(spark, paths, SETTINGS, cursor, [files[step]], {}))
+        shutil.rmtree(root)
+        os.rename(root + ".kept", root)
+        commit = next(k for k, seen in enumerate(counted.seen, 1) if "/cursor-" in seen)
+        with pytest.raises(Crash):
+            with_hook(Mutations(commit), lambda: live.run_cycle(spark, paths, SETTINGS, cursor, [files[step]], {}))
+        assert [name for name in os.listdir(root) if ".undo-" in name]
+        for file in files[scenario.in_consumer_data : scenario.steps_read]:
+            shutil.copy(file, paths.consumer_data)
+    return cursor
+
+
+def run_step(spark, paths: config.Paths, scenario: Scenario, files: list[str], cursor) -> live.Cursor:
+    """Run the scenario's step: a start, or one cycle."""
+    if scenario.start:
+        return live.start(spark, paths, OTHER_SETTINGS)
+    return live.run_cycle(spark, paths, SETTINGS, cursor, [files[scenario.steps_read]], {})[0]
+
+
+def run_remaining(spark, paths: config.Paths, scenario: Scenario, files: list[str], cursor) -> live.Cursor:
+    """The cycles after ``cursor`` up to the scenario's last step; return the last cursor."""
+    # After a start at the step, cycle 1 reads the step after those in consumer_data; else the numbering goes on.
+    first = scenario.steps_read if scenario.start else scenario.in_consumer_data
+    for step in range(first + cursor.cycle, scenario.last_step + 1):
+        cursor, result = live.run_cycle(spark, paths, settings_of(scenario), cursor, [files[step]], {})
+        assert result.accounting.balanced()
+    return cursor
+
+
+def state_of(spark, paths: config.Paths, root: str) -> tuple:
+    """Everything a later cycle reads: the outputs' rows, the live state, the files of the datastore."""
+    cursor = live.read_cursor(spark, paths)
+    return (outputs(spark, paths), cursor and live_state(spark, paths), tree(root))
+
+
+def tree(root: str) -> list[str]:
+    """The datastore's files, their write-generated ids masked; without checksums, locks and reports."""
+    found = []
+    for folder, _folders, files in os.walk(root):
+        relative = os.path.relpath(folder, root)
+        if relative.split(os.sep)[0] in ("reports", "consumer_data"):
+            continue
+        for name in files:
+            if not name.endswith((".crc", ".lock")):
+                found.append(os.path.join(relative, re.sub(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", "*", name)))
+    return sorted(found)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_a_kill_at_every_mutation_then_a_restart_gives_what_an_uninterrupted_run_and_a_batch_run_give(
+    spark, tmp_path, inputs, scenario, capsys
+):
+    """Each crash point is the datastore as the step left it just before that mutation (copied there). The
+    restart from it must give exactly the state before the step (its recover undid the cycle) or after it
+    (the cycle had committed, or the start's full run ran again): the same rows, live state and files. From
+    the last crash point of each kind the remaining cycles run, and the outputs are a batch run's."""
+    files, batch = inputs
+    root, snapshots = str(tmp_path / "live"), str(tmp_path / "crash-points")
+    paths = config.Paths.under(root)
+    cursor = reach(spark, paths, scenario, files)
+    before = state_of(spark, paths, root)
+    counted = Mutations(root=root, snapshots=snapshots)
+    step_cursor = with_hook(counted, lambda: run_step(spark, paths, scenario, files, cursor))
+    after = state_of(spark, paths, root)
+    final = run_remaining(spark, paths, scenario, files, step_cursor)
+    expected = (outputs(spark, paths), live_state(spark, paths))
+    assert expected[0] == batch(scenario.last_step + 1)
+    assert not leftovers(root, final.cycle)
+    assert len(counted.seen) > 5, counted.seen
+
+    kinds: dict[str, int] = {}
+    for crash_at, mutation in enumerate(counted.seen, 1):
+        where = f"killed before mutation {crash_at} of {len(counted.seen)}: {mutation}"
+        shutil.rmtree(root)
+        shutil.copytree(os.path.join(snapshots, str(crash_at)), root)
+        restarted = live.start(spark, paths, settings_of(scenario))
+        kind = "after" if restarted.cycle == step_cursor.cycle else "before"
+        assert state_of(spark, paths, root) == (after if kind == "after" else before), where
+        kinds[kind] = crash_at
+    for kind, crash_at in sorted(kinds.items()):
+        shutil.rmtree(root)
+        shutil.copytree(os.path.join(snapshots, str(crash_at)), root)
+        final = run_remaining(spark, paths, scenario, files, live.start(spark, paths, settings_of(scenario)))
+        where = f"killed before mutation {crash_at}, restarted, cycles run to the end"
+        assert (outputs(spark, paths), live_state(spark, paths)) == expected, where
+        assert not leftovers(root, final.cycle), where
+    with capsys.disabled():
+        print(f"\n{scenario.name}: {len(counted.seen)} crash points, each restarted and compared")
