@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from pyspark.sql import functions as F
 
-from common import config
+from common import config, storage
 from common import message as m
 from common.contracts import CLEANED_SCHEMA, PROCESSED_SCHEMA, RAW_SCHEMA, hour_of, hour_value
 from common.raw_input import CheckpointMismatchError, check_sink_matches_checkpoint
@@ -52,6 +53,40 @@ def test_replace_output_swaps_in_complete_data(spark, tmp_path):
     values = [bytes(r.value) for r in read_output(spark, target, RAW_SCHEMA, log, "test").collect()]
     assert values == [b"2"]
     assert not (tmp_path / "out.staging").exists() and not (tmp_path / "out.previous").exists()
+
+
+def test_replace_output_exchanges_the_old_output_with_the_new_in_one_step(spark, tmp_path, monkeypatch):
+    target = str(tmp_path / "out")
+    replace_output(local_frame(spark, [(None, b"1", "t", 0, 1, None, 0)], RAW_SCHEMA), target, log)
+    seen = []
+    monkeypatch.setattr(storage, "mutation_hook", lambda kind, path: seen.append(kind))
+    replace_output(local_frame(spark, [(None, b"2", "t", 0, 2, None, 0)], RAW_SCHEMA), target, log)
+    # never absent: no rename of the old output away before the new one is in place
+    assert seen == ["write", "exchange", "delete"]
+
+
+def test_exchange_paths_swaps_two_folders_and_refuses_what_is_not_local(spark, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "from-a").write_text("a")
+    (tmp_path / "b").mkdir()
+    assert storage.exchange_paths(spark, str(tmp_path / "a"), str(tmp_path / "b"))
+    assert os.listdir(tmp_path / "b") == ["from-a"] and os.listdir(tmp_path / "a") == []
+    assert not storage.exchange_paths(spark, "hdfs://namenode/a", "hdfs://namenode/b")
+    with pytest.raises(OSError, match="could not exchange"):
+        storage.exchange_paths(spark, str(tmp_path / "a"), str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("through_hadoop", [False, True], ids=["local", "hadoop FileContext"])
+def test_write_bytes_replaces_a_file_by_one_rename_over_it(spark, tmp_path, monkeypatch, through_hadoop):
+    target = str(tmp_path / "reports" / "report.json")
+    write = storage._write_bytes_hadoop if through_hadoop else storage.write_bytes
+    write(spark, target, b"first")
+    seen = []
+    monkeypatch.setattr(storage, "mutation_hook", lambda kind, path: seen.append(kind))
+    write(spark, target, b"second")
+    assert storage.read_text(spark, target) == "second"
+    assert seen == ["write", "rename"]  # no delete of the old file first
+    assert not [name for name in os.listdir(tmp_path / "reports") if "staging" in name]
 
 
 def test_outputs_encode_report_times_and_values_plainly_and_names_with_a_dictionary(spark, tmp_path):

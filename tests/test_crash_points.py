@@ -1,10 +1,11 @@
 """Crash-point injection: the live mode killed at each file-system mutation in turn gives what a batch run gives.
 
-For each scenario the harness counts the mutations (writes, renames, exchanges, deletes, folders made) of
-one step of the live mode: a cycle, or a start with its full run. Then, for k = 1 .. that count, it puts the
-datastore back as it was before the step, runs the step with a crash at its k-th mutation (nothing after it
-happens, as when the process is killed there), restarts the live mode, runs the remaining cycles, and
-compares everything with a batch run of the same input and with the uninterrupted run.
+For each scenario the harness runs one step of the live mode (a cycle, or a start with its full run) with the
+storage mutation hook, which counts its mutations (writes, renames, exchanges, deletes, folders made) and
+copies the datastore just before each: all that a SIGKILL there would leave, as the stages keep nothing else
+across a restart. Then, for k = 1 .. that count, it restarts the live mode on the k-th copy and compares
+everything with the uninterrupted run; from the last crash point that restores the state before the step
+and from the last one after it, it runs the remaining cycles and compares with a batch run of the same input.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import processor
 from common import config, storage
 from common.contracts import (
     CLEANED_SCHEMA,
-    PARTITION,
     PROCESSED_SCHEMA,
     QUARANTINE_SCHEMA,
     RAW_SCHEMA,
@@ -137,6 +137,8 @@ SCENARIOS = [
     Scenario("the start-up full run", 2, 0, start=True),
     Scenario("a full run after a killed cycle left its undo folders", 1, 2, start=True, interrupted_before=True),
 ]
+
+
 def write_step_files(spark, folder) -> list[str]:
     """Write each step as one raw parquet file in ``folder`` (offsets go on across steps); return the files."""
     rows, files = raw_rows([payload for step in STEPS for payload in step]), []
@@ -259,25 +261,56 @@ def run_remaining(spark, paths: config.Paths, scenario: Scenario, files: list[st
     return cursor
 
 
-def state_of(spark, paths: config.Paths, root: str) -> tuple:
-    """Everything a later cycle reads: the outputs' rows, the live state, the files of the datastore."""
+@dataclasses.dataclass(frozen=True)
+class State:
+    """What a later cycle reads: the datastore's files (names and sizes; without checksums, locks, reports and
+    raw input), the committed cursor, the unknown series (rewritten at each start); and ``rows``, when
+    asked: the rows of the outputs and of the live state."""
+
+    files: list[tuple[str, int]]
+    masked_files: list[str]
+    cursor: str | None
+    unknown: list[tuple] | None
+    rows: Callable[[], tuple]
+
+
+def state_of(spark, paths: config.Paths, root: str) -> State:
     cursor = live.read_cursor(spark, paths)
-    return (outputs(spark, paths), cursor and live_state(spark, paths), tree(root))
+    return State(
+        files(root),
+        [re.sub(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", "*", name) for name, _size in files(root)],
+        cursor and cursor.to_json(),
+        outputs(spark, paths).get("unknown_series") if os.path.exists(paths.unknown_series) else None,
+        lambda: (outputs(spark, paths), cursor and live_state(spark, paths)),
+    )
 
 
-def tree(root: str) -> list[str]:
-    """The datastore's files, their write-generated ids masked; without checksums, locks and reports."""
+def files(root: str) -> list[tuple[str, int]]:
     found = []
-    for folder, _folders, files in os.walk(root):
+    for folder, _folders, names in os.walk(root):
         relative = os.path.relpath(folder, root)
-        if relative.split(os.sep)[0] in ("reports", "consumer_data"):
+        if relative.split(os.sep)[0] in ("reports", "consumer_data", "unknown_series"):
             continue
-        for name in files:
-            if not name.endswith((".crc", ".lock")):
-                found.append(os.path.join(relative, re.sub(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", "*", name)))
+        found += [
+            (os.path.join(relative, name), os.path.getsize(os.path.join(folder, name)))
+            for name in names
+            if not name.endswith((".crc", ".lock"))
+        ]
     return sorted(found)
 
 
+def assert_same_state(spark, paths: config.Paths, root: str, expected: State, expected_rows: tuple, where: str):
+    """The datastore is in ``expected``'s state: the same files; or, where writes ran again (a full run), files
+    laid out alike (their write ids masked) with the same rows. A data file is written once under a name
+    unique to its write, so the same name and size is the same content."""
+    found = state_of(spark, paths, root)
+    assert (found.cursor, found.unknown) == (expected.cursor, expected.unknown), where
+    if found.files != expected.files:
+        assert found.masked_files == expected.masked_files, where
+        assert found.rows() == expected_rows, where
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
 def test_a_kill_at_every_mutation_then_a_restart_gives_what_an_uninterrupted_run_and_a_batch_run_give(
     spark, tmp_path, inputs, scenario, capsys
@@ -286,15 +319,17 @@ def test_a_kill_at_every_mutation_then_a_restart_gives_what_an_uninterrupted_run
     restart from it must give exactly the state before the step (its recover undid the cycle) or after it
     (the cycle had committed, or the start's full run ran again): the same rows, live state and files. From
     the last crash point of each kind the remaining cycles run, and the outputs are a batch run's."""
-    files, batch = inputs
+    inputs_, batch = inputs
     root, snapshots = str(tmp_path / "live"), str(tmp_path / "crash-points")
     paths = config.Paths.under(root)
-    cursor = reach(spark, paths, scenario, files)
+    cursor = reach(spark, paths, scenario, inputs_)
     before = state_of(spark, paths, root)
+    before_rows = before.rows()
     counted = Mutations(root=root, snapshots=snapshots)
-    step_cursor = with_hook(counted, lambda: run_step(spark, paths, scenario, files, cursor))
+    step_cursor = with_hook(counted, lambda: run_step(spark, paths, scenario, inputs_, cursor))
     after = state_of(spark, paths, root)
-    final = run_remaining(spark, paths, scenario, files, step_cursor)
+    after_rows = after.rows()
+    final = run_remaining(spark, paths, scenario, inputs_, step_cursor)
     expected = (outputs(spark, paths), live_state(spark, paths))
     assert expected[0] == batch(scenario.last_step + 1)
     assert not leftovers(root, final.cycle)
@@ -307,14 +342,19 @@ def test_a_kill_at_every_mutation_then_a_restart_gives_what_an_uninterrupted_run
         shutil.copytree(os.path.join(snapshots, str(crash_at)), root)
         restarted = live.start(spark, paths, settings_of(scenario))
         kind = "after" if restarted.cycle == step_cursor.cycle else "before"
-        assert state_of(spark, paths, root) == (after if kind == "after" else before), where
+        expected_state, expected_rows = (after, after_rows) if kind == "after" else (before, before_rows)
+        assert_same_state(spark, paths, root, expected_state, expected_rows, where)
         kinds[kind] = crash_at
     for kind, crash_at in sorted(kinds.items()):
         shutil.rmtree(root)
         shutil.copytree(os.path.join(snapshots, str(crash_at)), root)
-        final = run_remaining(spark, paths, scenario, files, live.start(spark, paths, settings_of(scenario)))
-        where = f"killed before mutation {crash_at}, restarted, cycles run to the end"
+        final = run_remaining(spark, paths, scenario, inputs_, live.start(spark, paths, settings_of(scenario)))
+        where = f"killed before mutation {crash_at} (restart gave the state {kind} the step), cycles run to the end"
         assert (outputs(spark, paths), live_state(spark, paths)) == expected, where
         assert not leftovers(root, final.cycle), where
     with capsys.disabled():
-        print(f"\n{scenario.name}: {len(counted.seen)} crash points, each restarted and compared")
+        restored = sum(1 for k in range(1, len(counted.seen) + 1) if k <= kinds.get("before", 0))
+        print(
+            f"\n{scenario.name}: {len(counted.seen)} crash points, each restarted and compared "
+            f"({restored} back to the state before the step, {len(counted.seen) - restored} to the state after it)"
+        )

@@ -345,7 +345,7 @@ def write_bytes(spark: SparkSession, path: str, data: bytes) -> None:
 
 def _write_bytes_hadoop(spark: SparkSession, path: str, data: bytes) -> None:
     """``write_bytes`` on a file system other than the local one."""
-    hadoop = jvm(spark).org.apache.hadoop
+    java = jvm(spark)
     fs, target = _fs_path(spark, path)
     staging = _fs_path(spark, path + STAGING_SUFFIX)[1]
     _mutation("write", path + STAGING_SUFFIX)
@@ -354,9 +354,12 @@ def _write_bytes_hadoop(spark: SparkSession, path: str, data: bytes) -> None:
         stream.write(bytearray(data))
     finally:
         stream.close()
-    context = hadoop.fs.FileContext.getFileContext(target.toUri(), spark.sparkContext._jsc.hadoopConfiguration())
-    overwrite = spark.sparkContext._gateway.new_array(hadoop.fs.Options.Rename, 1)
-    overwrite[0] = hadoop.fs.Options.Rename.OVERWRITE
+    context = java.org.apache.hadoop.fs.FileContext.getFileContext(
+        target.toUri(), spark.sparkContext._jsc.hadoopConfiguration()
+    )
+    rename_option = java.java.lang.Class.forName("org.apache.hadoop.fs.Options$Rename")
+    overwrite = java.java.lang.reflect.Array.newInstance(rename_option, 1)
+    overwrite[0] = java.org.apache.hadoop.fs.Options.Rename.OVERWRITE
     _mutation("rename", f"{path + STAGING_SUFFIX} -> {path}")
     context.rename(staging, target, overwrite)
 

@@ -105,7 +105,8 @@ class Compactor:
         def merge() -> None:
             try:
                 rows = spark.read.schema(schema).parquet(*job.files).withColumn(PARTITION, F.lit(hour).cast("long"))
-                write_parquet(parquet_writer(rows.coalesce(files)).mode("overwrite").partitionBy(PARTITION), job.staging)
+                writer = parquet_writer(rows.coalesce(files)).mode("overwrite").partitionBy(PARTITION)
+                write_parquet(writer, job.staging)
             except Exception as error:  # a late rewrite moved the files away: dropped, compacted later
                 job.error = error
             finally:
