@@ -162,8 +162,6 @@ def start_stream(spark: SparkSession, paths: config.Paths, config_: ConsumerConf
     )
     if config_.max_offsets_per_trigger:
         reader = reader.option("maxOffsetsPerTrigger", str(config_.max_offsets_per_trigger))
-    # Keep every batch's progress for the summary, not only the last 100.
-    spark.conf.set("spark.sql.streaming.numRecentProgressUpdates", "100000")
     trigger = {"availableNow": True} if interval_seconds is None else {"processingTime": f"{interval_seconds} seconds"}
     query = (
         reader.load()

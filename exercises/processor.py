@@ -93,7 +93,6 @@ _CORRUPT = "_corrupt_record"
 MESSAGE_SCHEMA = T.StructType(
     [T.StructField(name, T.StringType()) for name in m.FIELDS] + [T.StructField(_CORRUPT, T.StringType())]
 )
-CACHE_COMPRESSED = "spark.sql.inMemoryColumnarStorage.compressed"
 _NON_FINITE_TEXT = ("NAN", "INFINITY", "+INFINITY", "-INFINITY", "INF", "+INF", "-INF")
 
 
@@ -290,10 +289,8 @@ def parse_and_cache(raw: DataFrame, counts: Observation, clock: ClockLimits = DE
 
     One parse feeds both outputs. The cache is also a barrier: a filter on the parsed columns would
     otherwise be pushed below the parse and evaluate from_json again for each field. It is kept on
-    disk, not in the heap, so the heap does not grow with the input, and uncompressed: Spark's
-    column compression cost more time than the smaller blocks saved (10 M measurements: the
-    processor took 59 s with a compressed cache in memory and on disk, 47 s with this one). The
-    caller unpersists.
+    disk, not in the heap, so the heap does not grow with the input, and uncompressed (the session's
+    ``SESSION_SETTINGS``). The caller unpersists.
     """
     parsed = parse_measurements(raw, clock).observe(
         counts,
@@ -302,14 +299,7 @@ def parse_and_cache(raw: DataFrame, counts: Observation, clock: ClockLimits = DE
         F.count_if(F.col("reason").isNotNull()).alias("quarantined"),
         F.count_if(F.col("reason").isin(*CLOCK_FAULT_REASONS)).alias("clock_faults"),
     )
-    # Spark caches with a copy of the session's settings taken here, so the setting is restored at once.
-    spark = raw.sparkSession
-    previous = spark.conf.get(CACHE_COMPRESSED)
-    spark.conf.set(CACHE_COMPRESSED, "false")
-    try:
-        return parsed.persist(StorageLevel.DISK_ONLY)
-    finally:
-        spark.conf.set(CACHE_COMPRESSED, previous or "true")
+    return parsed.persist(StorageLevel.DISK_ONLY)
 
 
 def run(spark: SparkSession, paths: config.Paths, clock: ClockLimits = DEFAULT_CLOCK) -> Accounting:

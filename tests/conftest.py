@@ -13,7 +13,7 @@ from hypothesis import settings
 from pyspark.sql import SparkSession
 
 from common import config
-from common.session import CODEGEN_CACHE, QUERY_OVERHEAD, class_archive_options, kafka_connector_jars
+from common.session import CODEGEN_CACHE, QUERY_OVERHEAD, SESSION_SETTINGS, class_archive_options, kafka_connector_jars
 from tests.helpers import ROOT
 
 # Fuzzed inputs: 40 examples in the full suite, 5 in make test-fast (HYPOTHESIS_PROFILE=fast).
@@ -54,6 +54,7 @@ def spark() -> Iterator[SparkSession]:
         .config(
             map={
                 **QUERY_OVERHEAD,
+                **SESSION_SETTINGS,
                 **INTERPRETED,
                 **{k: v for k, v in (item.split("=", 1) for item in os.environ.get("XTEST_CONF", "").split() if item)},
             }

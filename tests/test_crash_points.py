@@ -11,6 +11,7 @@ and from the last one after it, it runs the remaining cycles and compares with a
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import re
 import shutil
@@ -358,3 +359,60 @@ def test_a_kill_at_every_mutation_then_a_restart_gives_what_an_uninterrupted_run
             f"\n{scenario.name}: {len(counted.seen)} crash points, each restarted and compared "
             f"({restored} back to the state before the step, {len(counted.seen) - restored} to the state after it)"
         )
+
+
+class Reader:
+    """A reader of processed_data and cleaned_data at each instant between two mutations (the storage hook):
+    it lists each output's hours and reads their files, as a query listing the folders would."""
+
+    def __init__(self, paths: config.Paths) -> None:
+        self.outputs = {"processed_data": paths.processed_data, "cleaned_data": paths.cleaned_data}
+        self.seen: dict[str, dict[str, int]] = {name: {} for name in self.outputs}
+        self.instants = 0
+
+    def __call__(self, kind: str, path: str) -> None:
+        import duckdb  # a benchmark dependency; make test installs it
+
+        self.instants += 1
+        for name, output in self.outputs.items():
+            hours = sorted(h for h in os.listdir(output) if h.startswith("hour=")) if os.path.isdir(output) else []
+            counts = {}
+            keys: list[tuple] = []
+            for hour in hours:
+                data = sorted(glob.glob(os.path.join(output, hour, "*.parquet")))
+                rows = (
+                    duckdb.sql(f"SELECT device_id, signal_name, t_measurement FROM read_parquet({data!r})").fetchall()
+                    if data
+                    else []
+                )
+                counts[hour], keys = len(rows), keys + rows
+            where = f"{name} before {kind} {path}"
+            assert len(keys) == len(set(keys)), f"a (series, time) twice in {where}"
+            for hour, count in self.seen[name].items():
+                assert counts.get(hour, 0) >= count, f"{hour} missing or shrunk in {where}"
+            self.seen[name] = counts
+
+
+def test_a_reader_at_every_instant_of_the_cycles_sees_each_hour_whole_never_missing_never_twice(
+    spark, tmp_path, inputs
+):
+    """Between every two mutations of a start and of cycles that append, rewrite hours for late data, create
+    an hour by a swap and compact a closed hour, each output's hours are all there, none shrunk, and no
+    (series, time) is listed twice. And no session-wide setting changed."""
+    files_, _batch = inputs
+    paths = config.Paths.under(str(tmp_path / "live"))
+    os.makedirs(paths.consumer_data)
+    shutil.copy(files_[0], paths.consumer_data)
+    reader = Reader(paths)
+
+    def start_and_cycles():
+        cursor = live.start(spark, paths, SETTINGS)
+        for step in files_[1:]:
+            cursor = live.run_cycle(spark, paths, SETTINGS, cursor, [step], {})[0]
+        return cursor
+
+    settings_before = dict(spark.conf.getAll)
+    assert with_hook(reader, start_and_cycles).cycle == len(STEPS) - 1
+    assert reader.instants > 100 and all(reader.seen.values())
+    # the stages and cycles change no session-wide setting (other threads of the live mode share the session)
+    assert dict(spark.conf.getAll) == settings_before

@@ -48,8 +48,18 @@ QUERY_OVERHEAD = {
     "spark.sql.ui.explainMode": "simple",
     "spark.python.sql.dataFrameDebugging.enabled": "false",
 }
+#: Session-wide settings the stages' code relies on, set when the session is built: library code changes
+#: no setting while the session runs, as the live mode's threads (consumer, compaction) share it.
+#: - Caches are kept uncompressed: Spark's column compression cost more time than the smaller blocks
+#:   saved (BENCHMARKS.md: "the processor's cache of the parsed rows").
+#: - A consumer run keeps every batch's progress for its summary, not only the last 100.
+SESSION_SETTINGS = {
+    "spark.sql.inMemoryColumnarStorage.compressed": "false",
+    "spark.sql.streaming.numRecentProgressUpdates": "100000",
+}
 #: The settings a stage uses unless spark-submit (or spark-defaults) gives its own.
 STAGE_DEFAULTS = {
+    **SESSION_SETTINGS,
     "spark.sql.adaptive.advisoryPartitionSizeInBytes": ADVISORY_PARTITION_SIZE,
     CODEGEN_CACHE[0]: CODEGEN_CACHE[1],
     CACHED_PLAN_PARTITIONING: "true",

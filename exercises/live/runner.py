@@ -290,8 +290,27 @@ def _watch(
 ) -> int:
     runner = LiveRunner(spark, paths, settings, should_stop)
     cursor = start(spark, paths, settings)
-    # A cycle's data is small: one shuffle partition per core, not Spark's default of 200.
-    spark.conf.set("spark.sql.shuffle.partitions", str(spark.sparkContext.defaultParallelism))
+    # A cycle's data is small: one shuffle partition per core, not Spark's default of 200. Set before the
+    # runner's threads start (none changes a setting while another uses the session), restored at the end.
+    shuffle_partitions = spark.conf.get(SHUFFLE_PARTITIONS)
+    spark.conf.set(SHUFFLE_PARTITIONS, str(spark.sparkContext.defaultParallelism))
+    try:
+        return _cycles(spark, paths, runner, cursor, consumer_config)
+    finally:
+        spark.conf.set(SHUFFLE_PARTITIONS, shuffle_partitions or "200")
+
+
+SHUFFLE_PARTITIONS = "spark.sql.shuffle.partitions"
+
+
+def _cycles(
+    spark: SparkSession,
+    paths: config.Paths,
+    runner: LiveRunner,
+    cursor: Cursor,
+    consumer_config: consumer.ConsumerConfig | None,
+) -> int:
+    """The runner's loop: the consumer in a thread, a cycle whenever it committed new files."""
     thread = None if consumer_config is None else runner.start_consumer(consumer_config)
     log.info(
         "live: a cycle as soon as new raw data is committed%s; Ctrl-C stops",
@@ -306,7 +325,7 @@ def _watch(
         if runner.consumer_errors:
             runner.compactor.close(spark)
             return 1
-        if should_stop() and finished:
+        if runner.should_stop() and finished:
             runner.compactor.close(spark)
             log.info("live: stopped after %d cycles", len(runner.cycles))
             return 0
