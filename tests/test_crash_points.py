@@ -111,6 +111,8 @@ class Scenario:
         start: the step is a start with ``OTHER_SETTINGS`` (a full run); else the next cycle.
         interrupted_before: before the step, one more cycle is killed before its commit (its undo
             folders left behind), and consumer_data gets every step so far, as the consumer wrote them.
+        exchange: folders are exchanged in one step; else by renames, as on a file system without an
+            exchange (HDFS).
     """
 
     name: str
@@ -118,6 +120,7 @@ class Scenario:
     cycles_before: int
     start: bool = False
     interrupted_before: bool = False
+    exchange: bool = True
 
     @property
     def steps_read(self) -> int:
@@ -134,6 +137,7 @@ SCENARIOS = [
     Scenario("an appending cycle", 1, 0),
     Scenario("a cycle with late data that rewrites hours", 1, 1),
     Scenario("a cycle into a new hour with late data for the previous one", 1, 2),
+    Scenario("a cycle into a new hour, its hours swapped by renames (HDFS)", 1, 2, exchange=False),
     Scenario("a cycle that compacts a closed hour", 1, 3),
     Scenario("the start-up full run", 2, 0, start=True),
     Scenario("a full run after a killed cycle left its undo folders", 1, 2, start=True, interrupted_before=True),
@@ -314,13 +318,16 @@ def assert_same_state(spark, paths: config.Paths, root: str, expected: State, ex
 @pytest.mark.slow
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
 def test_a_kill_at_every_mutation_then_a_restart_gives_what_an_uninterrupted_run_and_a_batch_run_give(
-    spark, tmp_path, inputs, scenario, capsys
+    spark, tmp_path, inputs, scenario, capsys, monkeypatch
 ):
     """Each crash point is the datastore as the step left it just before that mutation (copied there). The
     restart from it must give exactly the state before the step (its recover undid the cycle) or after it
     (the cycle had committed, or the start's full run ran again): the same rows, live state and files. From
     the last crash point of each kind the remaining cycles run, and the outputs are a batch run's."""
     inputs_, batch = inputs
+    if not scenario.exchange:
+        for module in (storage, live.store):
+            monkeypatch.setattr(module, "exchange_paths", lambda *_paths: False)
     root, snapshots = str(tmp_path / "live"), str(tmp_path / "crash-points")
     paths = config.Paths.under(root)
     cursor = reach(spark, paths, scenario, inputs_)

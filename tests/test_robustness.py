@@ -245,25 +245,32 @@ def test_second_run_of_a_stage_is_refused_and_output_stays_intact(spark, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("delay", [0.0, 2.0, 5.0])
-def test_sigkill_at_any_moment_leaves_the_previous_output_and_the_next_run_recovers(spark, tmp_path, delay):
+@pytest.mark.parametrize("moment", ["as its Spark starts", "while it writes its new output"])
+def test_sigkill_leaves_the_previous_output_and_the_next_run_removes_what_the_killed_one_left(spark, tmp_path, moment):
     datastore = str(tmp_path / "datastore")
     paths = config.Paths.under(datastore)
-    # 200,000 rows keep the killed run busy for the delays
+    staging = f"{paths.processed_data}.staging"
+    # 200,000 rows keep the killed run busy while it writes
     _write_large_raw(spark, paths.consumer_data, rows=200_000, spacing=1)
     processor.run(spark, paths)  # the previous output, written in this process
     _write_large_raw(spark, paths.consumer_data, rows=200_000, spacing=1)  # the same rows: replays
 
     victim = _start_processor(datastore)
     _wait_for_spark(victim)  # its run begins: it holds the lock from before
-    time.sleep(delay)
+    if moment == "while it writes its new output":
+        deadline = time.monotonic() + 300
+        while not os.path.isdir(staging):
+            assert victim.poll() is None and time.monotonic() < deadline, "the run wrote no staging output"
+            time.sleep(0.01)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
+    left = os.path.isdir(staging)
+    assert left == (moment == "while it writes its new output")
 
     log = processor.log
     survivor = read_output(spark, paths.processed_data, PROCESSED_SCHEMA, log, "processor")
-    assert survivor.count() == 200_000  # the previous output, or the new one (the same rows)
-    # The next run (here in this process) finishes or undoes the swap the kill interrupted.
+    assert survivor.count() == 200_000  # the previous output, or the new one once exchanged (the same rows)
+    # The next run (here in this process) removes the staging output the kill left and writes its own.
     assert processor.run(spark, paths) == processor.Accounting(400_000, 200_000, 0, 200_000)
     assert spark.read.schema(RAW_SCHEMA).parquet(paths.consumer_data).count() == 400_000
-    assert not os.path.exists(f"{paths.processed_data}.staging")
+    assert not os.path.exists(staging) and not os.path.exists(f"{paths.processed_data}.previous")

@@ -19,11 +19,12 @@ Read top to bottom, one module each: ``store`` (1, 2, 4), ``cycle`` (3), ``late`
    with what their series ended with carried from the state, and the running figures of the report
    window are summed up.
 4. **Files.** Appended files are named ``cycle-<N>-...`` inside their hour folder; a rewritten hour
-   folder is swapped in by renames, the old one kept in ``<output>.undo-<N>`` until the cycle is
-   committed. The commit is one atomic step, the rename of a new ``cursor-N.json`` into place (the newest
-   wins; older ones are removed after it); on start, ``recover`` undoes what
-   an uncommitted cycle left (its tagged files, its swapped hours), so a SIGKILL loses nothing and
-   a reader never sees a (series, slot) twice.
+   folder, marked as cycle N's, is exchanged with the old one in one step (``swap_hours``), the old
+   one kept in ``<output>.undo-<N>`` until the cycle is committed. The commit is one atomic step, the
+   rename of a new ``cursor-N.json`` into place (the newest wins; older ones are removed after it); on
+   start, ``recover`` undoes what an uncommitted cycle left (its tagged files, its swapped hours, told
+   apart by their marks), so a SIGKILL at any mutation loses nothing and a reader never sees an hour
+   missing or a (series, slot) twice (``tests/test_crash_points.py``).
 5. **Compaction.** Hours that cycles appended to are compacted once they are closed (older than the
    newest slot's hour): one hour per cycle, a few files each.
 6. **The runner** (``watch``): a full run when there is no usable state, then the consumer in a

@@ -137,7 +137,7 @@ def new_raw_files(
 
 @dataclass
 class Cursor:
-    """The committed state of the live mode (``live_state/cursor.json``).
+    """The committed state of the live mode (``live_state/cursor-<cycle>.json``, the newest).
 
     Attributes:
         cycle: the last committed cycle (0: the full run).
