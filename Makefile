@@ -85,5 +85,5 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-clean-data:
-	rm -rf $(DATASTORE)/*/ $(DATASTORE)/*.staging $(DATASTORE)/*.previous
+clean-data: $(VENV)/.installed
+	$(PY) scripts/clean_data.py "$(DATASTORE)"

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from pyspark.sql import functions as F
 
 import checker
+import clean_data
 import cleaner
 import processor
 from common import config
@@ -26,7 +27,7 @@ from common.contracts import PROCESSED_SCHEMA, RAW_SCHEMA
 from common.session import local_frame
 from common.storage import StageBusyError, read_output, stage_lock
 from make_sample_data import sample_payloads
-from tests.helpers import ROOT, raw_frame, run_python
+from tests.helpers import ROOT, raw_frame, run_command, run_python
 
 T = 1716369246.734911
 REASON_PREFIXES = (
@@ -274,3 +275,96 @@ def test_sigkill_leaves_the_previous_output_and_the_next_run_removes_what_the_ki
     assert processor.run(spark, paths) == processor.Accounting(400_000, 200_000, 0, 200_000)
     assert spark.read.schema(RAW_SCHEMA).parquet(paths.consumer_data).count() == 400_000
     assert not os.path.exists(staging) and not os.path.exists(f"{paths.processed_data}.previous")
+
+
+# --- operator safety -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("datastore", ["", "  ", "/", "~", "missing", "home-like"])
+def test_clean_data_refuses_what_is_not_a_datastore_and_removes_nothing(tmp_path, monkeypatch, capsys, datastore):
+    home_like = tmp_path / "home-like"
+    (home_like / "processed_data").mkdir(parents=True)
+    (home_like / "thesis.tex").write_text("years of work")
+    monkeypatch.chdir(tmp_path)
+    assert clean_data.main([os.path.expanduser(datastore)]) == 2
+    assert "clean-data refused" in capsys.readouterr().err
+    assert (home_like / "thesis.tex").exists() and (home_like / "processed_data").exists()
+
+
+def test_clean_data_empties_a_datastore_with_what_interrupted_runs_left(tmp_path):
+    datastore = tmp_path / "datastore"
+    for name in ("consumer_data/_spark_metadata", "processed_data/hour=1", "cleaned_data.undo-3/hour=1", "live_state"):
+        (datastore / name).mkdir(parents=True)
+    (datastore / "processed_data.lock").write_text("")
+    (datastore / "reports.staging").mkdir()
+    assert clean_data.main([str(datastore)]) == 0
+    assert datastore.is_dir() and not os.listdir(datastore)
+
+
+def test_make_clean_data_with_an_empty_datastore_is_refused():
+    result = run_command("make", "--no-print-directory", "clean-data", "DATASTORE=")
+    assert result.returncode != 0 and "no datastore given" in result.stderr
+
+
+SHOW_UI = """
+import sys
+sys.path.insert(0, "exercises")
+from common.session import build_session
+spark = build_session("ui-check")
+print(spark.sparkContext.uiWebUrl.rsplit(":", 1)[1], spark.sparkContext.getConf().get("spark.ui.killEnabled"))
+with open("/proc/net/tcp") as table:
+    print(table.read())
+"""
+
+
+@pytest.mark.slow
+def test_a_stage_session_serves_its_ui_on_loopback_only_with_kill_links_off():
+    result = run_python("-c", SHOW_UI, env={k: v for k, v in os.environ.items() if k != "SPARK_LOCAL_IP"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, *table = result.stdout.splitlines()
+    port, kill_enabled = first.split()
+    assert kill_enabled == "false"
+    # /proc/net/tcp: "sl local_address rem_address st ...", addresses as hex IP:port, state 0A is LISTEN
+    listening = {line.split()[1] for line in table[1:] if line.split()[3] == "0A"}
+    ui = {address for address in listening if address.endswith(f":{int(port):04X}")}
+    assert ui == {f"0100007F:{int(port):04X}"}  # 127.0.0.1 only, not 0.0.0.0
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("KAFKA_PORT", "$(touch {marker})"),
+        ("KAFKA_PORT", "1+1"),
+        ("KAFKA_CONTROLLER_PORT", "70000"),
+        ("KAFKA_HEAP", "1g -XX:OnError=touch {marker}"),
+    ],
+)
+def test_kafka_local_refuses_a_variable_that_is_not_what_it_should_be_and_runs_nothing(tmp_path, variable, value):
+    marker = tmp_path / "ran"
+    env = {**os.environ, "KAFKA_DATA_DIR": str(tmp_path / "kafka"), variable: value.format(marker=marker)}
+    result = run_command("scripts/kafka-local", "status", env=env)
+    assert result.returncode == 2 and variable in result.stderr
+    assert not marker.exists()
+
+
+def test_kafka_local_stop_kills_only_its_own_broker_not_whatever_the_pid_file_names(tmp_path):
+    data = tmp_path / "kafka"
+    data.mkdir(mode=0o700)
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        (data / "kafka.pid").write_text(f"{bystander.pid}\n")
+        env = {**os.environ, "KAFKA_DATA_DIR": str(data), "KAFKA_PORT": "39093"}
+        result = run_command("scripts/kafka-local", "stop", env=env)
+        assert result.returncode == 0 and "not running" in result.stdout
+        assert bystander.poll() is None  # still alive
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_kafka_local_refuses_a_data_folder_that_others_may_write(tmp_path):
+    data = tmp_path / "kafka"
+    data.mkdir()
+    data.chmod(0o777)
+    result = run_command("scripts/kafka-local", "start", env={**os.environ, "KAFKA_DATA_DIR": str(data)})
+    assert result.returncode == 2 and "writable by other users" in result.stderr

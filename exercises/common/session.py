@@ -60,6 +60,8 @@ SESSION_SETTINGS = {
 #: The settings a stage uses unless spark-submit (or spark-defaults) gives its own.
 STAGE_DEFAULTS = {
     **SESSION_SETTINGS,
+    # The UI's kill links stop jobs with a click: off unless spark-submit turns them on.
+    "spark.ui.killEnabled": "false",
     "spark.sql.adaptive.advisoryPartitionSizeInBytes": ADVISORY_PARTITION_SIZE,
     CODEGEN_CACHE[0]: CODEGEN_CACHE[1],
     CACHED_PLAN_PARTITIONING: "true",
@@ -110,6 +112,9 @@ def build_session(app_name: str, verbose: bool = False, jars: list[str] | None =
         builder = builder.config("spark.master", "local[*]").config(
             "spark.driver.memory", os.environ.get(ENV_LOCAL_DRIVER_MEMORY) or DEFAULT_LOCAL_DRIVER_MEMORY
         )
+        # Spark's UI listens where SPARK_LOCAL_IP says, on every interface without it: in local mode
+        # nothing outside this machine needs it (nor the driver). Read when this process starts the JVM.
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     for key, value in STAGE_DEFAULTS.items():
         if not submitted.contains(key):
             builder = builder.config(key, value)
