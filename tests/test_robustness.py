@@ -312,8 +312,9 @@ sys.path.insert(0, "exercises")
 from common.session import build_session
 spark = build_session("ui-check")
 print(spark.sparkContext.uiWebUrl.rsplit(":", 1)[1], spark.sparkContext.getConf().get("spark.ui.killEnabled"))
-with open("/proc/net/tcp") as table:
-    print(table.read())
+for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    with open(table) as lines:
+        print(lines.read())
 """
 
 
@@ -325,9 +326,11 @@ def test_a_stage_session_serves_its_ui_on_loopback_only_with_kill_links_off():
     port, kill_enabled = first.split()
     assert kill_enabled == "false"
     # /proc/net/tcp: "sl local_address rem_address st ...", addresses as hex IP:port, state 0A is LISTEN
-    listening = {line.split()[1] for line in table[1:] if line.split()[3] == "0A"}
-    ui = {address for address in listening if address.endswith(f":{int(port):04X}")}
-    assert ui == {f"0100007F:{int(port):04X}"}  # 127.0.0.1 only, not 0.0.0.0
+    sockets = [line.split() for line in table if re.match(r"\s*\d+:", line)]
+    listening = {fields[1] for fields in sockets if fields[3] == "0A"}
+    ui = {address.rsplit(":", 1)[0] for address in listening if address.endswith(f":{int(port):04X}")}
+    # 127.0.0.1 (in IPv4, or IPv4-mapped in IPv6), not every interface (0.0.0.0 or ::)
+    assert ui and ui <= {"0100007F", "0000000000000000FFFF00000100007F"}, ui
 
 
 @pytest.mark.parametrize(
