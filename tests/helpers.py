@@ -1,4 +1,4 @@
-"""Small inputs for the tests (timestamps, messages, raw consumer rows) and running project scripts."""
+"""Small inputs for the tests (timestamps, messages, raw consumer rows), Kafka topics, and running project scripts."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from datetime import UTC, datetime
 
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
 from pyspark.sql import DataFrame, SparkSession
 
 from common.contracts import RAW_SCHEMA
@@ -59,3 +62,20 @@ def run_command(*command: str, env: dict | None = None, timeout: float = 300) ->
 def run_python(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run a project script (``exercises/processor.py`` ...) with this Python."""
     return run_command(sys.executable, *args, env=env, timeout=timeout)
+
+
+def new_topic(kafka: str, partitions: int = 1) -> str:
+    """A new topic with a unique name on the broker ``kafka``."""
+    topic = f"test-{uuid.uuid4().hex[:10]}"
+    admin = AdminClient({"bootstrap.servers": kafka})  # keep it alive until the topic exists
+    admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result(timeout=30)
+    return topic
+
+
+def produce(kafka: str, topic: str, messages: list[dict]) -> None:
+    """Send messages (kwargs of Producer.produce) and wait until all are delivered."""
+    producer = Producer({"bootstrap.servers": kafka})
+    failures = []
+    for msg in messages:
+        producer.produce(topic, on_delivery=lambda err, _m: err and failures.append(err), **msg)
+    assert producer.flush(30) == 0 and not failures

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from types import SimpleNamespace
 
 import pytest
-from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient, NewTopic
 
 import checker
 import cleaner
@@ -18,23 +15,7 @@ from common.contracts import RAW_SCHEMA
 from common.kafka_client import client_options
 from common.raw_input import CheckpointMismatchError
 from consumer import ConsumerConfig, config_from_args, run, summarize
-from tests.helpers import run_python
-
-
-def new_topic(kafka: str, partitions: int = 1) -> str:
-    topic = f"test-{uuid.uuid4().hex[:10]}"
-    admin = AdminClient({"bootstrap.servers": kafka})  # keep it alive until the topic exists
-    admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result(timeout=30)
-    return topic
-
-
-def produce(kafka: str, topic: str, messages: list[dict]) -> None:
-    """Send messages (kwargs of Producer.produce) and wait until all are delivered."""
-    producer = Producer({"bootstrap.servers": kafka})
-    failures = []
-    for msg in messages:
-        producer.produce(topic, on_delivery=lambda err, _m: err and failures.append(err), **msg)
-    assert producer.flush(30) == 0 and not failures
+from tests.helpers import new_topic, produce, run_python
 
 
 def consumed(spark, paths):

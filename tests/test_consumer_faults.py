@@ -15,8 +15,7 @@ from common.raw_input import read_raw
 from consumer import ConsumerConfig, run
 from consumer import log as consumer_log
 from tests.conftest import free_port
-from tests.helpers import ROOT
-from tests.test_consumer import new_topic, produce
+from tests.helpers import ROOT, new_topic, produce
 
 pytestmark = pytest.mark.integration
 

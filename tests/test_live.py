@@ -33,8 +33,7 @@ from common.contracts import (
 from common.session import local_frame
 from common.storage import StageBusyError, read_output, stage_lock
 from make_sample_data import raw_rows
-from tests.helpers import ROOT, epoch, message, run_python, utc
-from tests.test_consumer import new_topic
+from tests.helpers import ROOT, epoch, message, new_topic, run_python, utc
 
 T0 = epoch("2026-11-25 13:59:00")  # the first steps cross into the next hour partition
 A = ("device1", "energy import")
