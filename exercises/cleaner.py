@@ -132,9 +132,8 @@ def split_catalog(processed: DataFrame, catalog: DataFrame | None) -> tuple[Data
     return expected, unknown
 
 
-def _slot_start(t_measurement: Column, slot_micros: int) -> Column:
-    """The start of the wall-clock slot that holds a timestamp, as epoch microseconds."""
-    micros = F.unix_micros(t_measurement)
+def slot_start(micros: Column, slot_micros: int) -> Column:
+    """The start of the wall-clock slot that holds a time given in epoch microseconds (also microseconds)."""
     return micros - F.pmod(micros, F.lit(slot_micros))
 
 
@@ -163,7 +162,7 @@ def align_to_grid(config_: CleanerConfig, flags: Observation | None = None):
 
     def transform(measured: DataFrame) -> DataFrame:
         by_series = Window.partitionBy(m.DEVICE_ID, m.SIGNAL_NAME).orderBy("slot", m.T_MEASUREMENT, m.T_REPORT)
-        slotted = measured.withColumn("slot", _slot_start(F.col(m.T_MEASUREMENT), slot_micros))
+        slotted = measured.withColumn("slot", slot_start(F.unix_micros(m.T_MEASUREMENT), slot_micros))
         first_in_slot = (
             slotted.withColumn("previous_slot", F.lag("slot").over(by_series))
             .where(F.col("previous_slot").isNull() | (F.col("previous_slot") != F.col("slot")))

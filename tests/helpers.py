@@ -76,6 +76,11 @@ def produce(kafka: str, topic: str, messages: list[dict]) -> None:
     """Send messages (kwargs of Producer.produce) and wait until all are delivered."""
     producer = Producer({"bootstrap.servers": kafka})
     failures = []
+
+    def delivered(error, _message) -> None:
+        if error:
+            failures.append(error)
+
     for msg in messages:
-        producer.produce(topic, on_delivery=lambda err, _m: err and failures.append(err), **msg)
+        producer.produce(topic, on_delivery=delivered, **msg)
     assert producer.flush(30) == 0 and not failures

@@ -28,7 +28,7 @@ from common.session import cached_for_the_block, local_frame, one_row
 from common.storage import path_exists
 from live.checks import check_state, merge_state, update_figures, write_report, write_unknown
 from live.compaction import Compactor
-from live.late import merge_late, recompute_late, slot_micros
+from live.late import merge_late, recompute_late
 from live.store import (
     KEYS,
     REPLACES,
@@ -239,7 +239,7 @@ def _process(
     if late_hours:
         updates = merge_late(spark, paths, late, appended, late_hours, updates, cycle)
         gained = one_row(updates.agg(F.sum("rows")))[0] or 0
-        late_series = late.groupBy(*KEYS).agg(F.min(slot_micros(F.col(m.T_MEASUREMENT), 1)).alias("since"))
+        late_series = late.groupBy(*KEYS).agg(F.min(F.unix_micros(m.T_MEASUREMENT)).alias("since"))
     return Processed(appended, late_series, updates.persist(), appended_hours, late_hours, gained)
 
 

@@ -3,7 +3,7 @@ series recomputed from the measurement before them, the hours it touches rewritt
 
 from __future__ import annotations
 
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 import cleaner
@@ -60,12 +60,6 @@ def merge_late(
     return updates
 
 
-def slot_micros(t_measurement: Column, slot_seconds: int) -> Column:
-    """The start of the slot that holds a timestamp, as epoch microseconds."""
-    micros = F.unix_micros(t_measurement)
-    return micros - F.pmod(micros, F.lit(slot_seconds * 1_000_000))
-
-
 def recompute_late(
     spark: SparkSession,
     paths: config.Paths,
@@ -83,7 +77,7 @@ def recompute_late(
         The rewritten hours' rows (cleaned columns and hour), the hours, and the newest recomputed slot
         (epoch micros).
     """
-    slot = slot_micros(F.col(m.T_MEASUREMENT), config_.slot_seconds)
+    slot = cleaner.slot_start(F.unix_micros(m.T_MEASUREMENT), config_.slot_seconds * 1_000_000)
     processed = read_partitioned(spark, paths.processed_data, PROCESSED_SCHEMA).withColumn("slot", slot)
     regions = recompute_regions(processed, late, config_)
     start = one_row(regions.agg(F.min("start")))[0]
@@ -117,8 +111,7 @@ def recompute_regions(processed: DataFrame, late: DataFrame, config_: cleaner.Cl
     """
     lookback = (config_.max_gap_seconds + config_.slot_seconds) * 1_000_000
     # From the start of the slot of the earliest late measurement: its slot may change its value.
-    slot_micros = config_.slot_seconds * 1_000_000
-    late = late.withColumn("since", F.col("since") - F.pmod("since", F.lit(slot_micros)))
+    late = late.withColumn("since", cleaner.slot_start(F.col("since"), config_.slot_seconds * 1_000_000))
     # Scalars that bound the partitions read: one aggregate row.
     earliest = one_row(late.agg(F.min("since")))[0]
     anchors = (
