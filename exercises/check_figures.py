@@ -1,22 +1,64 @@
-"""The checks' figures: per-series figures of grid rows in one window pass and one aggregation.
+"""The checks' thresholds and figures: per-series figures of grid rows in one window pass and one aggregation.
 
-``checker`` evaluates its checks on them (``series_metrics``); the live runner keeps them per
-series and hour and carries a series' context (``CARRY_*``) from one cycle's rows to the next.
+``checker`` evaluates its checks on them (``series_metrics``) against the thresholds of ``CheckerConfig``;
+the live runner keeps them per series and hour and carries a series' context (``CARRY_*``) from one
+cycle's rows to the next.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
+from common import config
 from common import message as m
 from common.contracts import MEASURED, MISSING, QUALITY, per_series
 
-if TYPE_CHECKING:
-    from checker import CheckerConfig
+
+@dataclass(frozen=True)
+class CheckerConfig:
+    """Thresholds of the checks.
+
+    Attributes:
+        expected_series: (device_id, signal_name) that must be present; None skips that check.
+        slot_seconds: the grid's slot length.
+        bounds: plausible (low, high) values by signal name or by ``device/signal``; the series wins.
+        default_bounds: bounds for a series that ``bounds`` does not name.
+        max_filled_share: the largest share of filled slots in a series (error).
+        max_filled_run: the longest run of consecutive filled slots (warn).
+        max_missing_slots: the most slots flagged missing (warn).
+        max_report_before_share: the largest share of measurements reported before their slot (warn).
+        max_report_delay_seconds: the longest time from slot start to report (warn).
+        max_flat_slots: the longest run of one unchanged value (warn).
+        spike_window: how many previous slots a value is compared with.
+        spike_sigmas: how many standard deviations from their mean make a spike.
+        spike_min_deviation: a deviation smaller than this is never a spike.
+        spike_min_relative: nor is one smaller than this share of the recent mean (after a flat
+            stretch the spread is 0, and a small step is a change, not a spike).
+        max_spikes: the most spikes per series (warn).
+        max_series_in_report: per-series entries are listed for at most this many series (the
+            worst first); every series still counts toward pass/fail.
+    """
+
+    expected_series: tuple[tuple[str, str], ...] | None = m.EXPECTED_SERIES
+    slot_seconds: int = config.DEFAULT_SLOT_SECONDS
+    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    default_bounds: tuple[float, float] = (0.0, 1000.0)
+    max_filled_share: float = 0.7
+    max_filled_run: int = 30
+    max_missing_slots: int = 0
+    max_report_before_share: float = 0.0
+    max_report_delay_seconds: float = 3600.0
+    max_flat_slots: int = 60
+    spike_window: int = 30
+    spike_sigmas: float = 6.0
+    spike_min_deviation: float = 1.0
+    spike_min_relative: float = 0.5
+    max_spikes: int = 0
+    max_series_in_report: int = 100
 
 
 def _bounds_column(config_: CheckerConfig, index: int) -> Column:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -19,10 +19,20 @@ from common.contracts import MEASURED, MISSING, QUALITY, SERIES_KEYS_SCHEMA
 from common.session import local_frame
 from common.storage import write_bytes
 
-if TYPE_CHECKING:
-    from checker import Result
-
 log = config.get_logger("checker")
+
+
+@dataclass
+class Result:
+    """One line of the report."""
+
+    name: str
+    severity: str
+    passed: bool
+    observed: object
+    threshold: object
+    series: str | None = None
+
 
 CHART_FILE = "cleaned_series.png"
 #: The chart shows at most this many series (by name) over the last CHART_HOURS of data.

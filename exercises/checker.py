@@ -24,13 +24,14 @@ import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 import check_report
-from check_figures import series_metrics
+from check_figures import CheckerConfig, series_metrics
+from check_report import Result
 from common import config
 from common import message as m
 from common.contracts import (
@@ -62,49 +63,6 @@ REPORT_FILE = "check_report.json"
 
 
 @dataclass(frozen=True)
-class CheckerConfig:
-    """Thresholds of the checks.
-
-    Attributes:
-        expected_series: (device_id, signal_name) that must be present; None skips that check.
-        slot_seconds: the grid's slot length.
-        bounds: plausible (low, high) values by signal name or by ``device/signal``; the series wins.
-        default_bounds: bounds for a series that ``bounds`` does not name.
-        max_filled_share: the largest share of filled slots in a series (error).
-        max_filled_run: the longest run of consecutive filled slots (warn).
-        max_missing_slots: the most slots flagged missing (warn).
-        max_report_before_share: the largest share of measurements reported before their slot (warn).
-        max_report_delay_seconds: the longest time from slot start to report (warn).
-        max_flat_slots: the longest run of one unchanged value (warn).
-        spike_window: how many previous slots a value is compared with.
-        spike_sigmas: how many standard deviations from their mean make a spike.
-        spike_min_deviation: a deviation smaller than this is never a spike.
-        spike_min_relative: nor is one smaller than this share of the recent mean (after a flat
-            stretch the spread is 0, and a small step is a change, not a spike).
-        max_spikes: the most spikes per series (warn).
-        max_series_in_report: per-series entries are listed for at most this many series (the
-            worst first); every series still counts toward pass/fail.
-    """
-
-    expected_series: tuple[tuple[str, str], ...] | None = m.EXPECTED_SERIES
-    slot_seconds: int = config.DEFAULT_SLOT_SECONDS
-    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
-    default_bounds: tuple[float, float] = (0.0, 1000.0)
-    max_filled_share: float = 0.7
-    max_filled_run: int = 30
-    max_missing_slots: int = 0
-    max_report_before_share: float = 0.0
-    max_report_delay_seconds: float = 3600.0
-    max_flat_slots: int = 60
-    spike_window: int = 30
-    spike_sigmas: float = 6.0
-    spike_min_deviation: float = 1.0
-    spike_min_relative: float = 0.5
-    max_spikes: int = 0
-    max_series_in_report: int = 100
-
-
-@dataclass(frozen=True)
 class Check:
     """One per-series check: a series passes when its ``metric`` is at most ``threshold``."""
 
@@ -117,18 +75,6 @@ class Check:
     def passes(self) -> Column:
         """Whether a row of ``check_figures.series_metrics`` passes (a missing metric fails)."""
         return F.coalesce(F.col(self.metric) <= F.lit(self.threshold), F.lit(False))
-
-
-@dataclass
-class Result:
-    """One line of the report."""
-
-    name: str
-    severity: str
-    passed: bool
-    observed: object
-    threshold: object
-    series: str | None = None
 
 
 def series_checks(config_: CheckerConfig) -> list[Check]:

@@ -497,3 +497,20 @@ def test_an_hour_that_an_interrupted_cycle_created_by_a_swap_is_removed_by_recov
     live.store.recover(spark, paths, live.Cursor(1, {}, "settings"))
     assert _values(spark, paths) == [1.0]
     assert sorted(os.listdir(paths.processed_data)) == [f"hour={hour}"] and not leftovers(str(tmp_path))
+
+
+def test_hours_swapped_three_times_in_one_cycle_are_put_back_by_recover(spark, tmp_path):
+    paths = config.Paths.under(str(tmp_path))
+    hour, new_hour = 2026112513, 2026112514
+    _append(spark, paths, hour, 1, A, 10, 1.0)
+    for attempt in range(3):  # e.g. a rewrite, then a compaction of the same hours, within cycle 2
+        staging = str(tmp_path / f"staging-{attempt}")
+        for h, seconds in ((hour, 20), (new_hour, 3600)):
+            at = datetime.fromtimestamp(T0 + seconds, UTC).replace(tzinfo=None)
+            row = (at, at, *A, 10.0 + attempt, h)
+            local_frame(spark, [row], HOURLY).write.mode("append").partitionBy("hour").parquet(staging)
+        live.store.swap_hours(spark, paths.processed_data, staging, [hour, new_hour], 2)
+    assert _values(spark, paths) == [12.0, 12.0]
+    live.store.recover(spark, paths, live.Cursor(1, {}, "settings"))
+    assert _values(spark, paths) == [1.0]
+    assert sorted(os.listdir(paths.processed_data)) == [f"hour={hour}"] and not leftovers(str(tmp_path))

@@ -4,7 +4,6 @@ report window, and the report."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -38,14 +37,12 @@ from live.store import (
     write_state,
 )
 
-if TYPE_CHECKING:
-    from live.cycle import Grid
-
 log = config.get_logger("live")
 
 
-def check_state(grid: Grid, settings: Settings) -> tuple[DataFrame, DataFrame]:
-    """Annotate the cycle's grid rows for the checks; return (figures per series and hour, state updates).
+def check_state(rows: DataFrame, settings: Settings) -> tuple[DataFrame, DataFrame]:
+    """Annotate the cycle's grid rows (``cycle.Grid.rows``) for the checks; return (figures per series and
+    hour, state updates).
 
     The state updates are, per series with new rows: its last slot and value, the flat run it ends
     with and the tail of its last ``spike_window`` values, from which the next cycle's checks go on.
@@ -60,7 +57,7 @@ def check_state(grid: Grid, settings: Settings) -> tuple[DataFrame, DataFrame]:
     # The values in slot order, nulls included (a struct is never null); the last `window` of them.
     values = F.array_sort(F.collect_list(F.struct(slot.alias("slot"), F.col(m.VALUE).alias("value"))))
     hourly = (
-        grid.rows.transform(check_figures.annotate_rows(config_))
+        rows.transform(check_figures.annotate_rows(config_))
         .transform(
             check_figures.series_figures(
                 config_,
@@ -84,7 +81,7 @@ def check_state(grid: Grid, settings: Settings) -> tuple[DataFrame, DataFrame]:
         F.max_by("_last_value", "_last_slot").alias("last_value"),
         F.max_by("_last_flat_run", "_last_slot").alias("flat_run"),
         _last(F.transform(F.flatten(F.transform(hours, lambda x: x["_values"])), lambda x: x["value"]), window).alias(
-            "new_values"
+            "values"
         ),
         F.max(REPLACES).alias(REPLACES),
     )
@@ -126,15 +123,21 @@ def update_figures(
     return read_figures(spark, paths, cycle)
 
 
+#: The columns of ``check_state``'s updates besides the series keys.
+GRID_UPDATES = ("last_slot", "last_value", "flat_run", "values", REPLACES)
+#: The state's columns besides the series keys.
+STATE_COLUMNS = tuple(name for name in SERIES_STATE_SCHEMA.fieldNames() if name not in KEYS)
+
+
 def merge_state(state: DataFrame, processed: DataFrame, grid: DataFrame, window: int) -> DataFrame:
     """The per-series state after a cycle: the old rows with the processor's and the cleaner's updates.
 
     A grown series' tail is its old tail and the new values, the last ``window`` of them; a
     recomputed one's is its new values.
     """
-    old = state.select(*KEYS, *[F.col(c).alias(f"old_{c}") for c in SERIES_STATE_SCHEMA.fieldNames()[2:]])
+    old = state.select(*KEYS, *[F.col(c).alias(f"old_{c}") for c in STATE_COLUMNS])
     gained = processed.select(*KEYS, F.col("rows").alias("new_rows"), F.col("max_t").alias("new_max_t"))
-    grown = grid.select(*KEYS, F.lit(True).alias("_grown"), *[F.col(c).alias(f"new_{c}") for c in grid.columns[2:]])
+    grown = grid.select(*KEYS, F.lit(True).alias("_grown"), *[F.col(c).alias(f"new_{c}") for c in GRID_UPDATES])
     merged = old.join(gained, KEYS, "full").join(grown, KEYS, "full")
     none = F.array().cast("array<double>")
     carried = F.when(F.col(f"new_{REPLACES}"), none).otherwise(F.coalesce("old_tail", none))
@@ -142,7 +145,7 @@ def merge_state(state: DataFrame, processed: DataFrame, grid: DataFrame, window:
         "last_slot": F.col("new_last_slot"),
         "last_value": F.col("new_last_value"),
         "flat_run": F.col("new_flat_run"),
-        "tail": _last(F.concat(carried, "new_new_values"), window),
+        "tail": _last(F.concat(carried, "new_values"), window),
     }
     return merged.select(
         *KEYS,

@@ -84,7 +84,7 @@ def run_cycle(
         grid = _clean(spark, paths, settings.cleaner, processed, state, cycle)
         histogram = latency_histogram(valid, time.time())
         marks.append(time.monotonic())
-        new_figures, grid_updates = check_state(grid, settings)
+        new_figures, grid_updates = check_state(grid.rows, settings)
         newest = max(filter(None, [cursor.newest, grid.newest]), default=None)
         figures = update_figures(spark, paths, settings, cursor, new_figures, newest, cycle)
         marks.append(time.monotonic())

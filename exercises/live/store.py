@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
@@ -57,6 +58,13 @@ STAGING_SUFFIX = ".staging-"
 CREATED_PREFIX = "created-"
 #: In an undo folder: a new hour folder on its way in (``swap_hours``), or one a swap put aside.
 NEXT_PREFIX, SPARE_PREFIX, DROPPED_PREFIX = "next-", "spare-", "dropped-"
+
+
+def _aside(undo: str, prefix: str, name: str) -> str:
+    """A new name in the undo folder for a folder put aside: unique, as an hour may be put aside more than once."""
+    return f"{undo}/{prefix}{uuid.uuid4().hex[:12]}-{name}"
+
+
 #: In an hour folder that a cycle swapped in (``_written-by-cycle-N``): tells its data from the folder it replaced.
 WRITTEN_BY = "_written-by-cycle-"
 #: Marks the grid rows of a recomputed series: their figures replace the old ones of their hours.
@@ -274,7 +282,7 @@ def swap_hours(spark: SparkSession, output: str, staging: str, hours: list[int],
         first = not (path_exists(spark, kept) or path_exists(spark, f"{undo}/{CREATED_PREFIX}{name}"))
         if not path_exists(spark, new):
             if path_exists(spark, current):
-                rename_path(spark, current, kept if first else f"{undo}/{DROPPED_PREFIX}{name}")
+                rename_path(spark, current, kept if first else _aside(undo, DROPPED_PREFIX, name))
             continue
         create_empty_file(spark, f"{new}/{WRITTEN_BY}{cycle}")
         if not path_exists(spark, current):
@@ -284,9 +292,9 @@ def swap_hours(spark: SparkSession, output: str, staging: str, hours: list[int],
             continue
         arriving = f"{undo}/{NEXT_PREFIX}{name}"
         rename_path(spark, new, arriving)
-        _exchange(spark, arriving, current, f"{undo}/{SPARE_PREFIX}{name}")
+        _exchange(spark, arriving, current, _aside(undo, SPARE_PREFIX, name))
         # ``arriving`` holds the replaced folder now: kept for recover, or dropped if not the cycle's first
-        rename_path(spark, arriving, kept if first else f"{undo}/{DROPPED_PREFIX}{name}")
+        rename_path(spark, arriving, kept if first else _aside(undo, DROPPED_PREFIX, name))
     delete_path(spark, staging)
 
 
@@ -327,12 +335,12 @@ def _restore_hours(spark: SparkSession, output: str, undo: str, cycle: int) -> N
         if old:
             log.warning("restoring %s as it was before the interrupted cycle %d", current, cycle)
             if path_exists(spark, current):
-                _exchange(spark, old[0], current, f"{undo}/{SPARE_PREFIX}back-{name}")
+                _exchange(spark, old[0], current, _aside(undo, SPARE_PREFIX, name))
             else:
                 rename_path(spark, old[0], current)
         elif path_exists(spark, current):
             log.warning("removing %s, created by the interrupted cycle %d", current, cycle)
-            rename_path(spark, current, f"{undo}/{DROPPED_PREFIX}{name}")
+            rename_path(spark, current, _aside(undo, DROPPED_PREFIX, name))
 
 
 def recover(spark: SparkSession, paths: config.Paths, cursor: Cursor) -> None:
