@@ -84,3 +84,18 @@ def produce(kafka: str, topic: str, messages: list[dict]) -> None:
     for msg in messages:
         producer.produce(topic, on_delivery=delivered, **msg)
     assert producer.flush(30) == 0 and not failures
+
+
+def write_step_files(spark: SparkSession, folder: str, steps: list[list[bytes | None]]) -> list[str]:
+    """Write each step (message values) as one raw parquet file in ``folder``, offsets going on across steps,
+    as the consumer's batches would be; return the files, one per step."""
+    rows, files = raw_rows([payload for step in steps for payload in step]), []
+    for index, step in enumerate(steps):
+        start = sum(len(s) for s in steps[:index])
+        staging = os.path.join(folder + ".tmp", str(index))
+        local_frame(spark, rows[start : start + len(step)], RAW_SCHEMA).coalesce(1).write.parquet(staging)
+        (name,) = [f for f in os.listdir(staging) if f.endswith(".parquet")]
+        os.makedirs(folder, exist_ok=True)
+        os.rename(os.path.join(staging, name), os.path.join(folder, f"step-{index}.parquet"))
+        files.append(os.path.join(folder, f"step-{index}.parquet"))
+    return files

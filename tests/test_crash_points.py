@@ -28,13 +28,10 @@ from common.contracts import (
     CLEANED_SCHEMA,
     PROCESSED_SCHEMA,
     QUARANTINE_SCHEMA,
-    RAW_SCHEMA,
     UNKNOWN_SERIES_SCHEMA,
 )
-from common.session import local_frame
 from common.storage import read_output
-from make_sample_data import raw_rows
-from tests.helpers import epoch, message
+from tests.helpers import epoch, message, write_step_files
 
 T0 = epoch("2026-11-25 13:58:00")  # the steps cross from hour 13 into hour 14 at T0 + 120 s
 A = ("device1", "energy import")
@@ -144,20 +141,6 @@ SCENARIOS = [
 ]
 
 
-def write_step_files(spark, folder) -> list[str]:
-    """Write each step as one raw parquet file in ``folder`` (offsets go on across steps); return the files."""
-    rows, files = raw_rows([payload for step in STEPS for payload in step]), []
-    for index, step in enumerate(STEPS):
-        start = sum(len(s) for s in STEPS[:index])
-        staging = os.path.join(folder + ".tmp", str(index))
-        local_frame(spark, rows[start : start + len(step)], RAW_SCHEMA).coalesce(1).write.parquet(staging)
-        (name,) = [f for f in os.listdir(staging) if f.endswith(".parquet")]
-        os.makedirs(folder, exist_ok=True)
-        os.rename(os.path.join(staging, name), os.path.join(folder, f"step-{index}.parquet"))
-        files.append(os.path.join(folder, f"step-{index}.parquet"))
-    return files
-
-
 def outputs(spark, paths: config.Paths) -> dict[str, list[tuple]]:
     """Every output's rows, sorted, as text (the outputs that exist)."""
     found = {}
@@ -200,7 +183,7 @@ def leftovers(root: str, cycle: int) -> list[str]:
 def inputs(spark, tmp_path_factory):
     """The step files, and a function giving a batch run's outputs over the first n of them (the oracle)."""
     folder = tmp_path_factory.mktemp("crash-inputs")
-    files = write_step_files(spark, str(folder / "raw"))
+    files = write_step_files(spark, str(folder / "raw"), STEPS)
     batches: dict[int, dict] = {}
 
     def batch(steps: int) -> dict[str, list[tuple]]:

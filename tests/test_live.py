@@ -33,7 +33,7 @@ from common.contracts import (
 from common.session import local_frame
 from common.storage import StageBusyError, read_output, stage_lock
 from make_sample_data import raw_rows
-from tests.helpers import ROOT, epoch, message, new_topic, run_python, utc
+from tests.helpers import ROOT, epoch, message, new_topic, run_python, utc, write_step_files
 
 T0 = epoch("2026-11-25 13:59:00")  # the first steps cross into the next hour partition
 A = ("device1", "energy import")
@@ -68,17 +68,8 @@ STEPS = [
 
 
 def write_steps(spark, folder):
-    """Write each step as one raw file in ``folder`` (offsets continue across steps); return the files."""
-    rows, files = raw_rows([payload for step in STEPS for payload in step]), []
-    for index, step in enumerate(STEPS):
-        start = sum(len(s) for s in STEPS[:index])
-        staging = os.path.join(folder + ".tmp", str(index))
-        local_frame(spark, rows[start : start + len(step)], RAW_SCHEMA).coalesce(1).write.parquet(staging)
-        (name,) = [f for f in os.listdir(staging) if f.endswith(".parquet")]
-        os.makedirs(folder, exist_ok=True)
-        os.rename(os.path.join(staging, name), os.path.join(folder, f"step-{index}.parquet"))
-        files.append([os.path.join(folder, f"step-{index}.parquet")])
-    return files
+    """Write each step as one raw file in ``folder``; return the files, a list of one per cycle."""
+    return [[file] for file in write_step_files(spark, folder, STEPS)]
 
 
 def rows(spark, path, schema):
