@@ -195,7 +195,7 @@ class Sender:
         self.delivered = 0
         self.failed = 0
         self.errors: set[str] = set()
-        self.client_errors = kafka_client.KafkaClientErrors()
+        self.client_errors = kafka_client.KafkaClientErrors(bootstrap_servers, kafka_client.kafka_security_from_env())
         self._queued = 0
         self._producer = Producer(
             {
@@ -215,9 +215,14 @@ class Sender:
     def _on_delivery(self, error, _msg) -> None:
         if error is None:
             self.delivered += 1
-        else:
-            self.failed += 1
-            self.errors.add(str(error))
+            return
+        self.failed += 1
+        self.errors.add(str(error))
+        if self.client_errors.fatal is None and error.code() in kafka_client.AUTHORIZATION_ERROR_CODES:
+            self.client_errors.fatal = (
+                f"not authorized to write to topic {self.topic} ({error.str()}): the user needs Write and "
+                "Describe on it (locally: scripts/kafka-local grant producer USER TOPIC)"
+            )
 
     def _check(self) -> None:
         if self.client_errors.fatal:

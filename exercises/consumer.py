@@ -52,6 +52,10 @@ log = config.get_logger(STAGE)
 ID_CHECK_SECONDS = 30.0
 ENV_INTERVAL = "METER_TRIGGER_SECONDS"
 DEFAULT_INTERVAL_SECONDS = 10.0
+#: Spark's Kafka source names its consumer groups <prefix>-<uuid>...; a broker with ACLs grants the
+#: pipeline's user Read on the groups with this prefix (a prefixed ACL).
+ENV_GROUP_ID_PREFIX = "KAFKA_GROUP_ID_PREFIX"
+DEFAULT_GROUP_ID_PREFIX = "meter-stream"
 
 
 class ConsumerError(Exception):
@@ -75,6 +79,7 @@ class ConsumerConfig:
     kafka_options: dict[str, str] = field(default_factory=dict, repr=False)
     max_offsets_per_trigger: int | None = None
     interval_seconds: float | None = None
+    group_id_prefix: str = DEFAULT_GROUP_ID_PREFIX
 
     def __post_init__(self) -> None:
         if self.max_offsets_per_trigger is not None and self.max_offsets_per_trigger <= 0:
@@ -116,6 +121,9 @@ def topic_id(spark: SparkSession, bootstrap_servers: str, topic: str, kafka_opti
         described = admin.describeTopics(names).allTopicNames().get(30, jvm.java.util.concurrent.TimeUnit.SECONDS)
         return str(described.get(topic).topicId().toString())
     except Py4JJavaError as error:
+        failure = access_failure(error, bootstrap_servers, topic)
+        if failure:
+            raise failure from error
         log.info("cannot tell the id of topic %s (%s)", topic, _first_line(error))
         return None
     finally:
@@ -154,6 +162,7 @@ def start_stream(spark: SparkSession, paths: config.Paths, config_: ConsumerConf
         .option("subscribe", topic)
         .option("startingOffsets", "earliest")
         .option("failOnDataLoss", "false")
+        .option("groupIdPrefix", config_.group_id_prefix)
         # Split a topic partition's offsets over the cores: one Kafka partition is one task otherwise.
         .option("minPartitions", str(spark.sparkContext.defaultParallelism))
         .options(**kafka_client.TIMEOUT_OPTIONS)
@@ -214,16 +223,50 @@ def await_stream(
                     stop_after_batch(query)
                     raise TopicRecreatedError(f"topic {topic} was deleted and recreated while it was read")
     except StreamingQueryException as error:
+        failure = access_failure(error, bootstrap_servers, topic)
+        if failure:
+            raise failure from error
         cause = _first_line(error)
-        if "SaslAuthenticationException" in cause or "Authentication failed" in cause:
-            raise ConsumerError(
-                f"authentication to the Kafka broker at {bootstrap_servers} failed: check "
-                f"KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD and KAFKA_SASL_MECHANISM ({cause})"
-            ) from error
         if "less than end offset" in cause and stream.topic_id:
             raise TopicRecreatedError(f"topic {topic} went back while it was read: {cause}") from error
         raise ConsumerError(f"reading {topic} from {bootstrap_servers} failed: {cause}") from error
     return query.recentProgress
+
+
+def access_failure(error: Exception, bootstrap_servers: str, topic: str) -> ConsumerError | None:
+    """Return a ConsumerError that names the cause when a Kafka client error is one of access; else None.
+
+    Failed TLS handshakes, failed authentication and missing rights are not healed by retrying. The
+    cause may sit deep in the Java stack trace, so the whole text is searched.
+    """
+    text = str(getattr(error, "desc", None) or error)
+
+    def line_with(*needles: str) -> str | None:
+        return next((line.strip()[:300] for line in text.splitlines() if any(n in line for n in needles)), None)
+
+    if line_with("SslAuthenticationException", "SSLHandshakeException"):
+        if detail := line_with("No subject alternative", "No name matching"):
+            return ConsumerError(
+                f"TLS hostname mismatch: the certificate of the broker at {bootstrap_servers} does not name the "
+                f"host connected to; connect with a name the certificate holds ({detail})"
+            )
+        if detail := line_with("PKIX path", "unable to find valid certification path"):
+            return ConsumerError(
+                f"TLS: the certificate of the broker at {bootstrap_servers} is not trusted; set "
+                f"KAFKA_SSL_CA_LOCATION (or ssl.truststore.location) to the CA that signed it ({detail})"
+            )
+        return ConsumerError(f"TLS handshake with the broker at {bootstrap_servers} failed ({_first_line(error)})")
+    if detail := line_with("SaslAuthenticationException", "Authentication failed"):
+        return ConsumerError(
+            f"authentication to the Kafka broker at {bootstrap_servers} failed: check "
+            f"KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD and KAFKA_SASL_MECHANISM ({detail})"
+        )
+    if detail := line_with("AuthorizationException", "Not authorized", "not authorized"):
+        return ConsumerError(
+            f"not authorized to read topic {topic} at {bootstrap_servers}: the user needs Read and Describe on "
+            f"the topic and Read on the consumer groups of its --group-id-prefix ({detail})"
+        )
+    return None
 
 
 def run(
@@ -244,6 +287,7 @@ def run(
     with stage_lock(paths.checkpoint_consumer, STAGE, log):
         started = time.monotonic()
         kafka_client.wait_until_reachable(config_.bootstrap_servers)
+        check_tls(config_)
         log.info(
             "reading %s from %s%s%s",
             config_.topic,
@@ -273,6 +317,25 @@ def run(
             time.monotonic() - started,
         )
         return result
+
+
+def check_tls(config_: ConsumerConfig) -> None:
+    """Fail at once, naming the cause, when TLS to the broker cannot work (untrusted certificate, wrong name).
+
+    Checked with the PEM CA the client is given; with another truststore (JKS, the JDK's own) Spark's
+    client reports the failure instead (``access_failure``).
+
+    Raises:
+        ConsumerError: when the TLS handshake fails.
+    """
+    options = config_.kafka_options
+    if not options.get("kafka.security.protocol", "").upper().endswith("SSL"):
+        return
+    if options.get("kafka.ssl.truststore.type", "").upper() != "PEM" or "kafka.ssl.truststore.location" not in options:
+        return
+    problem = kafka_client.tls_problem(config_.bootstrap_servers, options["kafka.ssl.truststore.location"])
+    if problem:
+        raise ConsumerError(problem)
 
 
 def _warn_rewound(result: IngestResult, stream: Stream) -> None:
@@ -362,9 +425,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"seconds between micro-batches with --continuous [env {ENV_INTERVAL}]",
     )
     group.add_argument(
+        "--group-id-prefix",
+        default=config.env_default(ENV_GROUP_ID_PREFIX, DEFAULT_GROUP_ID_PREFIX),
+        help="prefix of the consumer group ids the Kafka source uses; with ACLs, grant the pipeline's user Read on "
+        f"groups with this prefix [env {ENV_GROUP_ID_PREFIX}] (default %(default)s)",
+    )
+    group.add_argument(
         "--kafka-properties",
         default=config.env_default(kafka_client.ENV_PROPERTIES_FILE, None),
-        help=f"Java-style properties file of Kafka client options (security) [env {kafka_client.ENV_PROPERTIES_FILE}]",
+        help="Java-style properties file of Kafka client options (security); it must be readable by its owner "
+        f"only (chmod 600) [env {kafka_client.ENV_PROPERTIES_FILE}]",
     )
 
 
@@ -381,6 +451,7 @@ def config_from_args(args: argparse.Namespace) -> ConsumerConfig:
         kafka_options=kafka_client.client_options(kafka_client.kafka_security_from_env(), properties),
         max_offsets_per_trigger=int(args.max_offsets_per_trigger) if args.max_offsets_per_trigger else None,
         interval_seconds=float(args.interval) if getattr(args, "continuous", False) else None,
+        group_id_prefix=args.group_id_prefix,
     )
 
 

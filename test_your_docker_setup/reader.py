@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     from confluent_kafka import Consumer
 
     args = parse_args(argv)
-    errors = kafka_client.KafkaClientErrors()
+    security = kafka_client.kafka_security_from_env()
+    errors = kafka_client.KafkaClientErrors(args.bootstrap_servers, security)
     consumer = Consumer(
         {
             "bootstrap.servers": args.bootstrap_servers,
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             "enable.auto.commit": False,
             "logger": kafka_client.silent_logger(),
             "error_cb": errors,
-            **kafka_client.kafka_security_from_env(),
+            **security,
         }
     )
     cause = _broker_problem(consumer, errors)
@@ -114,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 continue
             if (error := msg.error()) is not None:
+                if error.code() in kafka_client.AUTHORIZATION_ERROR_CODES:
+                    print(
+                        f"reader: not authorized to read topic {args.topic} ({error.str()}): the user needs Read "
+                        "and Describe on it and Read on its consumer group",
+                        file=sys.stderr,
+                    )
+                    return 2
                 print(f"reader: {error.str()}", file=sys.stderr)
                 continue
             count, last_message = count + 1, time.monotonic()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from datetime import UTC, datetime
 
@@ -99,3 +101,25 @@ def write_step_files(spark: SparkSession, folder: str, steps: list[list[bytes | 
         os.rename(os.path.join(staging, name), os.path.join(folder, f"step-{index}.parquet"))
         files.append(os.path.join(folder, f"step-{index}.parquet"))
     return files
+
+
+def wait_for_cycles(path, count, process, timeout=300):
+    """Wait until the live report ``path`` lists ``count`` cycles with measurements; return them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            with open(path) as handle:
+                cycles = [c for c in json.load(handle) if c["measurements"]]
+            if len(cycles) >= count:
+                return cycles
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(1)
+    raise AssertionError(f"fewer than {count} cycles in time")
+
+
+def stop_runner(runner):
+    """Stop the live runner with SIGTERM; return its log after checking that it exited 0."""
+    runner.send_signal(signal.SIGTERM)
+    _out, err = runner.communicate(timeout=180)
+    assert runner.returncode == 0, err[-3000:]
+    return err

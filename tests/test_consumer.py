@@ -11,6 +11,7 @@ import pytest
 import checker
 import cleaner
 import processor
+from common import kafka_client
 from common.contracts import RAW_SCHEMA
 from common.kafka_client import client_options
 from common.raw_input import CheckpointMismatchError
@@ -181,6 +182,7 @@ def test_config_refuses_numbers_that_are_not_positive():
 def test_config_from_options_reads_properties_and_keeps_secrets_out_of_its_repr(tmp_path, monkeypatch):
     properties = tmp_path / "client.properties"
     properties.write_text("# comment\nsasl.jaas.config=secret-jaas\nssl.truststore.location=/ca.pem\n")
+    properties.chmod(0o600)
     monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
     args = SimpleNamespace(
         bootstrap_servers="b:9092",
@@ -189,6 +191,7 @@ def test_config_from_options_reads_properties_and_keeps_secrets_out_of_its_repr(
         max_offsets_per_trigger="500",
         continuous=True,
         interval="5",
+        group_id_prefix="utility-meters",
     )
     config_ = config_from_args(args)
     assert config_ == ConsumerConfig(
@@ -201,8 +204,23 @@ def test_config_from_options_reads_properties_and_keeps_secrets_out_of_its_repr(
         },
         max_offsets_per_trigger=500,
         interval_seconds=5.0,
+        group_id_prefix="utility-meters",
     )
     assert "secret-jaas" not in repr(config_)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
+def test_a_properties_file_other_users_may_access_is_refused_with_how_to_fix_it(tmp_path, mode):
+    properties = tmp_path / "client.properties"
+    properties.write_text("sasl.jaas.config=secret-jaas\n")
+    properties.chmod(mode)
+    with pytest.raises(ValueError, match=f"mode {mode:04o}.*chmod 600 {properties}"):
+        kafka_client.read_properties(str(properties))
+    result = run_python("exercises/consumer.py", "--kafka-properties", str(properties), "--datastore", str(tmp_path))
+    assert result.returncode == 1 and f"chmod 600 {properties}" in result.stderr
+    assert "secret-jaas" not in result.stderr
+    properties.chmod(0o600)
+    assert kafka_client.read_properties(str(properties)) == {"sasl.jaas.config": "secret-jaas"}
 
 
 def _progress(rows, start, end, ms=100):

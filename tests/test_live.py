@@ -33,7 +33,17 @@ from common.contracts import (
 from common.session import local_frame
 from common.storage import StageBusyError, read_output, stage_lock
 from make_sample_data import raw_rows
-from tests.helpers import ROOT, epoch, message, new_topic, run_python, utc, write_step_files
+from tests.helpers import (
+    ROOT,
+    epoch,
+    message,
+    new_topic,
+    run_python,
+    stop_runner,
+    utc,
+    wait_for_cycles,
+    write_step_files,
+)
 
 T0 = epoch("2026-11-25 13:59:00")  # the first steps cross into the next hour partition
 A = ("device1", "energy import")
@@ -166,19 +176,6 @@ def _killed(*_args):
     raise RuntimeError("killed")
 
 
-def wait_for_cycles(path, count, process, timeout=300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if os.path.exists(path):
-            with open(path) as handle:
-                cycles = [c for c in json.load(handle) if c["measurements"]]
-            if len(cycles) >= count:
-                return cycles
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        time.sleep(1)
-    raise AssertionError(f"fewer than {count} cycles in time")
-
-
 def start_feed(kafka, options, seed):
     """A new topic with 5 minutes of backfill (replays mixed in) and a producer sending every second."""
     env = {**os.environ, kafka_client.ENV_BOOTSTRAP_SERVERS: kafka, kafka_client.ENV_TOPIC: new_topic(kafka)}
@@ -190,14 +187,6 @@ def start_feed(kafka, options, seed):
 def stop_producer(producer):
     producer.send_signal(signal.SIGTERM)
     assert producer.wait(timeout=60) == 0
-
-
-def stop_runner(runner):
-    """Stop the live runner with SIGTERM; return its log after checking that it exited 0."""
-    runner.send_signal(signal.SIGTERM)
-    _out, err = runner.communicate(timeout=180)
-    assert runner.returncode == 0, err[-3000:]
-    return err
 
 
 def wait_for(condition, process, timeout=300):

@@ -340,6 +340,8 @@ def test_a_stage_session_serves_its_ui_on_loopback_only_with_kill_links_off():
         ("KAFKA_PORT", "1+1"),
         ("KAFKA_CONTROLLER_PORT", "70000"),
         ("KAFKA_HEAP", "1g -XX:OnError=touch {marker}"),
+        ("KAFKA_AUTH", "scram;touch {marker}"),
+        ("KAFKA_GROUP_ID_PREFIX", "x --operation All"),
     ],
 )
 def test_kafka_local_refuses_a_variable_that_is_not_what_it_should_be_and_runs_nothing(tmp_path, variable, value):
@@ -347,6 +349,22 @@ def test_kafka_local_refuses_a_variable_that_is_not_what_it_should_be_and_runs_n
     env = {**os.environ, "KAFKA_DATA_DIR": str(tmp_path / "kafka"), variable: value.format(marker=marker)}
     result = run_command("scripts/kafka-local", "status", env=env)
     assert result.returncode == 2 and variable in result.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["add-user", "bob;touch {marker}"], "user name"),
+        (["grant", "pipeline", "bob", "t --operation All"], "topic name"),
+        (["grant", "admin", "bob", "t"], "pipeline or producer"),
+    ],
+)
+def test_kafka_local_refuses_user_and_topic_names_it_would_pass_to_kafka_tools(tmp_path, args, words):
+    marker = tmp_path / "ran"
+    env = {**os.environ, "KAFKA_DATA_DIR": str(tmp_path / "kafka"), "KAFKA_AUTH": "scram", "KAFKA_USER_PASSWORD": "x"}
+    result = run_command("scripts/kafka-local", *[a.format(marker=marker) for a in args], env=env)
+    assert result.returncode == 2 and words in result.stderr, result.stderr
     assert not marker.exists()
 
 

@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import socket
+import ssl
+import stat
 import time
 
 # --- settings ---------------------------------------------------------------------------------------
@@ -47,11 +49,20 @@ def redact(properties: dict[str, str]) -> dict[str, str]:
 def read_properties(path: str) -> dict[str, str]:
     """Read a Java-style ``key=value`` properties file (``#`` and ``!`` start comments).
 
+    The file may hold passwords, so it must be the user's alone (like ssh's private keys): one that
+    other users may read or write is refused.
+
     Raises:
-        ValueError: on a line without ``=`` or ``:``.
+        ValueError: on a file other users may access, or a line without ``=`` or ``:``.
     """
-    properties = {}
     with open(path, encoding="utf-8") as handle:
+        mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
+        if mode & 0o077:
+            raise ValueError(
+                f"{path} may be read or written by other users (mode {mode:04o}) and may hold passwords: "
+                f"make it yours alone with: chmod 600 {path}"
+            )
+        properties = {}
         for number, line in enumerate(handle, 1):
             line = line.strip()
             if not line or line[0] in "#!":
@@ -64,18 +75,77 @@ def read_properties(path: str) -> dict[str, str]:
 
 
 class KafkaClientErrors:
-    """``error_cb`` for the confluent-kafka clients: keeps the first authentication or fatal error.
+    """``error_cb`` for the confluent-kafka clients: keeps the first error that retrying will not fix.
 
-    librdkafka retries such errors quietly until its timeouts; the producer and the reader stop at
-    once instead and say why.
+    Those are fatal errors, failed authentication and failed TLS handshakes. librdkafka retries them
+    quietly until its timeouts; the producer and the reader stop at once instead and say why (for
+    TLS: an untrusted certificate or a hostname mismatch, found by ``tls_problem``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, bootstrap_servers: str = "", security: dict[str, str] | None = None) -> None:
         self.fatal: str | None = None
+        self.bootstrap_servers = bootstrap_servers
+        self.ca_location = (security or {}).get("ssl.ca.location")
 
     def __call__(self, error) -> None:
-        if self.fatal is None and (error.fatal() or "authentication" in error.str().lower()):
+        if self.fatal is not None:
+            return
+        if error.code() == _SSL_ERROR_CODE:
+            self.fatal = tls_problem(self.bootstrap_servers, self.ca_location) or f"TLS handshake failed: {error.str()}"
+        elif error.fatal() or "authentication" in error.str().lower():
             self.fatal = error.str()
+
+
+#: Kafka's error codes for a request the principal has no right to make (topic, group, cluster).
+AUTHORIZATION_ERROR_CODES = (29, 30, 31)
+#: librdkafka's code for a failed TLS handshake (``KafkaError._SSL``).
+_SSL_ERROR_CODE = -181
+#: OpenSSL's verify results for a certificate that does not name the host or IP address connected to.
+_NAME_MISMATCH_CODES = (62, 64)
+
+
+def tls_problem(bootstrap_servers: str, ca_location: str | None, timeout: float = 10.0) -> str | None:
+    """Return why a TLS connection to the brokers fails, in words that name the cause; None when it works.
+
+    A handshake with Python's ``ssl``, verifying the certificate against ``ca_location`` (a PEM file;
+    None: the system's CAs) and the host name as the Kafka clients do. Unreachable servers are skipped:
+    ``wait_until_reachable`` reports those.
+    """
+    try:
+        context = ssl.create_default_context(cafile=ca_location)
+    except (OSError, ssl.SSLError) as error:
+        return f"cannot load the CA certificate {ca_location} (KAFKA_SSL_CA_LOCATION): {error}"
+    for host, port in _servers(bootstrap_servers):
+        try:
+            with socket.create_connection((host, port), timeout=timeout) as raw:
+                with context.wrap_socket(raw, server_hostname=host):
+                    return None
+        except ssl.SSLCertVerificationError as error:
+            if error.verify_code in _NAME_MISMATCH_CODES:
+                return (
+                    f"TLS hostname mismatch: the certificate of the broker at {host}:{port} does not name "
+                    f"{host} ({error.verify_message}); connect with a name the certificate holds"
+                )
+            return (
+                f"TLS: the certificate of the broker at {host}:{port} is not trusted by "
+                f"{ca_location or 'the system CAs'} ({error.verify_message}); set KAFKA_SSL_CA_LOCATION "
+                "to the CA certificate that signed it"
+            )
+        except ssl.SSLError as error:
+            return f"TLS handshake with the broker at {host}:{port} failed: {error}"
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _servers(bootstrap_servers: str) -> list[tuple[str, int]]:
+    """(host, port) of each server in a ``host:port[,host:port]`` list; unparsable ones are left out."""
+    servers = []
+    for server in bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        if port.isdigit():
+            servers.append((host.strip("[]") or "localhost", int(port)))
+    return servers
 
 
 def silent_logger() -> logging.Logger:
@@ -154,15 +224,13 @@ def wait_until_reachable(bootstrap_servers: str, wait_seconds: float = REACHABLE
     Raises:
         ConnectionError: when none does within ``wait_seconds``.
     """
-    servers = [s.strip() for s in bootstrap_servers.split(",") if s.strip()]
     deadline = time.monotonic() + wait_seconds
     while True:
-        for server in servers:
-            host, _, port = server.rpartition(":")
+        for host, port in _servers(bootstrap_servers):
             try:
-                with socket.create_connection((host.strip("[]") or "localhost", int(port)), timeout=3):
+                with socket.create_connection((host, port), timeout=3):
                     return
-            except (OSError, ValueError):
+            except OSError:
                 continue
         if time.monotonic() >= deadline:
             raise ConnectionError(
