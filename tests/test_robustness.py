@@ -352,6 +352,15 @@ def test_kafka_local_refuses_a_variable_that_is_not_what_it_should_be_and_runs_n
     assert not marker.exists()
 
 
+def test_docker_compose_publishes_every_port_to_loopback_only():
+    with open(os.path.join(ROOT, "docker-compose.yml")) as handle:
+        text = handle.read()
+    published = re.findall(r"^\s*ports:\n((?:\s*-\s*.+\n)+)", text, flags=re.M)
+    entries = [re.sub(r"\s*#.*", "", line).strip(" -\"'") for block in published for line in block.splitlines()]
+    assert entries  # the broker is published
+    assert all(entry.startswith("127.0.0.1:") for entry in entries), entries
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
