@@ -32,6 +32,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "exercises"))
 
@@ -39,7 +40,9 @@ from common import config, kafka_client  # noqa: E402
 from common import message as m  # noqa: E402
 
 #: Value range of each simulated series, as in the original feed.
-VALUE_RANGES = {
+#: (device_id, signal_name) -> the (low, high) range of its integer values.
+ValueRanges = dict[tuple[str, str], tuple[int, int]]
+VALUE_RANGES: ValueRanges = {
     ("device1", m.SIGNAL_EXPORT): (50, 70),
     ("device1", m.SIGNAL_IMPORT): (10, 20),
     ("device2", m.SIGNAL_EXPORT): (80, 90),
@@ -69,7 +72,7 @@ MALFORMED_PAYLOADS = (
 )
 
 
-def encode(msg: dict) -> bytes:
+def encode(msg: dict[str, object]) -> bytes:
     """Return a message as the UTF-8 JSON bytes sent to Kafka."""
     return json.dumps(msg).encode("utf-8")
 
@@ -104,7 +107,7 @@ def simulate_round(
     rng: random.Random,
     skip_probability: float,
     value_ranges: dict[tuple[str, str], tuple[int, int]] = VALUE_RANGES,
-) -> list[dict]:
+) -> list[dict[str, object]]:
     """Return the messages of one round: each series sends with probability 1 - skip_probability."""
     return [json.loads(payload) for payload in _round_payloads(t_measurement, rng, skip_probability, value_ranges)]
 
@@ -176,7 +179,7 @@ def _mix(payloads: Iterator[bytes], rng: random.Random, malformed_share: float, 
             yield payload
 
 
-def kafka_client_config(bootstrap_servers: str) -> dict:
+def kafka_client_config(bootstrap_servers: str) -> dict[str, str]:
     """Return the confluent-kafka configuration, with security options from the environment."""
     return {"bootstrap.servers": bootstrap_servers, **kafka_client.kafka_security_from_env()}
 
@@ -212,7 +215,7 @@ class Sender:
             }
         )
 
-    def _on_delivery(self, error, _msg) -> None:
+    def _on_delivery(self, error: Any, _msg: Any) -> None:  # confluent_kafka types, untyped
         if error is None:
             self.delivered += 1
             return
@@ -260,7 +263,7 @@ class Sender:
         return remaining
 
 
-def run_backfill(sender: Sender, args: argparse.Namespace, value_ranges: dict) -> None:
+def run_backfill(sender: Sender, args: argparse.Namespace, value_ranges: ValueRanges) -> None:
     """Send ``--backfill`` of history ending now."""
     from tqdm import tqdm
 
@@ -286,11 +289,11 @@ def run_backfill(sender: Sender, args: argparse.Namespace, value_ranges: dict) -
                 progress.update(10_000)
 
 
-def run_live(sender: Sender, args: argparse.Namespace, value_ranges: dict) -> None:
+def run_live(sender: Sender, args: argparse.Namespace, value_ranges: ValueRanges) -> None:
     """Send one round every ``--interval`` seconds until SIGTERM or Ctrl-C."""
     stop = {"now": False}
 
-    def request_stop(_signum, _frame):
+    def request_stop(_signum: int, _frame: object) -> None:
         stop["now"] = True
 
     signal.signal(signal.SIGTERM, request_stop)

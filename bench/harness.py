@@ -41,6 +41,7 @@ import pyspark  # noqa: E402
 from pyspark.sql import Window  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
+import check_figures  # noqa: E402
 import check_report  # noqa: E402
 import checker  # noqa: E402
 import cleaner  # noqa: E402
@@ -400,7 +401,7 @@ def bench_size(spark, work: str, rows: int) -> tuple[list[dict], StageTimes]:
         "cleaner_duckdb_seconds",
         lambda: duckdb(DUCKDB_GAP_FILL, generated.processed_data, scratch("duckdb_cleaned.parquet")),
     )
-    check_config = checker.CheckerConfig(expected_series=None, default_bounds=(0.0, 1e9))
+    check_config = check_figures.CheckerConfig(expected_series=None, default_bounds=(0.0, 1e9))
     measure("checker_seconds", lambda: checker.run(spark, generated, check_config, show=False))
     measure("checker_floor_seconds", lambda: checker_floor(spark, generated.cleaned_data))
     measure("checker_chart_seconds", lambda: checker_chart(spark, generated.cleaned_data, scratch("chart.png")))

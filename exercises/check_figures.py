@@ -15,7 +15,7 @@ from pyspark.sql import functions as F
 
 from common import config
 from common import message as m
-from common.contracts import MEASURED, MISSING, QUALITY, per_series
+from common.contracts import MEASURED, MISSING, QUALITY, Transform, per_series
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ FLAT_CARRY = "_flat_carry"
 _KEYS = (m.T_MEASUREMENT, m.DEVICE_ID, m.SIGNAL_NAME, QUALITY)
 
 
-def annotate_rows(config_: CheckerConfig):
+def annotate_rows(config_: CheckerConfig) -> Transform:
     """Return a transform: grid rows -> the same rows with what the figures need of their neighbours.
 
     One window per series ordered by slot gives each row its predecessor, the length of the
@@ -177,7 +177,7 @@ def _spike_threshold(config_: CheckerConfig, mean: Column, spread: Column) -> Co
     )
 
 
-def series_figures(config_: CheckerConfig, *keys: str, extra: Sequence[Column] = ()):
+def series_figures(config_: CheckerConfig, *keys: str, extra: Sequence[Column] = ()) -> Transform:
     """Return a transform: annotated rows -> their figures per series (and ``keys``), and ``extra`` aggregates."""
     step_micros = config_.slot_seconds * 1_000_000
 
@@ -231,7 +231,7 @@ def summarize_figures(figures: DataFrame) -> DataFrame:
     )
 
 
-def series_metrics(config_: CheckerConfig):
+def series_metrics(config_: CheckerConfig) -> Transform:
     """Return a transform: cleaned_data -> one row of metrics per series (one window pass, one aggregation)."""
 
     def transform(cleaned: DataFrame) -> DataFrame:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, Row
 from pyspark.sql import functions as F
 
 from common import config
@@ -40,7 +41,7 @@ CHART_SERIES = 8
 CHART_HOURS = 24
 
 
-def show(cleaned: DataFrame, listed: Sequence, results: Sequence[Result], chart_path: str) -> None:
+def show(cleaned: DataFrame, listed: Sequence[Row], results: Sequence[Result], chart_path: str) -> None:
     """Print the per-series summary and the results, and draw the chart of the listed series to ``chart_path``."""
     if listed:
         print(format_summary(listed) + "\n")
@@ -72,7 +73,7 @@ def format_table(results: Sequence[Result]) -> str:
     )
 
 
-def format_summary(listed: Sequence) -> str:
+def format_summary(listed: Sequence[Row]) -> str:
     """Return the per-series summary (slots, measured, filled, missing, share filled) as a table."""
     header = ("series", "slots", "measured", "filled", "missing", "filled share")
     rows = [
@@ -106,7 +107,7 @@ def chart_points(cleaned: DataFrame, series: list[tuple[str, str]]) -> DataFrame
     )
 
 
-def draw_chart(points: Sequence, png_path_writer: Callable[[bytes], None]) -> None:
+def draw_chart(points: Sequence[Row], png_path_writer: Callable[[bytes], None]) -> None:
     """Draw one panel per series: measured dots, filled rings, missing stretches shaded.
 
     Args:
@@ -121,7 +122,7 @@ def draw_chart(points: Sequence, png_path_writer: Callable[[bytes], None]) -> No
     import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
-    by_series: dict[str, list] = {}
+    by_series: dict[str, list[Row]] = {}
     for row in sorted(points, key=lambda r: (r[m.DEVICE_ID], r[m.SIGNAL_NAME], r[m.T_MEASUREMENT])):
         by_series.setdefault(m.series_name(row[m.DEVICE_ID], row[m.SIGNAL_NAME]), []).append(row)
     figure, axes = plt.subplots(
@@ -130,7 +131,7 @@ def draw_chart(points: Sequence, png_path_writer: Callable[[bytes], None]) -> No
     for axis, (name, rows) in zip(axes[:, 0], by_series.items(), strict=False):
         _draw_series(axis, name, rows)
     axes[0, 0].legend(loc="upper right", fontsize=8, ncols=3)
-    axes[-1, 0].xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M"))
+    axes[-1, 0].xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M"))  # type: ignore[no-untyped-call]
     axes[-1, 0].set_xlabel("slot start (UTC)")
     figure.suptitle("cleaned_data: measured and filled values per series", fontsize=11)
     figure.tight_layout()
@@ -140,7 +141,7 @@ def draw_chart(points: Sequence, png_path_writer: Callable[[bytes], None]) -> No
     png_path_writer(buffer.getvalue())
 
 
-def _draw_series(axis, name: str, rows: list) -> None:
+def _draw_series(axis: Any, name: str, rows: list[Row]) -> None:
     """One panel: a series' values, measured dots, filled rings and missing stretches shaded."""
     times = [r[m.T_MEASUREMENT] for r in rows]
     axis.plot(times, [r[m.VALUE] for r in rows], color="0.75", linewidth=0.6, zorder=1)
@@ -164,10 +165,10 @@ def _draw_series(axis, name: str, rows: list) -> None:
     axis.grid(alpha=0.3)
 
 
-def _stretches(times: list, gap: timedelta | None = None) -> list[tuple]:
+def _stretches(times: list[datetime], gap: timedelta | None = None) -> list[tuple[datetime, datetime]]:
     """Group sorted slot times into (first, last) runs of consecutive slots."""
     gap = gap or timedelta(seconds=60)
-    runs: list[list] = []
+    runs: list[list[datetime]] = []
     for t in times:
         if runs and t - runs[-1][1] <= gap:
             runs[-1][1] = t

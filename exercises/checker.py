@@ -20,13 +20,15 @@ Usage:
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 
 import check_report
@@ -112,7 +114,7 @@ def schema_problems(cleaned: DataFrame) -> list[str]:
 # --- running the checks --------------------------------------------------------------------------
 
 
-def _round(value):
+def _round(value: object) -> object:
     return round(value, 4) if isinstance(value, float) else value
 
 
@@ -123,7 +125,7 @@ def check_cleaned(cleaned: DataFrame, unknown: DataFrame | None, config_: Checke
 
 def check_and_summarize(
     cleaned: DataFrame, unknown: DataFrame | None, config_: CheckerConfig
-) -> tuple[list[Result], list]:
+) -> tuple[list[Result], list[Row]]:
     """Run every check; return the results and the metrics rows of the series listed in them."""
     problems = schema_problems(cleaned)
     results = [Result("schema", ERROR, not problems, problems or "as declared", "cleaned_data contract")]
@@ -134,7 +136,7 @@ def check_and_summarize(
 
 def evaluate(
     metrics: DataFrame, unknown: DataFrame | None, config_: CheckerConfig, results: list[Result] | None = None
-) -> tuple[list[Result], list]:
+) -> tuple[list[Result], list[Row]]:
     """Evaluate the checks on per-series metrics (``check_figures.summarize_figures``); return results and listed rows.
 
     Args:
@@ -165,7 +167,7 @@ def evaluate(
     return results, listed
 
 
-def verdicts(checks: Sequence[Check], totals: Mapping[str, int], listed: Sequence[Mapping]) -> list[Result]:
+def verdicts(checks: Sequence[Check], totals: Mapping[str, int], listed: Sequence[Mapping[str, Any]]) -> list[Result]:
     """The per-series results: each check for each listed series, and a count over all when not all are listed.
 
     Args:
@@ -326,7 +328,7 @@ _THRESHOLD_OPTIONS = (
 )
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the checker's thresholds (the series options come from the shared module)."""
     defaults = CheckerConfig()
     group = parser.add_argument_group("thresholds")
@@ -341,7 +343,7 @@ def add_arguments(parser) -> None:
         group.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name), help=text)
 
 
-def config_from_args(args) -> CheckerConfig:
+def config_from_args(args: argparse.Namespace) -> CheckerConfig:
     """Build the checker's configuration from parsed arguments.
 
     Raises:
@@ -355,7 +357,7 @@ def config_from_args(args) -> CheckerConfig:
     )
 
 
-def parse_args(argv: list[str] | None):
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, config.Paths, CheckerConfig]:
     """Parse the command line into (args, paths, checker configuration)."""
     parser = config.make_parser(__doc__)
     config.add_datastore_options(parser, ("cleaned_data", "unknown_series", "reports"))

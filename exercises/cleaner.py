@@ -20,11 +20,13 @@ Usage:
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from pyspark.sql import Column, DataFrame, Observation, SparkSession, Window
 from pyspark.sql import functions as F
@@ -46,6 +48,7 @@ from common.contracts import (
     SERIES_KEYS,
     UNKNOWN_SERIES_SCHEMA,
     ZERO_FILLED,
+    Transform,
     per_series,
     series_catalog,
     with_hour,
@@ -149,7 +152,7 @@ def _fill_value(method: Column, previous: Column, following: Column, step: Colum
     )
 
 
-def align_to_grid(config_: CleanerConfig, flags: Observation | None = None):
+def align_to_grid(config_: CleanerConfig, flags: Observation | None = None) -> Transform:
     """Return a transform: measurements -> the cleaned grid (fill methods from ``config_``).
 
     One window per series ordered by slot (one shuffle): two measurements in one slot keep the
@@ -204,7 +207,7 @@ def _slot_counts(slot_micros: int, max_gap_slots: int) -> list[Column]:
     ]
 
 
-def slot_counts(flags: Observation) -> dict:
+def slot_counts(flags: Observation) -> dict[str, Any]:
     """The observed ``_slot_counts``: rows per quality flag, ``series`` and ``newest`` (a datetime or None)."""
     observed = flags.get
     newest = observed["newest"]
@@ -234,7 +237,7 @@ def _grid_columns(slot_micros: int, max_gap_slots: int) -> list[Column]:
     ]
 
 
-def assign_fill_methods(config_: CleanerConfig):
+def assign_fill_methods(config_: CleanerConfig) -> Transform:
     """Return a transform that adds each series' ``fill_method`` from the configuration.
 
     A series' own method wins over its signal name's, and that over the default (``per_series``).
@@ -305,14 +308,14 @@ def run(spark: SparkSession, paths: config.Paths, config_: CleanerConfig) -> dic
         return counts
 
 
-def load_config(args) -> CleanerConfig:
+def load_config(args: argparse.Namespace) -> CleanerConfig:
     """Build the cleaner's configuration: command line over ``--config`` file over defaults.
 
     Raises:
         ValueError: on an unknown fill method, a malformed ``--fill`` or series name.
         OSError: when the ``--config`` file cannot be read.
     """
-    settings: dict = {}
+    settings: dict[str, Any] = {}
     if args.config:
         with open(args.config, encoding="utf-8") as handle:
             settings = json.load(handle)
@@ -333,7 +336,7 @@ def load_config(args) -> CleanerConfig:
     )
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the cleaner's own options (the series options come from the shared module)."""
     group = parser.add_argument_group("fill")
     group.add_argument(
@@ -356,7 +359,7 @@ def add_arguments(parser) -> None:
     )
 
 
-def parse_args(argv: list[str] | None):
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, config.Paths, CleanerConfig]:
     """Parse the command line into (args, paths, cleaner configuration)."""
     parser = config.make_parser(__doc__)
     config.add_datastore_options(parser, ("processed_data", "cleaned_data", "unknown_series"))

@@ -29,14 +29,15 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import pyspark
 from py4j.protocol import Py4JJavaError
 from pyspark.errors import StreamingQueryException
 from pyspark.sql import SparkSession
-from pyspark.sql.streaming import StreamingQuery
+from pyspark.sql.streaming.listener import StreamingQueryProgress
+from pyspark.sql.streaming.query import StreamingQuery
 
 from common import config, kafka_client, session
 from common import message as m
@@ -200,7 +201,7 @@ def stop_after_batch(query: StreamingQuery, wait_seconds: float = 300.0) -> None
 
 def await_stream(
     stream: Stream, spark: SparkSession, config_: ConsumerConfig, should_stop: Callable[[], bool] = lambda: False
-) -> list:
+) -> list[StreamingQueryProgress]:
     """Wait until the query ends (or ``should_stop()``, then stop it after its batch); return its progress.
 
     While it runs, the topic's id is checked now and then: a recreated topic stops the query.
@@ -297,7 +298,7 @@ def run(
             else "",
             f", a batch every {config_.interval_seconds:g} s until stopped" if config_.interval_seconds else "",
         )
-        progress: list = []
+        progress: list[StreamingQueryProgress] = []
         while True:
             stream = start_stream(spark, paths, config_)
             try:
@@ -364,7 +365,7 @@ def _first_line(error: Exception) -> str:
     return (causes[-1] if causes else lines[0] if lines else type(error).__name__)[:500]
 
 
-def summarize(progress: list, generation: int = 0) -> IngestResult:
+def summarize(progress: Sequence[StreamingQueryProgress], generation: int = 0) -> IngestResult:
     """Return batches, rows, end offsets and offset regressions from a query's progress reports."""
     with_rows = [p for p in progress if p.numInputRows > 0]
     end_offsets: dict[str, dict[str, int]] = {}

@@ -17,11 +17,14 @@ Usage:
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
 import pyspark
+from pyspark.sql import SparkSession
 
+import check_figures
 import checker
 import cleaner
 import consumer
@@ -36,7 +39,9 @@ log = config.get_logger("pipeline")
 DEFAULT_REPORT_WINDOW_SECONDS = 3600.0
 
 
-def parse_args(argv: list[str] | None):
+def parse_args(
+    argv: list[str] | None,
+) -> tuple[argparse.Namespace, config.Paths, processor.ClockLimits, cleaner.CleanerConfig, check_figures.CheckerConfig]:
     """Parse the options of all four stages into (args, paths, clock limits, cleaner config, checker config)."""
     parser = config.make_parser(__doc__)
     parser.add_argument("--skip-consumer", action="store_true", help="start from consumer_data as it is")
@@ -70,11 +75,18 @@ def parse_args(argv: list[str] | None):
         parser.error(str(error))
 
 
-def run(spark, paths, consumer_config, cleaner_config, checker_config, clock=processor.DEFAULT_CLOCK) -> int:
+def run(
+    spark: SparkSession,
+    paths: config.Paths,
+    consumer_config: consumer.ConsumerConfig | None,
+    cleaner_config: cleaner.CleanerConfig,
+    checker_config: check_figures.CheckerConfig,
+    clock: processor.ClockLimits = processor.DEFAULT_CLOCK,
+) -> int:
     """Run the stages in order (without ``consumer_config``, from consumer_data as it is); return the
     first non-zero exit code, else 0."""
 
-    def consume() -> int:
+    def consume(consumer_config: consumer.ConsumerConfig) -> int:
         try:
             consumer.run(spark, paths, consumer_config)
         except (consumer.ConsumerError, OSError, ValueError) as error:
@@ -94,7 +106,7 @@ def run(spark, paths, consumer_config, cleaner_config, checker_config, clock=pro
 
     stages = [("processor", process), ("cleaner", clean), ("checker", check)]
     if consumer_config is not None:
-        stages.insert(0, ("consumer", consume))
+        stages.insert(0, ("consumer", lambda: consume(consumer_config)))
     for name, stage in stages:
         started = time.monotonic()
         code = exit_code_of(stage, log)

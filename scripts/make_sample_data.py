@@ -12,8 +12,10 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,17 +29,22 @@ SAMPLE_START = 1716368400.123456
 UNKNOWN_SERIES = ("test-device", m.SIGNAL_IMPORT)
 
 
-def raw_rows(payloads, topic: str = m.DEFAULT_TOPIC, partitions: int = 1) -> list[tuple]:
+#: A consumer_data row: key, value, topic, partition, offset, timestamp, timestampType.
+RawRow = tuple[bytes | None, bytes | None, str, int, int, datetime, int]
+
+
+def raw_rows(payloads: Sequence[bytes | None], topic: str = m.DEFAULT_TOPIC, partitions: int = 1) -> list[RawRow]:
     """Return consumer_data rows for message values, offsets counted per partition.
 
     Messages go round-robin over the partitions; the Kafka timestamp is taken from the message's
     t_measurement where it has one (a broker would stamp the send time), else from the previous one.
     """
-    rows, offsets, stamp = [], [0] * partitions, datetime.fromtimestamp(SAMPLE_START, UTC)
+    rows: list[RawRow] = []
+    offsets, stamp = [0] * partitions, datetime.fromtimestamp(SAMPLE_START, UTC)
     for index, value in enumerate(payloads):
         partition = index % partitions
         try:
-            stamp = datetime.fromtimestamp(float(producer.json.loads(value)[m.T_MEASUREMENT]), UTC)
+            stamp = datetime.fromtimestamp(float(json.loads(value or b"")[m.T_MEASUREMENT]), UTC)
         except (ValueError, TypeError, KeyError, IndexError, OverflowError, OSError, RecursionError):
             pass
         rows.append((None, value, topic, partition, offsets[partition], stamp.replace(tzinfo=None), 0))

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 import uuid
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "exercises"))
 
@@ -46,7 +47,7 @@ def describe(value: bytes | None) -> str:
     return " ".join(f"{field}={parsed.get(field)!r}" for field in m.FIELDS)
 
 
-def _broker_problem(consumer, errors: kafka_client.KafkaClientErrors) -> str | None:
+def _broker_problem(consumer: Any, errors: kafka_client.KafkaClientErrors) -> str | None:
     """Return why the broker cannot be used (unreachable, authentication), or None when it can."""
     from confluent_kafka import KafkaException
 

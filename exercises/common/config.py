@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 from common import message as m
@@ -132,7 +133,9 @@ def add_series_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_expected_series(names, default):
+def parse_expected_series(
+    names: str | Sequence[str] | None, default: tuple[tuple[str, str], ...] | None
+) -> tuple[tuple[str, str], ...] | None:
     """Return the catalog for ``--expected-series``: a tuple of (device_id, signal_name), or None for 'all'.
 
     Args:
@@ -192,7 +195,7 @@ class StopRequest:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._handle)
 
-    def _handle(self, signum: int, _frame) -> None:
+    def _handle(self, signum: int, _frame: object) -> None:
         if not self.requested:
             self._log.info("%s received: stopping after the current step", signal.Signals(signum).name)
         self.requested = True

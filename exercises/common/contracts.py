@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -11,6 +11,9 @@ from pyspark.sql import types as T
 
 from common import message as m
 from common.session import local_frame
+
+#: A step of a stage: one frame in, one out (``frame.transform(step)``).
+Transform = Callable[[DataFrame], DataFrame]
 
 # --- schemas -------------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import socket
 import ssl
 import stat
 import time
+from typing import Any
 
 # --- settings ---------------------------------------------------------------------------------------
 
@@ -87,7 +88,7 @@ class KafkaClientErrors:
         self.bootstrap_servers = bootstrap_servers
         self.ca_location = (security or {}).get("ssl.ca.location")
 
-    def __call__(self, error) -> None:
+    def __call__(self, error: Any) -> None:  # confluent_kafka.KafkaError, untyped
         if self.fatal is not None:
             return
         if error.code() == _SSL_ERROR_CODE:

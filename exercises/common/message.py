@@ -50,7 +50,9 @@ def parse_series_name(name: str) -> tuple[str, str]:
     return device_id.strip(), signal_name.strip()
 
 
-def make_message(t_measurement: float, t_report: float, device_id: str, signal_name: str, value: float) -> dict:
+def make_message(
+    t_measurement: float, t_report: float, device_id: str, signal_name: str, value: float
+) -> dict[str, object]:
     """Return one measurement message as a dict with the fields in their canonical order."""
     return {
         T_MEASUREMENT: t_measurement,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 
@@ -115,7 +116,7 @@ def _sink_log_files(spark: SparkSession, sink_log: str) -> set[str]:
     }
 
 
-def sink_log_entries(spark: SparkSession, log_file: str) -> list[dict]:
+def sink_log_entries(spark: SparkSession, log_file: str) -> list[dict[str, Any]]:
     """The ``add`` entries of one file-sink log file: JSON lines after a version line.
 
     Read in the driver through Hadoop: the log is metadata (a line per file written), and Spark's

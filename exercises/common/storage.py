@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import IO
+from typing import IO, Any
 
 from pyspark.sql import DataFrame, DataFrameWriter, SparkSession
 from pyspark.sql import types as T
@@ -131,7 +131,7 @@ def _mutation(kind: str, path: str) -> None:
         mutation_hook(kind, path)
 
 
-def _fs_path(spark: SparkSession, path: str):
+def _fs_path(spark: SparkSession, path: str) -> tuple[Any, Any]:
     """Return (Hadoop FileSystem, Hadoop Path) for a local path or URI."""
     hadoop_path = jvm(spark).org.apache.hadoop.fs.Path(path)
     return hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), hadoop_path

@@ -9,6 +9,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 import check_figures
+import check_report
 import checker
 import cleaner
 from common import config
@@ -169,7 +170,7 @@ def write_unknown(spark: SparkSession, paths: config.Paths, config_: cleaner.Cle
 def write_report(
     spark: SparkSession,
     paths: config.Paths,
-    config_: checker.CheckerConfig,
+    config_: check_figures.CheckerConfig,
     figures: DataFrame,
     written: DataFrame,
     clock_faults: dict[str, int],
@@ -185,7 +186,7 @@ def write_report(
         started = time.monotonic()
         problems = checker.schema_problems(written)
         observed = problems or "as declared (the rows this cycle wrote)"
-        schema = checker.Result("schema", checker.ERROR, not problems, observed, "cleaned_data contract")
+        schema = check_report.Result("schema", checker.ERROR, not problems, observed, "cleaned_data contract")
         metrics = check_figures.summarize_figures(figures)
         results, _listed = checker.evaluate(metrics, checker.read_unknown(spark, paths), config_, [schema])
         results.append(checker.clock_fault_result(clock_faults))

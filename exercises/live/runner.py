@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
+from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -194,10 +195,12 @@ def initial_state(
 class LiveRunner:
     """The live mode behind ``--watch``: a continuous consumer and a cycle whenever it committed new files."""
 
-    def __init__(self, spark, paths, settings, should_stop) -> None:
+    def __init__(
+        self, spark: SparkSession, paths: config.Paths, settings: Settings, should_stop: Callable[[], bool]
+    ) -> None:
         self.spark, self.paths, self.settings = spark, paths, settings
         self.should_stop = should_stop
-        self.cycles: list[dict] = []
+        self.cycles: list[dict[str, Any]] = []
         self.consumer_errors: list[Exception] = []
         self.compactor = Compactor(background=True)
 
@@ -238,7 +241,7 @@ class LiveRunner:
         return cursor
 
 
-def cycle_metrics(number: int, wall: float, seconds: float, result: CycleResult) -> dict:
+def cycle_metrics(number: int, wall: float, seconds: float, result: CycleResult) -> dict[str, Any]:
     """One entry of ``reports/live_cycles.json``."""
     histogram, accounting = result.latency_histogram, result.accounting
     return {

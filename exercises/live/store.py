@@ -14,7 +14,6 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 import check_figures
-import checker
 import cleaner
 import processor
 from common import config
@@ -404,7 +403,7 @@ class Settings:
     configurations."""
 
     cleaner: cleaner.CleanerConfig
-    checker: checker.CheckerConfig
+    checker: check_figures.CheckerConfig
     report_window_seconds: float
     clock: processor.ClockLimits = processor.DEFAULT_CLOCK
 
