@@ -3,6 +3,6 @@
 FROM python:3.11-slim
 WORKDIR /app
 RUN pip install --no-cache-dir confluent-kafka==2.16.1 tqdm==4.70.1
-COPY exercises/common/__init__.py exercises/common/message.py exercises/common/config.py exercises/common/kafka_client.py exercises/common/
+COPY exercises/meter_stream/__init__.py exercises/meter_stream/message.py exercises/meter_stream/config.py exercises/meter_stream/kafka_client.py exercises/meter_stream/
 COPY producer.py .
 ENTRYPOINT ["python", "producer.py"]

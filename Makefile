@@ -18,7 +18,7 @@ KAFKA_PORT ?= 9093
 WATCH ?= 10
 export BACKFILL DATASTORE KAFKA_PORT KAFKA_BOOTSTRAP_SERVERS SEED WATCH
 
-.PHONY: run live bench bench-live setup test test-fast lint format clean-data help
+.PHONY: run live bench bench-live setup test test-fast lint format clean-data package help
 
 help:
 	@echo "make run     set up, start a local Kafka broker, backfill, run the four stages, stop it"
@@ -29,6 +29,18 @@ help:
 	@echo "make bench   benchmarks (bench/results.json, BENCHMARKS.md); not part of make test"
 	@echo "make bench-live  the live runner's latency, cycle time and catch-up up to 100,000 series (about 45 minutes)"
 	@echo "make lint    ruff check, ruff format check and the type check (mypy)"
+	@echo "make package  dist/meter_stream.zip: the package that spark-submit ships with --py-files"
+
+# The meter_stream package, alone, as spark-submit's --py-files takes it (README: On a cluster).
+PACKAGE ?= dist/meter_stream.zip
+package:
+	mkdir -p "$(dir $(PACKAGE))"
+	$(PYTHON) -c 'import pathlib, sys, zipfile; root = pathlib.Path("exercises"); \
+	  files = [p for p in sorted(root.glob("meter_stream/**/*")) if p.is_file() and "__pycache__" not in p.parts]; \
+	  archive = zipfile.ZipFile(sys.argv[1] + ".tmp", "w", zipfile.ZIP_DEFLATED); \
+	  [archive.write(p, p.relative_to(root)) for p in files]; archive.close()' "$(PACKAGE)"
+	mv "$(PACKAGE).tmp" "$(PACKAGE)"
+	@echo "make package: $(PACKAGE)"
 
 run: setup
 	scripts/run-pipeline

@@ -36,8 +36,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "exercises"))
 
-from common import config, kafka_client  # noqa: E402
-from common import message as m  # noqa: E402
+from meter_stream import config, kafka_client  # noqa: E402
+from meter_stream import message as m  # noqa: E402
 
 #: Value range of each simulated series, as in the original feed.
 #: (device_id, signal_name) -> the (low, high) range of its integer values.

@@ -41,17 +41,11 @@ import pyspark  # noqa: E402
 from pyspark.sql import Window  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
-import check_figures  # noqa: E402
-import check_report  # noqa: E402
-import checker  # noqa: E402
-import cleaner  # noqa: E402
-import consumer  # noqa: E402
-import processor  # noqa: E402
-from common import config  # noqa: E402
-from common import message as m  # noqa: E402
-from common.contracts import CLEANED_SCHEMA, PARTITION, PROCESSED_SCHEMA, RAW_SCHEMA, with_hour  # noqa: E402
-from common.session import build_session, kafka_connector_jars  # noqa: E402
-from common.storage import parquet_writer  # noqa: E402
+from meter_stream import check_figures, check_report, checker, cleaner, config, consumer, processor  # noqa: E402
+from meter_stream import message as m  # noqa: E402
+from meter_stream.contracts import CLEANED_SCHEMA, PARTITION, PROCESSED_SCHEMA, RAW_SCHEMA, with_hour  # noqa: E402
+from meter_stream.session import build_session, kafka_connector_jars  # noqa: E402
+from meter_stream.storage import parquet_writer  # noqa: E402
 
 SLOTS_PER_DAY = 8640
 START = 1716336000  # 2024-05-22 00:00:00 UTC

@@ -52,9 +52,12 @@ sys.path[:0] = [ROOT, *(os.path.join(ROOT, folder) for folder in ("exercises", "
 
 import harness  # noqa: E402
 
-import live  # noqa: E402
 import producer  # noqa: E402
-from common import config, kafka_client  # noqa: E402
+from meter_stream import (  # noqa: E402
+    config,
+    kafka_client,
+    live,  # noqa: E402
+)
 
 PYTHON = sys.executable
 #: The --watch interval of the runs (--trigger).

@@ -19,7 +19,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "exercises")]
 
-from common.config import FOLDERS  # noqa: E402 (after the path above)
+from meter_stream.config import FOLDERS  # noqa: E402 (after the path above)
 
 #: A stage folder, its lock, or what an interrupted run leaves beside it.
 DATASTORE_ENTRY = re.compile(

@@ -25,8 +25,8 @@ import pyspark  # noqa: E402
 from pyspark import SparkContext  # noqa: E402
 from pyspark.sql import SparkSession  # noqa: E402
 
-import pipeline  # noqa: E402
-from common.session import LOG4J2_CONFIG, class_archive  # noqa: E402
+from meter_stream import pipeline  # noqa: E402
+from meter_stream.session import LOG4J2_CONFIG, class_archive  # noqa: E402
 
 SAMPLE = os.path.join(ROOT, "example_data", "consumer_data_sample")
 

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "exercises")]
 
 import producer  # noqa: E402
-from common import message as m  # noqa: E402
+from meter_stream import message as m  # noqa: E402
 
 #: 2024-05-22 09:00:00 UTC, the day of the original feed.
 SAMPLE_START = 1716368400.123456
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
 
-    from common.contracts import RAW_SCHEMA
-    from common.session import build_session
+    from meter_stream.contracts import RAW_SCHEMA
+    from meter_stream.session import build_session
 
     spark = build_session("meter-stream sample data")
     rows = raw_rows(sample_payloads(args.hours, args.seed))

@@ -25,11 +25,11 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "exercises"))
 
-from common import (
+from meter_stream import (
     config,  # noqa: E402
     kafka_client,  # noqa: E402
 )
-from common import message as m  # noqa: E402
+from meter_stream import message as m  # noqa: E402
 
 BROKER_CHECK_SECONDS = 10.0
 

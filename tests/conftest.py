@@ -12,8 +12,14 @@ import pytest
 from hypothesis import settings
 from pyspark.sql import SparkSession
 
-from common import config
-from common.session import CODEGEN_CACHE, QUERY_OVERHEAD, SESSION_SETTINGS, class_archive_options, kafka_connector_jars
+from meter_stream import config
+from meter_stream.session import (
+    CODEGEN_CACHE,
+    QUERY_OVERHEAD,
+    SESSION_SETTINGS,
+    class_archive_options,
+    kafka_connector_jars,
+)
 from tests.helpers import ROOT
 
 # Fuzzed inputs: 40 examples in the full suite, 5 in make test-fast (HYPOTHESIS_PROFILE=fast).

@@ -15,9 +15,9 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from pyspark.sql import DataFrame, SparkSession
 
-from common.contracts import RAW_SCHEMA
-from common.session import local_frame
 from make_sample_data import raw_rows
+from meter_stream.contracts import RAW_SCHEMA
+from meter_stream.session import local_frame
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,11 +7,11 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from check_report import format_table
-from checker import ERROR, WARN, Check, CheckerConfig, Result, check_cleaned, exit_code, run, verdicts
-from common import message as m
-from common.contracts import CLEANED_SCHEMA, UNKNOWN_SERIES_SCHEMA
-from common.session import local_frame
+from meter_stream import message as m
+from meter_stream.check_report import format_table
+from meter_stream.checker import ERROR, WARN, Check, CheckerConfig, Result, check_cleaned, exit_code, run, verdicts
+from meter_stream.contracts import CLEANED_SCHEMA, UNKNOWN_SERIES_SCHEMA
+from meter_stream.session import local_frame
 
 START = datetime(2024, 5, 22, 9, 0, 0)
 RANGES = {

@@ -8,9 +8,9 @@ import pytest
 from chispa import assert_approx_df_equality, assert_df_equality
 from pyspark.sql import Observation
 
-from cleaner import CleanerConfig, clean, parse_args, run, slot_counts
-from common.contracts import CLEANED_SCHEMA, PROCESSED_SCHEMA
-from common.session import local_frame
+from meter_stream.cleaner import CleanerConfig, clean, parse_args, run, slot_counts
+from meter_stream.contracts import CLEANED_SCHEMA, PROCESSED_SCHEMA
+from meter_stream.session import local_frame
 from tests.helpers import utc
 
 IMPORT = ("device1", "energy import")

@@ -10,12 +10,12 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from pyspark.sql import functions as F
 
-from common import config, storage
-from common import message as m
-from common.contracts import CLEANED_SCHEMA, PROCESSED_SCHEMA, RAW_SCHEMA, hour_of, hour_value
-from common.raw_input import CheckpointMismatchError, check_sink_matches_checkpoint
-from common.session import cached_for_the_block, local_frame
-from common.storage import PREVIOUS_SUFFIX, StageInputError, read_output, replace_output
+from meter_stream import config, storage
+from meter_stream import message as m
+from meter_stream.contracts import CLEANED_SCHEMA, PROCESSED_SCHEMA, RAW_SCHEMA, hour_of, hour_value
+from meter_stream.raw_input import CheckpointMismatchError, check_sink_matches_checkpoint
+from meter_stream.session import cached_for_the_block, local_frame
+from meter_stream.storage import PREVIOUS_SUFFIX, StageInputError, read_output, replace_output
 
 log = logging.getLogger("test")
 

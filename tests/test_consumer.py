@@ -8,14 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 
-import checker
-import cleaner
-import processor
-from common import kafka_client
-from common.contracts import RAW_SCHEMA
-from common.kafka_client import client_options
-from common.raw_input import CheckpointMismatchError
-from consumer import ConsumerConfig, config_from_args, run, summarize
+from meter_stream import checker, cleaner, kafka_client, processor
+from meter_stream.consumer import ConsumerConfig, config_from_args, run, summarize
+from meter_stream.contracts import RAW_SCHEMA
+from meter_stream.kafka_client import client_options
+from meter_stream.raw_input import CheckpointMismatchError
 from tests.helpers import new_topic, produce, run_python
 
 

@@ -11,9 +11,9 @@ import time
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from common.raw_input import read_raw
-from consumer import ConsumerConfig, run
-from consumer import log as consumer_log
+from meter_stream.consumer import ConsumerConfig, run
+from meter_stream.consumer import log as consumer_log
+from meter_stream.raw_input import read_raw
 from tests.conftest import free_port
 from tests.helpers import ROOT, new_topic, produce
 

@@ -19,18 +19,14 @@ from collections.abc import Callable
 
 import pytest
 
-import checker
-import cleaner
-import live
-import processor
-from common import config, storage
-from common.contracts import (
+from meter_stream import checker, cleaner, config, live, processor, storage
+from meter_stream.contracts import (
     CLEANED_SCHEMA,
     PROCESSED_SCHEMA,
     QUARANTINE_SCHEMA,
     UNKNOWN_SERIES_SCHEMA,
 )
-from common.storage import read_output
+from meter_stream.storage import read_output
 from tests.helpers import epoch, message, write_step_files
 
 T0 = epoch("2026-11-25 13:58:00")  # the steps cross from hour 13 into hour 14 at T0 + 120 s

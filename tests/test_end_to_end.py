@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
 from datetime import UTC, datetime
 
 import pytest
 from pyspark.sql import functions as F
 
-import checker
-import cleaner
-import processor
-from common.contracts import RAW_SCHEMA
-from common.session import local_frame
 from make_sample_data import SAMPLE_START, UNKNOWN_SERIES, raw_rows, sample_payloads
+from meter_stream import checker, cleaner, processor
+from meter_stream.contracts import RAW_SCHEMA
+from meter_stream.session import local_frame
 from producer import MALFORMED_PAYLOADS
-from tests.helpers import message, raw_frame, run_command, run_python
+from tests.helpers import ROOT, message, raw_frame, run_command, run_python
 
 
 def expected_accounting(payloads):
@@ -119,18 +119,26 @@ def test_stage_help_names_options_and_environment(stage):
 
 
 @pytest.mark.slow
-def test_shipped_sample_runs_through_the_scripts_with_spark_submit_and_python(tmp_path):
+def test_shipped_sample_runs_through_the_scripts_with_spark_submit_and_the_package_alone_and_python(tmp_path):
+    """spark-submit runs a stage script with the package from ``make package`` as its only project code."""
     datastore = str(tmp_path / "datastore")
+    made = run_command("make", "--no-print-directory", "package", f"PACKAGE={tmp_path / 'meter_stream.zip'}")
+    assert made.returncode == 0, made.stderr
+    alone = tmp_path / "submit"
+    alone.mkdir()
+    shutil.copy(os.path.join(ROOT, "exercises", "processor.py"), alone)  # the script, without its folder's package
     spark_submit = os.path.join(os.path.dirname(sys.executable), "spark-submit")
     env = {**os.environ, "METER_DATASTORE": datastore, "PYSPARK_PYTHON": sys.executable}
-    submitted = run_command(
-        spark_submit,
-        "--master",
-        "local[1]",
-        "exercises/processor.py",
-        "--consumer-data",
-        "example_data/consumer_data_sample",
+    env.pop("PYTHONPATH", None)
+    consumer_data = os.path.join(ROOT, "example_data", "consumer_data_sample")
+    submitted = subprocess.run(
+        [spark_submit, "--master", "local[1]", "--py-files", str(tmp_path / "meter_stream.zip")]
+        + [str(alone / "processor.py"), "--consumer-data", consumer_data],
+        cwd=tmp_path,
         env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert submitted.returncode == 0, submitted.stderr[-2000:]
     # spark-submit forwards the Python driver's stderr to its stdout.
@@ -143,6 +151,24 @@ def test_shipped_sample_runs_through_the_scripts_with_spark_submit_and_python(tm
         assert result.returncode == 0, result.stderr[-2000:]
     with open(os.path.join(datastore, "reports", "check_report.json")) as handle:
         assert {entry["name"] for entry in json.load(handle)} >= {"schema", "regular_grid", "spikes"}
+
+
+def test_the_package_alone_holds_every_stage_and_the_live_mode(tmp_path):
+    made = run_command("make", "--no-print-directory", "package", f"PACKAGE={tmp_path / 'meter_stream.zip'}")
+    assert made.returncode == 0, made.stderr
+    code = (
+        "import meter_stream\n"
+        "from meter_stream import checker, cleaner, consumer, pipeline, processor\n"
+        "from meter_stream.live import runner\n"
+        "print(meter_stream.__file__, processor.main, runner.LiveRunner)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(tmp_path / "meter_stream.zip")
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(str(tmp_path / "meter_stream.zip"))
 
 
 @pytest.mark.slow

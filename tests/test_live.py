@@ -16,13 +16,9 @@ from datetime import UTC, datetime
 import pytest
 from pyspark.sql import types as T
 
-import check_figures
-import checker
-import cleaner
-import live
-import processor
-from common import config, kafka_client
-from common.contracts import (
+from make_sample_data import raw_rows
+from meter_stream import check_figures, checker, cleaner, config, kafka_client, live, processor
+from meter_stream.contracts import (
     CLEANED_SCHEMA,
     PROCESSED_SCHEMA,
     QUARANTINE_SCHEMA,
@@ -30,9 +26,8 @@ from common.contracts import (
     UNKNOWN_SERIES_SCHEMA,
     hour_value,
 )
-from common.session import local_frame
-from common.storage import StageBusyError, read_output, stage_lock
-from make_sample_data import raw_rows
+from meter_stream.session import local_frame
+from meter_stream.storage import StageBusyError, read_output, stage_lock
 from tests.helpers import (
     ROOT,
     epoch,

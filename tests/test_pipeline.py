@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-import pipeline
+from meter_stream import pipeline
 from tests.helpers import ROOT
 
 SAMPLE = os.path.join(ROOT, "example_data", "consumer_data_sample")

@@ -10,10 +10,8 @@ import pytest
 from chispa import assert_df_equality
 from pyspark.sql import functions as F
 
-from common.contracts import PROCESSED_SCHEMA, QUARANTINE_SCHEMA, RAW_SCHEMA
-from common.raw_input import read_raw
-from common.session import local_frame
-from processor import (
+from meter_stream.contracts import PROCESSED_SCHEMA, QUARANTINE_SCHEMA, RAW_SCHEMA
+from meter_stream.processor import (
     Accounting,
     ClockLimits,
     collapse_replays,
@@ -21,6 +19,8 @@ from processor import (
     run,
     select_quarantine,
 )
+from meter_stream.raw_input import read_raw
+from meter_stream.session import local_frame
 from tests.helpers import message, raw_frame, raw_frame_arriving, utc
 
 T = 1716369246.734911

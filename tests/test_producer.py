@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import producer
-from common import message as m
+from meter_stream import message as m
 from tests.helpers import ROOT
 
 

@@ -17,16 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyspark.sql import functions as F
 
-import checker
 import clean_data
-import cleaner
-import processor
-from common import config
-from common import message as m
-from common.contracts import PROCESSED_SCHEMA, RAW_SCHEMA
-from common.session import local_frame
-from common.storage import StageBusyError, read_output, stage_lock
 from make_sample_data import sample_payloads
+from meter_stream import checker, cleaner, config, processor
+from meter_stream import message as m
+from meter_stream.contracts import PROCESSED_SCHEMA, RAW_SCHEMA
+from meter_stream.session import local_frame
+from meter_stream.storage import StageBusyError, read_output, stage_lock
 from tests.helpers import ROOT, raw_frame, run_command, run_python
 
 T = 1716369246.734911
@@ -309,7 +306,7 @@ def test_make_clean_data_with_an_empty_datastore_is_refused():
 SHOW_UI = """
 import sys
 sys.path.insert(0, "exercises")
-from common.session import build_session
+from meter_stream.session import build_session
 spark = build_session("ui-check")
 print(spark.sparkContext.uiWebUrl.rsplit(":", 1)[1], spark.sparkContext.getConf().get("spark.ui.killEnabled"))
 for table in ("/proc/net/tcp", "/proc/net/tcp6"):

@@ -14,33 +14,18 @@ from typing import Any
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-import check_figures
-import checker
-import cleaner
-import consumer
-import processor
-from common import config
-from common import message as m
-from common.contracts import (
+from meter_stream import check_figures, checker, cleaner, config, consumer, processor
+from meter_stream import message as m
+from meter_stream.contracts import (
     CLEANED_SCHEMA,
     PARTITION,
     PROCESSED_SCHEMA,
     QUARANTINE_SCHEMA,
 )
-from common.session import local_frame, one_row
-from common.storage import (
-    delete_path,
-    make_folder,
-    path_exists,
-    read_partitioned,
-    replace_output,
-    stage_lock,
-    write_text,
-)
-from live.checks import write_unknown
-from live.compaction import Compactor
-from live.cycle import CycleResult, run_cycle
-from live.store import (
+from meter_stream.live.checks import write_unknown
+from meter_stream.live.compaction import Compactor
+from meter_stream.live.cycle import CycleResult, run_cycle
+from meter_stream.live.store import (
     FIGURES,
     FIGURES_SCHEMA,
     KEYS,
@@ -59,6 +44,16 @@ from live.store import (
     remove_cycle_leftovers,
     state_folder,
     write_state,
+)
+from meter_stream.session import local_frame, one_row
+from meter_stream.storage import (
+    delete_path,
+    make_folder,
+    path_exists,
+    read_partitioned,
+    replace_output,
+    stage_lock,
+    write_text,
 )
 
 log = config.get_logger("live")

@@ -39,10 +39,10 @@ of calls per cycle at fleet sizes) and does not cover the rewrite of hours for l
 here is a small parquet table (one row per series) joined in Spark with native functions.
 """
 
-from live.compaction import Compactor
-from live.cycle import CycleResult, run_cycle
-from live.runner import LIVE_CYCLES, percentile, start, watch
-from live.store import (
+from meter_stream.live.compaction import Compactor
+from meter_stream.live.cycle import CycleResult, run_cycle
+from meter_stream.live.runner import LIVE_CYCLES, percentile, start, watch
+from meter_stream.live.store import (
     CYCLE_TAG,
     UNDO_SUFFIX,
     Cursor,

@@ -8,19 +8,19 @@ from dataclasses import dataclass, field
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from common import config
-from common.contracts import (
+from meter_stream import config
+from meter_stream.contracts import (
     CLEANED_SCHEMA,
     PARTITION,
     PROCESSED_SCHEMA,
 )
-from common.storage import (
+from meter_stream.live.store import STAGING_SUFFIX, hour_of_micros, swap_hours
+from meter_stream.storage import (
     delete_path,
     list_files,
     parquet_writer,
     write_parquet,
 )
-from live.store import STAGING_SUFFIX, hour_of_micros, swap_hours
 
 log = config.get_logger("live")
 

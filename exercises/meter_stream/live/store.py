@@ -13,20 +13,17 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-import check_figures
-import cleaner
-import processor
-from common import config
-from common import message as m
-from common.contracts import (
+from meter_stream import check_figures, cleaner, config, processor
+from meter_stream import message as m
+from meter_stream.contracts import (
     PARTITION,
     PARTITION_FORMAT,
     SERIES_KEYS,
     SERIES_KEYS_SCHEMA,
     hour_value,
 )
-from common.raw_input import generation_folders, sink_log_entries
-from common.storage import (
+from meter_stream.raw_input import generation_folders, sink_log_entries
+from meter_stream.storage import (
     SINK_LOG,
     create_empty_file,
     delete_path,

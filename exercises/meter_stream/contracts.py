@@ -9,8 +9,8 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from common import message as m
-from common.session import local_frame
+from meter_stream import message as m
+from meter_stream.session import local_frame
 
 #: A step of a stage: one frame in, one out (``frame.transform(step)``).
 Transform = Callable[[DataFrame], DataFrame]

@@ -18,9 +18,9 @@ from typing import IO, Any
 from pyspark.sql import DataFrame, DataFrameWriter, SparkSession
 from pyspark.sql import types as T
 
-from common import message as m
-from common.contracts import PARTITION
-from common.session import jvm, local_frame
+from meter_stream import message as m
+from meter_stream.contracts import PARTITION
+from meter_stream.session import jvm, local_frame
 
 STAGING_SUFFIX = ".staging"
 PREVIOUS_SUFFIX = ".previous"

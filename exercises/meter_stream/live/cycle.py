@@ -10,12 +10,9 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
-import check_figures
-import cleaner
-import processor
-from common import config
-from common import message as m
-from common.contracts import (
+from meter_stream import check_figures, cleaner, config, processor
+from meter_stream import message as m
+from meter_stream.contracts import (
     CLEANED_SCHEMA,
     CLOCK_FAULT_REASONS,
     PARTITION,
@@ -24,12 +21,10 @@ from common.contracts import (
     hour_of,
     with_hour,
 )
-from common.session import cached_for_the_block, local_frame, one_row
-from common.storage import path_exists
-from live.checks import check_state, merge_state, update_figures, write_report, write_unknown
-from live.compaction import Compactor
-from live.late import merge_late, recompute_late
-from live.store import (
+from meter_stream.live.checks import check_state, merge_state, update_figures, write_report, write_unknown
+from meter_stream.live.compaction import Compactor
+from meter_stream.live.late import merge_late, recompute_late
+from meter_stream.live.store import (
     KEYS,
     REPLACES,
     SERIES_STATE,
@@ -42,6 +37,8 @@ from live.store import (
     read_series_state,
     write_state,
 )
+from meter_stream.session import cached_for_the_block, local_frame, one_row
+from meter_stream.storage import path_exists
 
 log = config.get_logger("live")
 

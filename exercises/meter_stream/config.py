@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-from common import message as m
+from meter_stream import message as m
 
 ENV_DATASTORE = "METER_DATASTORE"
 DEFAULT_DATASTORE = "./datastore"

@@ -8,23 +8,13 @@ import time
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-import check_figures
-import check_report
-import checker
-import cleaner
-from common import config
-from common import message as m
-from common.contracts import (
+from meter_stream import check_figures, check_report, checker, cleaner, config
+from meter_stream import message as m
+from meter_stream.contracts import (
     PARTITION,
     UNKNOWN_SERIES_SCHEMA,
 )
-from common.session import local_frame
-from common.storage import (
-    path_exists,
-    replace_output,
-    stage_lock,
-)
-from live.store import (
+from meter_stream.live.store import (
     FIGURES,
     FIGURES_SCHEMA,
     KEYS,
@@ -36,6 +26,12 @@ from live.store import (
     hour_of_micros,
     read_figures,
     write_state,
+)
+from meter_stream.session import local_frame
+from meter_stream.storage import (
+    path_exists,
+    replace_output,
+    stage_lock,
 )
 
 log = config.get_logger("live")

@@ -14,11 +14,11 @@ from typing import Any
 from pyspark.sql import DataFrame, Row
 from pyspark.sql import functions as F
 
-from common import config
-from common import message as m
-from common.contracts import MEASURED, MISSING, QUALITY, SERIES_KEYS_SCHEMA
-from common.session import local_frame
-from common.storage import write_bytes
+from meter_stream import config
+from meter_stream import message as m
+from meter_stream.contracts import MEASURED, MISSING, QUALITY, SERIES_KEYS_SCHEMA
+from meter_stream.session import local_frame
+from meter_stream.storage import write_bytes
 
 log = config.get_logger("checker")
 

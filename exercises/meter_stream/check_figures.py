@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-from common import config
-from common import message as m
-from common.contracts import MEASURED, MISSING, QUALITY, Transform, per_series
+from meter_stream import config
+from meter_stream import message as m
+from meter_stream.contracts import MEASURED, MISSING, QUALITY, Transform, per_series
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 
-from common import config
-from common.contracts import RAW_SCHEMA
-from common.session import local_frame
-from common.storage import SINK_LOG, StageInputError, list_files, local_path, path_exists, read_text, write_text
+from meter_stream import config
+from meter_stream.contracts import RAW_SCHEMA
+from meter_stream.session import local_frame
+from meter_stream.storage import SINK_LOG, StageInputError, list_files, local_path, path_exists, read_text, write_text
 
 GENERATION_PREFIX = "generation-"
 #: In the consumer's checkpoint folder: the topic's id and the current generation (``choose_generation``).

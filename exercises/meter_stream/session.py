@@ -15,7 +15,7 @@ from pyspark import SparkConf, SparkContext
 from pyspark.sql import DataFrame, Row, SparkSession
 from pyspark.sql import types as T
 
-from common.config import get_logger
+from meter_stream.config import get_logger
 
 LOG4J2_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "log4j2.properties")
 ENV_JAR_CACHE = "METER_JAR_CACHE"

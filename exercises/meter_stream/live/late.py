@@ -6,14 +6,12 @@ from __future__ import annotations
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-import cleaner
-import processor
-from common import config
-from common import message as m
-from common.contracts import CLEANED_SCHEMA, PARTITION, PROCESSED_SCHEMA, RAW_SCHEMA, with_hour
-from common.session import one_row
-from common.storage import read_partitioned
-from live.store import KEYS, hour_of_micros, rewrite_hours
+from meter_stream import cleaner, config, processor
+from meter_stream import message as m
+from meter_stream.contracts import CLEANED_SCHEMA, PARTITION, PROCESSED_SCHEMA, RAW_SCHEMA, with_hour
+from meter_stream.live.store import KEYS, hour_of_micros, rewrite_hours
+from meter_stream.session import one_row
+from meter_stream.storage import read_partitioned
 
 
 def merge_late(
