@@ -60,7 +60,7 @@ $(VENV)/.bench-installed: bench/requirements.txt $(VENV)/.installed
 
 setup: $(VENV)/.installed .cache/jars/.fetched .cache/spark-classes/.made
 
-# The class archive the stages' JVMs start from (about 4 s sooner each); made once per pyspark version.
+# The class archive the stages' JVMs start from (a few seconds sooner each: BENCHMARKS.md); one per pyspark version.
 # Without one (it says why) every JVM starts as before: not a reason to stop.
 .cache/spark-classes/.made: $(VENV)/.installed .cache/jars/.fetched scripts/make_class_archive.py
 	$(PY) scripts/make_class_archive.py || echo "make setup: going on without the class archive" >&2
@@ -77,9 +77,8 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 # The whole suite in TEST_WORKERS processes (pytest-xdist), each with its own SparkSession and broker: the
-# broker and subprocess tests wait a good part of their time, which the other process uses (whole suite,
-# 2 cores: 12.4 min with two, ~15 min in one; three took 758 s against 618 and 677 s for two on the same day,
-# the cores being busy 99 % of the run). make test-fast stays in one: it is all CPU, and two were slower.
+# broker and subprocess tests wait a good part of their time, which the other process uses (BENCHMARKS.md,
+# "The test session"). make test-fast stays in one: it is all CPU, and two were slower.
 TEST_WORKERS ?= 2
 test: lint $(VENV)/.bench-installed
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal

@@ -27,18 +27,14 @@ settings.register_profile("full", max_examples=40)
 settings.register_profile("fast", max_examples=5)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "full"))
 
-#: The in-process tests evaluate expressions without generated code. Their data is a few rows: compiling
-#: each query's code (and then the JVM compiling those classes) cost more than it saved. make test-fast took
-#: 148, 161 and 166 s against 164, 184 and 201 s with code generation, run alternately (2 cores). The stage scripts
-#: the slow tests start (spark-submit, the runner, the benchmarks' runs) keep Spark's code generation, as
-#: in production, and Spark gives the same results either way. (``factoryMode`` is an internal setting,
-#: the one Spark's own test suites use for this: check it when pyspark is upgraded.)
+#: The in-process tests evaluate expressions without generated code: their data is a few rows, and compiling
+#: each query's code cost more than it saved (BENCHMARKS.md, "The test session"). The stage scripts the slow
+#: tests start keep code generation, as in production; Spark gives the same results either way.
+#: (``factoryMode`` is an internal setting, the one Spark's own test suites use: check it on a pyspark upgrade.)
 INTERPRETED = {"spark.sql.codegen.wholeStage": "false", "spark.sql.codegen.factoryMode": "NO_CODEGEN"}
-#: The test session's JVM collects garbage with the serial collector: its heap is small (Spark's 1 GiB default)
-#: and its work a long row of small queries on 2 cores, where G1's concurrent threads and costlier write
-#: barriers only compete with the queries. make test-fast took 139.9, 134.4, 142.7 and 133.2 s against 150.5,
-#: 154.2, 147.8 and 165.9 s with G1 (Java's default), four pairs run alternately; the live-cycle test 45-47 s
-#: against 48-56 s. The stage scripts keep the JVM's default collector (their heaps hold millions of rows).
+#: The test session's JVM collects garbage with the serial collector: its heap is small and its work a long row
+#: of small queries, where G1's concurrent threads only compete with them (BENCHMARKS.md, "The test session").
+#: The stage scripts keep the JVM's default collector (their heaps hold millions of rows).
 SERIAL_GC = "-XX:+UseSerialGC"
 
 

@@ -101,8 +101,7 @@ QUALITY_FLAGS = (MEASURED, *FILLED_FLAGS, MISSING)
 #: processed_data and cleaned_data are partitioned by the UTC hour of t_measurement, so that a live
 #: cycle rewrites only the hours new data touches: folders ``hour=2026112514`` (yyyyMMddHH). The
 #: value is a number, not text: Spark sorts the rows by it before a partitioned write, and text
-#: whose first eight characters are alike in every row sorts slowly (10 M measurements: the
-#: cleaner's write took 26 s partitioned by ``2024-05-22T14``, 17 s by a number, 16 s unpartitioned).
+#: whose first characters are alike in every row sorts slowly (BENCHMARKS.md, "Settings").
 PARTITION = "hour"
 PARTITION_FORMAT = "yyyyMMddHH"
 

@@ -173,9 +173,8 @@ TIMEOUT_OPTIONS = {
     "kafkaConsumer.pollTimeoutMs": "30000",
 }
 #: Larger polls for the stream's consumers (Spark's consumers are assigned partitions, not in a
-#: group, so a long poll loop cannot cause a rebalance). The client default of 500 records per
-#: poll halves the throughput: measured 1 M messages at 275-417k msg/s with it, 505-600k with
-#: 10,000 (warm JVM, 2 cores). ``--kafka-properties`` can override it.
+#: group, so a long poll loop cannot cause a rebalance). The client's default of 500 records per poll
+#: halves the throughput (BENCHMARKS.md, "Settings"). ``--kafka-properties`` can override it.
 FETCH_OPTIONS = {"kafka.max.poll.records": "10000"}
 _JAAS_MODULES = {
     "PLAIN": "org.apache.kafka.common.security.plain.PlainLoginModule",

@@ -21,37 +21,26 @@ LOG4J2_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "log4j2
 ENV_JAR_CACHE = "METER_JAR_CACHE"
 ENV_LOCAL_DRIVER_MEMORY = "METER_LOCAL_DRIVER_MEMORY"
 DEFAULT_LOCAL_DRIVER_MEMORY = "4g"
-#: The shuffle data a task reads, at most (Spark's adaptive execution splits and merges partitions
-#: to about this size). A task sorts its whole input in memory when it can, so this bounds the
-#: memory each task holds: from 1 M to 10 M measurements Spark's data memory went from 594 to
-#: 738 MiB with 16 MB, from 610 to 1,922 MiB with Spark's default of 64 MB, at the same speed.
-#: The price: more, smaller files in cleaned_data (a task writes into every hour its series cover).
+#: The shuffle data a task reads, at most: a task sorts its input in memory when it can, so this bounds
+#: each task's memory as data grows (BENCHMARKS.md, "Settings"); the price is more, smaller files.
 ADVISORY_PARTITION_SIZE = "16m"
-#: Lets adaptive execution coalesce the shuffle partitions of a persisted plan too (Spark leaves a
-#: cached plan at ``spark.sql.shuffle.partitions`` otherwise): the checker's persisted per-series
-#: metrics ran in 200 tasks of a few hundred rows each: a check of 26 k slots took 12-18 s warm, 4-5 s with it.
+#: Lets adaptive execution coalesce a persisted plan's shuffle partitions too, which Spark leaves at
+#: ``spark.sql.shuffle.partitions`` otherwise (the checker's metrics; BENCHMARKS.md, "Settings").
 CACHED_PLAN_PARTITIONING = "spark.sql.optimizer.canChangeCachedPlanOutputPartitioning"
-#: Spark compiles each query's generated code once and keeps the classes in a cache of 100 by default.
-#: A live cycle runs ~50 small queries with ~240 generated classes: with 100, every cycle compiled them
-#: all again (six cycles of the live tests: 1,440 compilations, ~13 s); with room for them, after the
-#: first cycles a cycle compiles a handful (18-21, under 1 s), and six cycles took 48 s instead of 67-84 s.
+#: Room for a live cycle's generated classes: with Spark's 100, every cycle compiled them all again
+#: (BENCHMARKS.md, "Settings").
 CODEGEN_CACHE = ("spark.sql.codegen.cache.maxEntries", "2000")
-#: What each query costs beyond its work: six tiny cycles (the live tests' steps, warm, same session)
-#: took 34.6 s on average with Spark's defaults and 28.8 s with these two and a 4,096-character cap on
-#: plan text, run alternately (2 cores). Neither changes a plan or a result:
-#: - Spark writes every query's plan as text for its listeners, again at each adaptive re-plan; the
-#:   "formatted" default adds a section per operator to the tree. (A cap on the text's length,
-#:   ``spark.sql.maxPlanStringLength``, would save more, but Spark logs a warning each time it cuts.)
-#: - PySpark records the Python line behind every column function (for the query context of errors),
-#:   which is two more round trips to the JVM each: half of the ~17,000 a cycle made.
+#: Less work per query beyond the query, changing no plan or result (BENCHMARKS.md, "Settings"):
+#: - Spark writes every query's plan as text for its listeners, again at each adaptive re-plan.
+#: - PySpark records the Python line behind every column function: two more round trips to the JVM each.
 QUERY_OVERHEAD = {
     "spark.sql.ui.explainMode": "simple",
     "spark.python.sql.dataFrameDebugging.enabled": "false",
 }
 #: Session-wide settings the stages' code relies on, set when the session is built: library code changes
 #: no setting while the session runs, as the live mode's threads (consumer, compaction) share it.
-#: - Caches are kept uncompressed: Spark's column compression cost more time than the smaller blocks
-#:   saved (BENCHMARKS.md: "the processor's cache of the parsed rows").
+#: - Caches are kept uncompressed: compression cost more time than the smaller blocks saved
+#:   (BENCHMARKS.md, "Settings": the processor's cache).
 #: - A consumer run keeps every batch's progress for its summary, not only the last 100.
 SESSION_SETTINGS = {
     "spark.sql.inMemoryColumnarStorage.compressed": "false",
@@ -69,10 +58,9 @@ STAGE_DEFAULTS = {
 }
 DEFAULT_JAR_CACHE = os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "jars")
 #: A class-data-sharing archive of the classes a stage's JVM loads (``scripts/make_class_archive.py``,
-#: run by ``make setup``): the JVM maps them ready-parsed instead of reading them from Spark's ~250
-#: jars. A session's start and first small queries took 12.1-12.8 s without it, 7.6-8.5 s with it
-#: (2 cores). One archive per pyspark version (the classpath it was made with); a JVM that finds it
-#: made by another JDK ignores it (quietly: ``-Xlog:cds*=off``).
+#: run by ``make setup``): the JVM maps them ready-parsed instead of reading Spark's ~250 jars, a few
+#: seconds sooner per start (BENCHMARKS.md, "Settings"). One archive per pyspark version; a JVM made
+#: by another JDK ignores it (quietly: ``-Xlog:cds*=off``).
 ENV_CLASS_ARCHIVE = "METER_CLASS_ARCHIVE"
 DEFAULT_CLASS_ARCHIVE = os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "spark-classes")
 

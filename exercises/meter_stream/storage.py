@@ -222,9 +222,8 @@ def read_partitioned(
 
 
 #: Parquet options of every output the stages write. Report times and values are nearly unique in a
-#: real feed, so a dictionary for them fills up and is dropped in each column chunk after the work of
-#: building it: plain encoding from the start wrote 15 M cleaned rows in 9.0-10.4 s instead of
-#: 11.4-15.4 s, and 7 % smaller (BENCHMARKS.md). Names, grid times and flags keep their dictionaries.
+#: real feed, so their dictionaries fill up and are dropped after the work of building them: plain
+#: encoding is faster and smaller (BENCHMARKS.md, "Settings"). Names, grid times and flags keep theirs.
 PARQUET_OPTIONS = {f"parquet.enable.dictionary#{column}": "false" for column in (m.T_REPORT, m.VALUE)}
 
 

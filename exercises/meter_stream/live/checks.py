@@ -44,9 +44,8 @@ def check_state(rows: DataFrame, settings: Settings) -> tuple[DataFrame, DataFra
     The state updates are, per series with new rows: its last slot and value, the flat run it ends
     with and the tail of its last ``spike_window`` values, from which the next cycle's checks go on.
     One aggregation per (series, hour) gives the figures and each hour's last slot, value, flat run
-    and values; the updates come from those few rows per series. (With the annotated rows persisted
-    for two aggregations and the tail carried through them: 9.5-11 s at 100,000 series × 2 slots on
-    2 cores; so: 4.3-4.6 s.)
+    and values; the updates come from those few rows per series (about half the time of two
+    aggregations over persisted rows: BENCHMARKS.md, "Settings").
     """
     config_ = settings.checker
     window = config_.spike_window

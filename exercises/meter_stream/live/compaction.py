@@ -29,8 +29,8 @@ def compaction_tasks(cores: int) -> int:
     """A closed hour is merged by this many tasks (one file each): half the task slots, at least one.
 
     Each task merges its share of the hour in one go (at 100,000 series, minutes), and a cycle's
-    tasks wait for a free slot: with one task per core, a compaction held every slot of a 2-core
-    runner for eight minutes, and cycles of 10-15 s took 53-108 s meanwhile.
+    tasks wait for a free slot: with one task per core, a compaction held every slot and the cycles
+    waited behind it (BENCHMARKS.md, "Settings").
     """
     return max(1, cores // 2)
 
@@ -57,11 +57,10 @@ class Compactor:
     is dropped and the hour compacted again later. An hour is closed once the newest slot is in a
     later hour.
 
-    In the background (the runner), the merge runs in a thread of the session while cycles go on:
-    an hour of 100,000 series (36 M grid rows) took 20-45 s to merge here on both cores, which
-    held a cycle up that long when it ran inside the cycle (on one task, both outputs' hours took
-    about 3 minutes while cycles went on). At once (``background=False``), the cycle that starts a
-    compaction waits for it and swaps it in itself.
+    In the background (the runner), the merge runs in a thread of the session while cycles go on: an
+    hour of 100,000 series is 36 M grid rows, which held a cycle up as long as it took when it ran
+    inside the cycle. At once (``background=False``), the cycle that starts a compaction waits for
+    it and swaps it in itself.
     """
 
     def __init__(self, background: bool) -> None:

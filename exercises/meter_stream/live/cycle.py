@@ -145,8 +145,7 @@ def _mark(parsed: DataFrame, state: DataFrame, catalog: DataFrame | None, counts
 
     Counted into ``counts``: the raw, valid and quarantined rows, the hours of the late measurements
     (``late_hours``, a handful) and the valid rows of series outside the catalog (``unknown``). One job
-    where they took three more queries: at 10,000 series the processor's part of a cycle took 1.0 s
-    instead of 1.1-1.5 s (a cycle of a few rows: within the noise).
+    where they took three more queries (BENCHMARKS.md, "Settings").
     """
     marked = (
         parsed.drop("raw_value")
