@@ -42,6 +42,7 @@ from pyspark.sql import Window  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
 from meter_stream import check_figures, check_report, checker, cleaner, config, consumer, processor  # noqa: E402
+from meter_stream import jvm as meter_jvm  # noqa: E402
 from meter_stream import message as m  # noqa: E402
 from meter_stream.contracts import CLEANED_SCHEMA, PARTITION, PROCESSED_SCHEMA, RAW_SCHEMA, with_hour  # noqa: E402
 from meter_stream.session import build_session, kafka_connector_jars  # noqa: E402
@@ -262,7 +263,7 @@ class MemorySampler:
     """
 
     def __init__(self, spark) -> None:
-        jvm = spark.sparkContext._jvm
+        jvm = meter_jvm.gateway(spark)
         self._memory = jvm.java.lang.management.ManagementFactory.getMemoryMXBean()
         self._spark_memory = jvm.org.apache.spark.SparkEnv.get().memoryManager()
         self._stop = threading.Event()
@@ -311,9 +312,8 @@ class StageTimes:
         return seconds
 
     def _stages_of(self, group: str) -> list[dict]:
-        context = self._spark.sparkContext
-        store = context._jsc.sc().statusStore()
-        scala = context._jvm.scala.jdk.javaapi.CollectionConverters
+        store = meter_jvm.scala_context(self._spark).statusStore()
+        scala = meter_jvm.gateway(self._spark).scala.jdk.javaapi.CollectionConverters
         stages = []
         for job in scala.asJava(store.jobsList(None)):
             if not job.jobGroup().isDefined() or job.jobGroup().get() != group:

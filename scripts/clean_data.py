@@ -1,7 +1,7 @@
 """Remove a datastore's stage folders (``make clean-data``), refusing anything that does not look like one.
 
 Refused, with exit 2 and nothing removed: an empty path, ``/``, the home folder, a folder that does not
-exist, and a folder holding anything besides the stage folders (``common.config.FOLDERS``), their
+exist, and a folder holding anything besides the stage folders (``meter_stream.config.FOLDERS``), their
 locks and what interrupted runs leave beside them (``.staging``, ``.previous``, ``.undo-N``,
 ``.staging-N``). The folder itself is kept.
 

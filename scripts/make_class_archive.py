@@ -3,7 +3,7 @@
 
 Runs the batch stages once on the shipped sample in a JVM that writes, when it exits, every class it
 loaded into an archive (``-XX:ArchiveClassesAtExit``); ``build_session`` then starts each stage's JVM
-from it (``common.session.class_archive_options``). The archive is written beside its final name and
+from it (``meter_stream.session.class_archive_options``). The archive is written beside its final name and
 put there only once a JVM has started from it: a cut-off archive would crash the JVMs that map it.
 Runs once per pyspark version; later calls find the archive and do nothing. Run by ``make setup``.
 """
@@ -22,9 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "exercises")]
 
 import pyspark  # noqa: E402
-from pyspark import SparkContext  # noqa: E402
 from pyspark.sql import SparkSession  # noqa: E402
 
+from meter_stream import jvm as meter_jvm  # noqa: E402
 from meter_stream import pipeline  # noqa: E402
 from meter_stream.session import LOG4J2_CONFIG, class_archive  # noqa: E402
 
@@ -49,7 +49,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as work, contextlib.redirect_stdout(io.StringIO()):
         code = pipeline.main(["--skip-consumer", "--consumer-data", SAMPLE, "--datastore", os.path.join(work, "ds")])
     # The JVM writes the archive as it exits: it exits when its standard input closes.
-    jvm = SparkContext._gateway.proc  # type: ignore[union-attr]
+    jvm = meter_jvm.jvm_process()
     SparkSession.builder.getOrCreate().stop()
     jvm.stdin.close()
     jvm.wait(timeout=300)

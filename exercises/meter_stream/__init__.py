@@ -19,6 +19,7 @@ Needs pyspark:
 
 - ``contracts``: schemas, quality flags, the hour partition, per-series settings.
 - ``session``: the SparkSession builder and driver-side helpers.
+- ``jvm``: the one place that reaches the JVM behind PySpark (what has no public form).
 - ``storage``: exit codes, locks, atomic replace, partitions, small files on any Hadoop file system.
 - ``raw_input``: consumer_data's topic generations and file-sink logs.
 

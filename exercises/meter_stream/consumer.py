@@ -39,7 +39,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql.streaming.listener import StreamingQueryProgress
 from pyspark.sql.streaming.query import StreamingQuery
 
-from meter_stream import config, kafka_client, session
+from meter_stream import config, jvm, kafka_client
 from meter_stream import message as m
 from meter_stream.contracts import RAW_SCHEMA
 from meter_stream.raw_input import check_sink_matches_checkpoint, choose_generation, generation_folder
@@ -110,16 +110,16 @@ def topic_id(spark: SparkSession, bootstrap_servers: str, topic: str, kafka_opti
 
     Asked with Kafka's Java admin client and the same client options (security) as the stream.
     """
-    jvm = session.jvm(spark)
-    properties = jvm.java.util.Properties()
+    java = jvm.gateway(spark)
+    properties = java.java.util.Properties()
     properties.put("bootstrap.servers", bootstrap_servers)
     for key, value in {**kafka_client.TIMEOUT_OPTIONS, **kafka_options}.items():
         if key.startswith("kafka."):
             properties.put(key.removeprefix("kafka."), value)
-    admin = jvm.org.apache.kafka.clients.admin.Admin.create(properties)
+    admin = java.org.apache.kafka.clients.admin.Admin.create(properties)
     try:
-        names = jvm.java.util.Collections.singleton(topic)
-        described = admin.describeTopics(names).allTopicNames().get(30, jvm.java.util.concurrent.TimeUnit.SECONDS)
+        names = java.java.util.Collections.singleton(topic)
+        described = admin.describeTopics(names).allTopicNames().get(30, java.java.util.concurrent.TimeUnit.SECONDS)
         return str(described.get(topic).topicId().toString())
     except Py4JJavaError as error:
         failure = access_failure(error, bootstrap_servers, topic)

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any
 
 import pyspark
 from pyspark import SparkConf, SparkContext
 from pyspark.sql import DataFrame, Row, SparkSession
 from pyspark.sql import types as T
 
+from meter_stream import jvm
 from meter_stream.config import get_logger
 
 LOG4J2_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "log4j2.properties")
@@ -159,31 +160,18 @@ def kafka_connector_jars(spark_version: str) -> list[str]:
 
 
 def local_frame(spark: SparkSession, rows: Iterable[Any], schema: T.StructType | str) -> DataFrame:
-    """``spark.createDataFrame(rows, schema)``, the same rows and schema, without Python worker processes.
+    """A frame of rows the driver holds (a catalog, an empty output, a test's input): ``createDataFrame``'s.
 
-    PySpark hands such rows to the JVM already pickled in batches, the form the JVM unpickles; then
-    it passes them once through Python workers only to batch them another way (``RDD._reserialize``).
-    Every query over such a frame (a catalog, an empty output, a test's input) paid for that: 130-140
-    ms a query against 75-80 ms this way (a small aggregation, 2 cores, warm). This is PySpark's own
-    path without the detour; it uses PySpark internals, which ``tests/test_common.py`` checks
-    against ``createDataFrame``: look there first when pyspark is upgraded.
+    An empty one is made from an RDD without partitions, so no query over it starts Python workers,
+    as one over ``createDataFrame([], schema)`` does (BENCHMARKS.md, "Driver-held frames").
+
+    Raises:
+        TypeError, ValueError: for a value that does not fit its field's type (``createDataFrame``'s check).
     """
-    if isinstance(schema, str):  # DDL: "name type, ..."
-        schema = cast(T.StructType, T.StructType.fromDDL(schema))
-    rdd, struct = spark._createFromLocal(list(map(_type_checked(schema), rows)), schema)
-    java_rows = jvm(spark).SerDeUtil.toJavaArray(jvm(spark).SerDeUtil.pythonToJava(rdd._jrdd, True))
-    return DataFrame(spark._jsparkSession.applySchemaToPythonRDD(java_rows.rdd(), struct.json()), spark)
-
-
-def _type_checked(schema: T.StructType) -> Callable[[Any], Any]:
-    """Each row as it is, after the check ``createDataFrame`` makes (a clear error for a wrong type)."""
-    check = T._make_type_verifier(schema)
-
-    def checked(row: Any) -> Any:
-        check(row)
-        return row
-
-    return checked
+    rows = list(rows)
+    if not rows:
+        return spark.createDataFrame(spark.sparkContext.emptyRDD(), schema)
+    return spark.createDataFrame(rows, schema)
 
 
 def one_row(aggregate: DataFrame) -> Row:
@@ -198,11 +186,6 @@ def one_row(aggregate: DataFrame) -> Row:
     return row
 
 
-def jvm(spark: SparkSession) -> Any:
-    """The JVM behind the session (Py4J gateway), for Hadoop's file system and Kafka's admin client."""
-    return spark.sparkContext._jvm
-
-
 @contextmanager
 def cached_for_the_block(spark: SparkSession) -> Iterator[None]:
     """Release, when the block ends, everything it cached: ``persist`` and ``localCheckpoint`` alike.
@@ -214,11 +197,11 @@ def cached_for_the_block(spark: SparkSession) -> Iterator[None]:
     RDDs, those persisted before the block are kept (those other threads persisted meanwhile would
     not be: none of this project's threads persists anything).
     """
-    before = set(spark.sparkContext._jsc.getPersistentRDDs().keys())
+    before = set(jvm.persisted_rdds(spark))
     try:
         yield
     finally:
         spark.catalog.clearCache()
-        for rdd_id, rdd in spark.sparkContext._jsc.getPersistentRDDs().items():
+        for rdd_id, rdd in jvm.persisted_rdds(spark).items():
             if rdd_id not in before:
                 rdd.unpersist(False)

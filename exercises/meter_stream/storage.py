@@ -18,9 +18,10 @@ from typing import IO, Any
 from pyspark.sql import DataFrame, DataFrameWriter, SparkSession
 from pyspark.sql import types as T
 
+from meter_stream import jvm
 from meter_stream import message as m
 from meter_stream.contracts import PARTITION
-from meter_stream.session import jvm, local_frame
+from meter_stream.session import local_frame
 
 STAGING_SUFFIX = ".staging"
 PREVIOUS_SUFFIX = ".previous"
@@ -133,8 +134,8 @@ def _mutation(kind: str, path: str) -> None:
 
 def _fs_path(spark: SparkSession, path: str) -> tuple[Any, Any]:
     """Return (Hadoop FileSystem, Hadoop Path) for a local path or URI."""
-    hadoop_path = jvm(spark).org.apache.hadoop.fs.Path(path)
-    return hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), hadoop_path
+    hadoop_path = jvm.gateway(spark).org.apache.hadoop.fs.Path(path)
+    return hadoop_path.getFileSystem(jvm.hadoop_configuration(spark)), hadoop_path
 
 
 def path_exists(spark: SparkSession, path: str) -> bool:
@@ -310,7 +311,7 @@ def read_text(spark: SparkSession, path: str) -> str | None:
         return None
     stream = fs.open(hadoop_path)
     try:
-        return bytes(jvm(spark).org.apache.commons.io.IOUtils.toByteArray(stream)).decode("utf-8")
+        return bytes(jvm.gateway(spark).org.apache.commons.io.IOUtils.toByteArray(stream)).decode("utf-8")
     finally:
         stream.close()
 
@@ -344,7 +345,7 @@ def write_bytes(spark: SparkSession, path: str, data: bytes) -> None:
 
 def _write_bytes_hadoop(spark: SparkSession, path: str, data: bytes) -> None:
     """``write_bytes`` on a file system other than the local one."""
-    java = jvm(spark)
+    java = jvm.gateway(spark)
     fs, target = _fs_path(spark, path)
     staging = _fs_path(spark, path + STAGING_SUFFIX)[1]
     _mutation("write", path + STAGING_SUFFIX)
@@ -353,9 +354,7 @@ def _write_bytes_hadoop(spark: SparkSession, path: str, data: bytes) -> None:
         stream.write(bytearray(data))
     finally:
         stream.close()
-    context = java.org.apache.hadoop.fs.FileContext.getFileContext(
-        target.toUri(), spark.sparkContext._jsc.hadoopConfiguration()
-    )
+    context = java.org.apache.hadoop.fs.FileContext.getFileContext(target.toUri(), jvm.hadoop_configuration(spark))
     rename_option = java.java.lang.Class.forName("org.apache.hadoop.fs.Options$Rename")
     overwrite = java.java.lang.reflect.Array.newInstance(rename_option, 1)
     overwrite[0] = java.org.apache.hadoop.fs.Options.Rename.OVERWRITE
