@@ -15,7 +15,7 @@ from pyspark.sql import functions as F
 
 from meter_stream import config
 from meter_stream import message as m
-from meter_stream.contracts import MEASURED, MISSING, QUALITY, Transform, per_series
+from meter_stream.contracts import MEASURED, MICROS, MISSING, QUALITY, Transform, per_series, to_micros
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ def _spike_threshold(config_: CheckerConfig, mean: Column, spread: Column) -> Co
 
 def series_figures(config_: CheckerConfig, *keys: str, extra: Sequence[Column] = ()) -> Transform:
     """Return a transform: annotated rows -> their figures per series (and ``keys``), and ``extra`` aggregates."""
-    step_micros = config_.slot_seconds * 1_000_000
+    step_micros = to_micros(config_.slot_seconds)
 
     def transform(annotated: DataFrame) -> DataFrame:
         slot = F.unix_micros(m.T_MEASUREMENT)
@@ -203,7 +203,7 @@ def series_figures(config_: CheckerConfig, *keys: str, extra: Sequence[Column] =
             F.count_if(measured & (report_lag < 0)).alias("reported_before"),
             F.count_if("_spike").alias("spikes"),
             F.count_if(F.greatest(*[F.col(k).isNull() for k in _KEYS])).alias("null_keys"),
-            (F.max(F.when(measured, report_lag)) / 1e6).alias("report_delay_seconds"),
+            (F.max(F.when(measured, report_lag)) / MICROS).alias("report_delay_seconds"),
             F.max("_filled_run").alias("longest_filled_run"),
             F.max(F.when(value.isNotNull(), F.col("_flat_run"))).alias("longest_flat_run"),
             *extra,

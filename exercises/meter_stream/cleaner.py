@@ -25,7 +25,6 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from pyspark.sql import Column, DataFrame, Observation, SparkSession, Window
@@ -51,6 +50,8 @@ from meter_stream.contracts import (
     Transform,
     per_series,
     series_catalog,
+    to_micros,
+    utc_datetime,
     with_hour,
 )
 from meter_stream.session import build_session, local_frame
@@ -160,7 +161,7 @@ def align_to_grid(config_: CleanerConfig, flags: Observation | None = None) -> T
     are generated with ``sequence`` and filled from the two measurements around them. ``flags``,
     when given, observes the counts of ``_slot_counts``.
     """
-    slot_micros = config_.slot_seconds * 1_000_000
+    slot_micros = to_micros(config_.slot_seconds)
     max_gap_slots = config_.max_gap_seconds // config_.slot_seconds
 
     def transform(measured: DataFrame) -> DataFrame:
@@ -213,7 +214,7 @@ def slot_counts(flags: Observation) -> dict[str, Any]:
     newest = observed["newest"]
     return {flag: observed[flag] or 0 for flag in QUALITY_FLAGS} | {
         "series": observed["series"],
-        "newest": None if newest is None else datetime.fromtimestamp(newest / 1_000_000, UTC),
+        "newest": None if newest is None else utc_datetime(newest),
     }
 
 

@@ -106,7 +106,26 @@ PARTITION = "hour"
 PARTITION_FORMAT = "yyyyMMddHH"
 
 
-_HOUR_MICROS = 3_600_000_000
+# --- time units: Spark's timestamps are microseconds since the epoch (UTC) ---------------------------
+
+#: Microseconds in a second.
+MICROS = 1_000_000
+_HOUR_MICROS = 3600 * MICROS
+
+
+def to_micros(seconds: float) -> int:
+    """Seconds (a duration or epoch seconds) as whole microseconds."""
+    return int(seconds * MICROS)
+
+
+def utc_datetime(micros: int) -> datetime:
+    """Epoch microseconds as an aware UTC datetime."""
+    return datetime.fromtimestamp(micros / MICROS, UTC)
+
+
+def epoch_seconds(timestamp: Column) -> Column:
+    """A timestamp column as epoch seconds (a double)."""
+    return F.unix_micros(timestamp) / MICROS
 
 
 def hour_of(timestamp: Column) -> Column:

@@ -30,12 +30,14 @@ from meter_stream import config
 from meter_stream import message as m
 from meter_stream.contracts import (
     CLOCK_FAULT_REASONS,
+    MICROS,
     PARTITION,
     PROCESSED_SCHEMA,
     QUARANTINE_SCHEMA,
     REASON_AHEAD_OF_ARRIVAL,
     REASON_BEYOND_LATENESS,
     REASON_IMPLAUSIBLE_TIMESTAMP,
+    epoch_seconds,
     with_hour,
 )
 from meter_stream.raw_input import read_raw
@@ -126,7 +128,7 @@ def _timestamp(seconds: Column) -> Column:
 
     ``floor(x + 0.5)``, not ``round``: Spark rounds a double through a BigDecimal made from its text.
     """
-    return F.timestamp_micros(F.floor(seconds * 1_000_000 + 0.5))
+    return F.timestamp_micros(F.floor(seconds * MICROS + 0.5))
 
 
 def _rejection(value: Column) -> Column:
@@ -193,7 +195,7 @@ def parse_measurements(raw: DataFrame, clock: ClockLimits = DEFAULT_CLOCK) -> Da
     parsed = raw.select(
         text.alias("raw_value"),
         *kafka,
-        (F.unix_micros("timestamp") / 1_000_000).alias("_arrival_s"),
+        epoch_seconds(F.col("timestamp")).alias("_arrival_s"),
         F.from_json(text, MESSAGE_SCHEMA, {"columnNameOfCorruptRecord": _CORRUPT}).alias("msg"),
     )
     fields = parsed.select(

@@ -13,6 +13,7 @@ from meter_stream import message as m
 from meter_stream.contracts import (
     PARTITION,
     UNKNOWN_SERIES_SCHEMA,
+    to_micros,
 )
 from meter_stream.live.store import (
     FIGURES,
@@ -113,7 +114,7 @@ def update_figures(
         *[F.max(name).alias(name) for name in check_figures.LARGEST_FIGURES],
     )
     if newest is not None:
-        since = hour_of_micros(newest - int(settings.report_window_seconds * 1_000_000))
+        since = hour_of_micros(newest - to_micros(settings.report_window_seconds))
         figures = figures.where(F.col(PARTITION) >= since)
     write_state(conform(figures, FIGURES_SCHEMA), paths, FIGURES, cycle)
     return read_figures(spark, paths, cycle)

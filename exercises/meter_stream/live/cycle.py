@@ -18,6 +18,7 @@ from meter_stream.contracts import (
     PARTITION,
     RAW_SCHEMA,
     SERIES_KEYS_SCHEMA,
+    epoch_seconds,
     hour_of,
     with_hour,
 )
@@ -330,7 +331,7 @@ def _grow(state: DataFrame, growing: DataFrame, config_: cleaner.CleanerConfig) 
 
 def latency_histogram(measurements: DataFrame, done: float) -> dict[float, int]:
     """Seconds from each measurement's t_measurement to ``done``, counted in 0.1-s buckets."""
-    seconds = F.lit(done) - F.unix_micros(m.T_MEASUREMENT) / 1_000_000
+    seconds = F.lit(done) - epoch_seconds(F.col(m.T_MEASUREMENT))
     bucket = F.least(F.floor(seconds * 10) / 10, F.lit(LATENCY_CAP_SECONDS)).alias("bucket")
     # One row per bucket: a bounded summary, not the measurements.
     return {float(r.bucket): int(r["count"]) for r in measurements.groupBy(bucket).count().collect()}

@@ -8,7 +8,7 @@ from pyspark.sql import functions as F
 
 from meter_stream import cleaner, config, processor
 from meter_stream import message as m
-from meter_stream.contracts import CLEANED_SCHEMA, PARTITION, PROCESSED_SCHEMA, RAW_SCHEMA, with_hour
+from meter_stream.contracts import CLEANED_SCHEMA, PARTITION, PROCESSED_SCHEMA, RAW_SCHEMA, to_micros, with_hour
 from meter_stream.live.store import KEYS, hour_of_micros, rewrite_hours
 from meter_stream.session import one_row
 from meter_stream.storage import read_partitioned
@@ -75,7 +75,7 @@ def recompute_late(
         The rewritten hours' rows (cleaned columns and hour), the hours, and the newest recomputed slot
         (epoch micros).
     """
-    slot = cleaner.slot_start(F.unix_micros(m.T_MEASUREMENT), config_.slot_seconds * 1_000_000)
+    slot = cleaner.slot_start(F.unix_micros(m.T_MEASUREMENT), to_micros(config_.slot_seconds))
     processed = read_partitioned(spark, paths.processed_data, PROCESSED_SCHEMA).withColumn("slot", slot)
     regions = recompute_regions(processed, late, config_)
     start = one_row(regions.agg(F.min("start")))[0]
@@ -107,9 +107,9 @@ def recompute_regions(processed: DataFrame, late: DataFrame, config_: cleaner.Cl
     last ``max_gap + slot`` seconds first and only for a series without one there in all of
     ``processed`` (rows with their ``slot``); without any, the late slot itself.
     """
-    lookback = (config_.max_gap_seconds + config_.slot_seconds) * 1_000_000
+    lookback = to_micros(config_.max_gap_seconds + config_.slot_seconds)
     # From the start of the slot of the earliest late measurement: its slot may change its value.
-    late = late.withColumn("since", cleaner.slot_start(F.col("since"), config_.slot_seconds * 1_000_000))
+    late = late.withColumn("since", cleaner.slot_start(F.col("since"), to_micros(config_.slot_seconds)))
     # Scalars that bound the partitions read: one aggregate row.
     earliest = one_row(late.agg(F.min("since")))[0]
     anchors = (

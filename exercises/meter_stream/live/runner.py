@@ -18,9 +18,11 @@ from meter_stream import check_figures, checker, cleaner, config, consumer, proc
 from meter_stream import message as m
 from meter_stream.contracts import (
     CLEANED_SCHEMA,
+    MICROS,
     PARTITION,
     PROCESSED_SCHEMA,
     QUARANTINE_SCHEMA,
+    to_micros,
 )
 from meter_stream.live.checks import write_unknown
 from meter_stream.live.compaction import Compactor
@@ -152,7 +154,7 @@ def initial_state(
     processed = read_partitioned(spark, paths.processed_data, PROCESSED_SCHEMA)
     counts = processed.groupBy(*KEYS).agg(F.count(F.lit(1)).alias("rows"), F.max(m.T_MEASUREMENT).alias("max_t"))
     cleaned = read_partitioned(spark, paths.cleaned_data, CLEANED_SCHEMA)
-    step = settings.cleaner.slot_seconds * 1_000_000
+    step = to_micros(settings.cleaner.slot_seconds)
     window = settings.checker.spike_window
     slot = F.unix_micros(m.T_MEASUREMENT)
     ends = cleaned.groupBy(*KEYS).agg(F.max(slot).alias("last_slot"), F.max_by(m.VALUE, slot).alias("last_value"))
@@ -177,7 +179,7 @@ def initial_state(
     newest = one_row(ends.agg(F.max("last_slot")))[0]
     figures = local_frame(spark, [], FIGURES_SCHEMA)
     if newest is not None:
-        since = hour_of_micros(newest - int(settings.report_window_seconds * 1_000_000))
+        since = hour_of_micros(newest - to_micros(settings.report_window_seconds))
         figures = (
             cleaned.where(F.col(PARTITION) >= since)
             .transform(check_figures.annotate_rows(settings.checker))
@@ -253,7 +255,7 @@ def cycle_metrics(number: int, wall: float, seconds: float, result: CycleResult)
         "latency_p50_s": percentile(histogram, 0.5),
         "latency_p95_s": percentile(histogram, 0.95),
         "latency_max_s": percentile(histogram, 1.0),
-        "freshness_s": None if result.newest is None else round(time.time() - result.newest / 1_000_000, 1),
+        "freshness_s": None if result.newest is None else round(time.time() - result.newest / MICROS, 1),
         "checker_exit_code": result.exit_code,
         "latency_histogram": {f"{bucket:.1f}": count for bucket, count in sorted(histogram.items())},
     }

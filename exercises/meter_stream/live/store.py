@@ -7,7 +7,6 @@ import json
 import re
 import uuid
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -21,6 +20,7 @@ from meter_stream.contracts import (
     SERIES_KEYS,
     SERIES_KEYS_SCHEMA,
     hour_value,
+    utc_datetime,
 )
 from meter_stream.raw_input import generation_folders, sink_log_entries
 from meter_stream.storage import (
@@ -410,4 +410,4 @@ class Settings:
 
 
 def hour_of_micros(micros: int) -> int:
-    return hour_value(datetime.fromtimestamp(micros / 1_000_000, UTC))
+    return hour_value(utc_datetime(micros))
