@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from pyspark import SparkContext
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import SparkSession
 
 
 def gateway(spark: SparkSession) -> Any:
@@ -41,11 +41,6 @@ def scala_context(spark: SparkSession) -> Any:
 def persisted_rdds(spark: SparkSession) -> dict[int, Any]:
     """The RDDs persisted now, by id (persisted frames and local checkpoints alike)."""
     return {int(rdd_id): rdd for rdd_id, rdd in spark.sparkContext._jsc.getPersistentRDDs().items()}
-
-
-def rdd_lineage(frame: DataFrame) -> str:
-    """The lineage of the RDD a frame's query runs as (``toDebugString``): which RDDs it reads."""
-    return str(frame._jdf.queryExecution().toRdd().toDebugString())
 
 
 def jvm_process() -> Any:
