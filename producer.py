@@ -300,17 +300,33 @@ def run_live(sender: Sender, args: argparse.Namespace, value_ranges: ValueRanges
     signal.signal(signal.SIGINT, request_stop)
     rng = random.Random(args.seed)
     templates = _series_templates(value_ranges)
+    clock = FeedClock(config.parse_duration(args.since), args.speed)
     next_round = time.monotonic()
     while not stop["now"]:
-        payloads = _round_payloads(time.time(), rng, args.skip_probability, templates)
+        payloads = _round_payloads(clock.now(), rng, args.skip_probability, templates)
         for value in _mix(payloads, rng, args.malformed_share, args.replay_share):
             sender.send(value)
         if not args.quiet:
             print(f"round sent: {sender.delivered} delivered, {sender.failed} failed so far", flush=True)
-        next_round += args.interval
+        next_round += args.interval / clock.speed_now()
         while not stop["now"] and time.monotonic() < next_round:
             sender.flush(0)
             time.sleep(min(0.2, max(0.0, next_round - time.monotonic())))
+
+
+class FeedClock:
+    """The live feed's clock: ``since`` seconds in the past at the start, running ``speed`` times faster than
+    real time until it reaches now, then with it (a compressed past, e.g. a day in 72 minutes)."""
+
+    def __init__(self, since: float, speed: float) -> None:
+        self.speed = speed
+        self.started, self.start = time.time(), time.time() - since
+
+    def now(self) -> float:
+        return min(time.time(), self.start + (time.time() - self.started) * self.speed)
+
+    def speed_now(self) -> float:
+        return self.speed if self.now() < time.time() else 1.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -335,16 +351,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="0",
         help="with --backfill: the history ends this long before now (default: now)",
     )
+    parser.add_argument(
+        "--since",
+        metavar="DURATION",
+        default="0",
+        help="live: the feed's clock starts this long before now and runs --speed times faster until it "
+        "reaches now (default: now)",
+    )
+    parser.add_argument(
+        "--speed", type=float, default=1.0, help="live with --since: how much faster than real time (default 1)"
+    )
     parser.add_argument("--seed", type=int, help="random seed, for a reproducible run")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     _add_feed_arguments(parser)
     args = parser.parse_args(argv)
-    if args.backfill:
-        try:
-            config.parse_duration(args.backfill)
-            config.parse_duration(args.until)
-        except ValueError as error:
-            parser.error(str(error))
+    try:
+        for duration in (args.backfill or "0", args.until, args.since):
+            config.parse_duration(duration)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.speed < 1.0:
+        parser.error("--speed must be at least 1")
     if args.devices is not None and args.devices < 1:
         parser.error("--devices must be at least 1")
     for name in ("skip_probability", "malformed_share", "replay_share"):

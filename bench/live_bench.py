@@ -37,11 +37,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -117,9 +119,12 @@ class Feed:
         self.delivered += delivered(err)
 
     def start_runner(self) -> subprocess.Popen:
+        """Start the live runner in a process group of its own (``kill_runner`` kills it with its JVM)."""
         command = [PYTHON, "exercises/pipeline.py", "--watch", str(TRIGGER["seconds"]), "--datastore", self.datastore]
         with open(f"{self.datastore}.log", "a") as log:  # the runner's own log, next to its datastore
-            return subprocess.Popen([*command, *self.catalog], cwd=ROOT, env=self.env, stderr=log)
+            return subprocess.Popen(
+                [*command, *self.catalog], cwd=ROOT, env=self.env, stderr=log, start_new_session=True
+            )
 
     def cycles(self) -> list[dict]:
         path = os.path.join(self.datastore, "reports", live.LIVE_CYCLES)
@@ -140,14 +145,14 @@ def stop(process: subprocess.Popen, what: str) -> None:
         raise RuntimeError(f"{what} exited with {process.returncode}")
 
 
-def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 3600) -> None:
+def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 3600, poll: float = 0.5) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None:
             raise RuntimeError(f"the live runner exited with {process.returncode} while waiting for {what}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"no {what} within {timeout:.0f} s")
-        time.sleep(0.5)
+        time.sleep(poll)
 
 
 def end_of(cycle: dict) -> float:
@@ -246,6 +251,219 @@ def run_fleet(bootstrap: str, work: str, series: int, minutes: float, history: s
     results = figures(series, steady, catch_up, settle)
     check_complete(feed.datastore, feed.delivered, series)
     return results
+
+
+# --- faults: a kill, a broker outage, downtime ----------------------------------------------------
+
+
+def committed_cycle(datastore: str) -> tuple[int, float]:
+    """The last committed cycle and when its cursor file was written (epoch seconds); (-1, 0) before any."""
+    folder = os.path.join(datastore, "live_state")
+    cursors = sorted(name for name in _names(folder) if name.startswith("cursor-") and name.endswith(".json"))
+    for name in reversed(cursors):  # the newest; an older one may be removed meanwhile
+        try:
+            return int(name[len("cursor-") : -len(".json")]), os.path.getmtime(os.path.join(folder, name))
+        except OSError:
+            continue
+    return -1, 0.0
+
+
+def cycle_in_flight(datastore: str) -> bool:
+    """Whether a cycle has appended files to processed_data that it has not committed yet."""
+    committed = committed_cycle(datastore)[0]
+    for folder in _names(os.path.join(datastore, "processed_data")):
+        for name in _names(os.path.join(datastore, "processed_data", folder)):
+            if name.startswith(live.CYCLE_TAG) and int(name[len(live.CYCLE_TAG) :].split("-", 1)[0]) > committed:
+                return True
+    return False
+
+
+def processed_rows(datastore: str) -> int:
+    """The rows processed_data holds now (0 while a cycle moves files under the reader)."""
+    import duckdb
+
+    try:
+        relation = duckdb.sql(f"select count(*) from read_parquet('{datastore}/processed_data/*/*.parquet')")
+        assert relation is not None
+        return int(relation.fetchall()[0][0])
+    except (duckdb.Error, OSError):
+        return 0
+
+
+def finish(feed: Feed, runner: subprocess.Popen, sender: subprocess.Popen | None, series: int) -> None:
+    """Stop the producer, let the runner take in every message delivered, stop it, check completeness."""
+    if sender is not None:
+        feed.stop_producer(sender)
+    wait_for(lambda: processed_rows(feed.datastore) >= feed.delivered, runner, "the last messages", GRACE_SECONDS)
+    stop(runner, "the live runner")
+    check_complete(feed.datastore, feed.delivered, series)
+
+
+def run_restart(bootstrap: str, work: str, series: int) -> list[dict]:
+    """``live_restart_s_<n>``: from a SIGKILL of the runner while a cycle is in flight to the next committed cycle."""
+    feed = Feed(bootstrap, work, series, f"restart-{series}")
+    take_in_history(feed, series, "10m", "0")
+    sender, runner = feed.start_producer(), feed.start_runner()
+    wait_for(lambda: len(with_measurements(feed.cycles())) >= 3, runner, "three cycles")
+    wait_for(lambda: cycle_in_flight(feed.datastore), runner, "a cycle in flight", poll=0.02)
+    before = committed_cycle(feed.datastore)[0]
+    os.killpg(runner.pid, signal.SIGKILL)
+    killed = time.time()
+    runner.wait()
+    runner = feed.start_runner()
+    wait_for(lambda: committed_cycle(feed.datastore)[0] > before, runner, "a cycle committed after the restart")
+    seconds = committed_cycle(feed.datastore)[1] - killed
+    print(f"{series} series: killed after cycle {before}; next commit {seconds:.1f} s after the kill", flush=True)
+    finish(feed, runner, sender, series)
+    return [{"metric": f"live_restart_s_{series}", "rows": series, "value": round(seconds, 1), "unit": "s"}]
+
+
+class OwnBroker:
+    """A local broker of the benchmark's own, which it stops and starts (``scripts/kafka-local``)."""
+
+    def __init__(self) -> None:
+        from tests.conftest import free_port
+
+        self.env = {
+            **os.environ,
+            "KAFKA_PORT": str(free_port()),
+            "KAFKA_CONTROLLER_PORT": str(free_port()),
+            "KAFKA_DATA_DIR": tempfile.mkdtemp(prefix="meter-bench-kafka-"),
+        }
+        self.bootstrap = f"127.0.0.1:{self.env['KAFKA_PORT']}"
+
+    def control(self, action: str) -> None:
+        subprocess.run([os.path.join(ROOT, "scripts", "kafka-local"), action], env=self.env, check=True)
+
+
+#: A cycle's latency p95 is back at steady state when it is at most this many times the settled cycles' median.
+RECOVERED_P95 = 1.5
+
+
+def run_outage(work: str, series: int, outage: float) -> list[dict]:
+    """``live_outage_recovery_s_<n>``: from the broker's return after ``outage`` seconds away to the end of the
+    first cycle with latency back at steady state (``RECOVERED_P95``)."""
+    broker = OwnBroker()
+    broker.control("start")
+    try:
+        feed = Feed(broker.bootstrap, work, series, f"outage-{series}")
+        take_in_history(feed, series, "10m", "0")
+        sender, runner = feed.start_producer(), feed.start_runner()
+        wait_for(lambda: len(settled(with_measurements(feed.cycles())[1:], series)) >= 4, runner, "settled cycles")
+        steady = statistics.median(
+            c["latency_p95_s"] for c in settled(with_measurements(feed.cycles())[1:], series) if c["latency_p95_s"]
+        )
+        broker.control("stop")
+        time.sleep(outage)
+        broker.control("start")
+        returned = time.time()
+
+        def recovered() -> list[dict]:
+            return [
+                c
+                for c in with_measurements(feed.cycles())
+                if datetime.fromisoformat(c["at"]).timestamp() > returned
+                and (c["latency_p95_s"] or 0) <= RECOVERED_P95 * steady
+            ]
+
+        wait_for(lambda: bool(recovered()), runner, "latency back at steady state", timeout=GRACE_SECONDS)
+        seconds = end_of(recovered()[0]) - returned
+        print(f"{series} series: steady p95 {steady} s; back {seconds:.1f} s after the broker returned", flush=True)
+        finish(feed, runner, sender, series)
+    finally:
+        broker.control("stop")
+        shutil.rmtree(broker.env["KAFKA_DATA_DIR"], ignore_errors=True)
+    return [{"metric": f"live_outage_recovery_s_{series}", "rows": series, "value": round(seconds, 1), "unit": "s"}]
+
+
+def jvm_of(pid: int) -> int | None:
+    """The Java process among ``pid``'s descendants (the runner's JVM), or None."""
+    children: dict[int, list[int]] = {}
+    for entry in _names("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as handle:
+                if handle.read().split(b"\0", 1)[0].endswith(b"java"):
+                    return child
+        except OSError:
+            pass
+        todo += children.get(child, [])
+    return None
+
+
+class HeapSampler:
+    """Samples a JVM's used heap (``jstat -gc``: survivor, eden and old generation) every few seconds."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.samples: list[tuple[float, float]] = []  # (epoch seconds, used MiB)
+        self.done = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self.done.wait(2.0):
+            out = subprocess.run(["jstat", "-gc", str(self.pid)], capture_output=True, text=True).stdout.split()
+            if len(out) > 2 and "EU" in out:
+                header, values = out[: len(out) // 2], out[len(out) // 2 :]
+                used = sum(float(values[header.index(name)]) for name in ("S0U", "S1U", "EU", "OU"))
+                self.samples.append((time.time(), used / 1024))
+
+    def peak(self, start: float, end: float) -> float | None:
+        inside = [used for at, used in self.samples if start <= at <= end]
+        return round(max(inside)) if inside else None
+
+
+def run_catch_up(bootstrap: str, work: str, series: int, downtime: str) -> list[dict]:
+    """``live_catch_up_ratio_<n>_<downtime>``: hours of backlog absorbed per hour of wall time after the runner
+    was down for ``downtime`` while the producer went on, and the JVM's peak heap meanwhile and while steady."""
+    feed = Feed(bootstrap, work, series, f"catch-up-{series}-{downtime}")
+    take_in_history(feed, series, "10m", downtime)
+    backlog_start = time.time() - config.parse_duration(downtime)
+    backlog = feed.backfill(downtime, seed=2)
+    print(f"{series} series: {backlog} messages of backlog ({downtime} down); runner started", flush=True)
+    started = time.time()
+    sender, runner = feed.start_producer(), feed.start_runner()
+    wait_for(lambda: jvm_of(runner.pid) is not None, runner, "the runner's JVM")
+    heap = HeapSampler(jvm_of(runner.pid) or 0)
+
+    def caught_up() -> list[dict]:
+        cycles = with_measurements(feed.cycles())
+        taken = [c for c in cycles if sum_until(cycles, c) >= backlog]
+        return settled(cycles[cycles.index(taken[0]) + 1 :], series) if taken else []
+
+    wait_for(lambda: bool(caught_up()), runner, "catch-up", timeout=6 * 3600)
+    caught = end_of(caught_up()[0])
+    wait_for(lambda: len(caught_up()) >= SETTLED["cycles"], runner, "settled cycles after the catch-up")
+    heap.done.set()
+    steady_heap = heap.peak(caught, end_of(caught_up()[-1]))
+    ratio = (started - backlog_start) / (caught - started)
+    cycle_rows = max(c["raw_rows"] for c in feed.cycles())
+    print(
+        f"{series} series: {downtime} of backlog absorbed in {caught - started:.0f} s ({ratio:.1f}x real time); "
+        f"largest cycle {cycle_rows} raw rows; peak heap {heap.peak(started, caught)} MiB catching up, "
+        f"{steady_heap} MiB steady",
+        flush=True,
+    )
+    finish(feed, runner, sender, series)
+    name = f"{series}_{downtime}"
+    return [
+        {"metric": f"live_catch_up_ratio_{name}", "rows": backlog, "value": round(ratio, 2), "unit": "ratio"},
+        {
+            "metric": f"live_catch_up_heap_mib_{name}",
+            "rows": backlog,
+            "value": heap.peak(started, caught),
+            "unit": "MiB",
+        },
+        {"metric": f"live_steady_heap_mib_{name}", "rows": series, "value": steady_heap, "unit": "MiB"},
+    ]
 
 
 def take_in_history(feed: Feed, series: int, history: str, backlog: str) -> int:
@@ -354,6 +572,17 @@ def main(argv: list[str] | None = None) -> int:
         default=SETTLED["cycles"],
         help="per fleet size, live at least until this many settled cycles were made (default %(default)s)",
     )
+    parser.add_argument("--restart-sizes", default="100000", help="fleet sizes of the kill-and-restart run ('' skips)")
+    parser.add_argument("--outage-sizes", default="10000", help="fleet sizes of the broker-outage run ('' skips)")
+    parser.add_argument("--outage-seconds", type=float, default=120.0, help="how long the broker is away")
+    parser.add_argument(
+        "--catch-up", default="100000=1h,100000=3h", help="SIZE=DOWNTIME runs of the catch-up after downtime ('' skips)"
+    )
+    parser.add_argument(
+        "--only",
+        action="store_true",
+        help="a partial run: replace only the metrics it measures (by default every live_* metric is replaced)",
+    )
     parser.add_argument("--bootstrap-servers", default=None, help="broker (default: a local one for the run)")
     parser.add_argument("--results", default=harness.RESULTS)
     parser.add_argument("--report", default=harness.REPORT, help="BENCHMARKS.md to write ('' for none)")
@@ -361,22 +590,33 @@ def main(argv: list[str] | None = None) -> int:
     TRIGGER["seconds"] = args.trigger
     SETTLED["cycles"] = args.settled_cycles
     runs = [(h, float(mins)) for h, _, mins in (item.partition("=") for item in args.histories.split(",") if item)]
-    sizes = [int(size) for size in args.sizes.split(",") if size]
+    sizes = _sizes(args.sizes)
     work = tempfile.mkdtemp(prefix="meter-bench-live-")
 
     def measure(bootstrap: str) -> list[dict]:
         results = history_figures({h: run_history(bootstrap, work, h, mins) for h, mins in runs}, runs)
         for size in sizes:
             results += run_fleet(bootstrap, work, size, args.live_minutes, args.history, args.backlog)
+        for size in _sizes(args.restart_sizes):
+            results += run_restart(bootstrap, work, size)
+        for item in filter(None, args.catch_up.split(",")):
+            size, _, downtime = item.partition("=")
+            results += run_catch_up(bootstrap, work, int(size), downtime)
+        for size in _sizes(args.outage_sizes):  # on a broker of its own
+            results += run_outage(work, size, args.outage_seconds)
         return results
 
     harness.save_results(
         args.results,
         harness.with_broker(args.bootstrap_servers, measure),
         args.report,
-        owns=lambda metric: not harness.owns(metric),
+        owns=(lambda _metric: False) if args.only else (lambda metric: not harness.owns(metric)),
     )
     return 0
+
+
+def _sizes(text: str) -> list[int]:
+    return [int(size) for size in text.split(",") if size]
 
 
 def history_figures(cycles: dict[str, list[dict]], runs: list[tuple[str, float]]) -> list[dict]:

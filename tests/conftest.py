@@ -97,3 +97,24 @@ def kafka(tmp_path_factory) -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         subprocess.run([script, "stop"], env=env, check=False, timeout=120)
+
+
+@pytest.fixture
+def own_broker(tmp_path):
+    """A broker of this test's own, which the test may stop and start."""
+    env = {
+        **os.environ,
+        "KAFKA_PORT": str(free_port()),
+        "KAFKA_CONTROLLER_PORT": str(free_port()),
+        "KAFKA_DATA_DIR": str(tmp_path / "kafka"),
+    }
+    script = os.path.join(ROOT, "scripts", "kafka-local")
+
+    def control(action):
+        subprocess.run([script, action], env=env, check=True, timeout=180, capture_output=True)
+
+    control("start")
+    try:
+        yield f"127.0.0.1:{env['KAFKA_PORT']}", control
+    finally:
+        control("stop")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -14,7 +15,7 @@ from meter_stream import config, jvm, storage
 from meter_stream import message as m
 from meter_stream.contracts import CLEANED_SCHEMA, PROCESSED_SCHEMA, RAW_SCHEMA, hour_of, hour_value
 from meter_stream.raw_input import CheckpointMismatchError, check_sink_matches_checkpoint
-from meter_stream.session import cached_for_the_block, local_frame
+from meter_stream.session import cached_for_the_block, local_frame, own_local_dir
 from meter_stream.storage import PREVIOUS_SUFFIX, StageInputError, read_output, replace_output
 
 log = logging.getLogger("test")
@@ -209,3 +210,20 @@ def test_sink_log_one_batch_ahead_of_the_commits_after_a_crash_is_fine_but_ahead
     (checkpoint / "offsets" / "2").unlink()
     with pytest.raises(CheckpointMismatchError, match="planned only up to batch 1"):
         check_sink_matches_checkpoint(spark, str(output), str(checkpoint))
+
+
+def test_a_stage_scratch_folder_is_its_own_and_those_of_killed_processes_are_removed(tmp_path):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    left = tmp_path / f"pid-{gone.pid}" / "blockmgr-1"
+    left.mkdir(parents=True)
+    (left / "shuffle_0_0_0.data").write_bytes(b"x" * 100)
+    running = subprocess.Popen(["sleep", "30"])
+    try:
+        (tmp_path / f"pid-{running.pid}" / "blockmgr-2").mkdir(parents=True)
+        own = own_local_dir(str(tmp_path))
+        assert own == str(tmp_path / f"pid-{os.getpid()}") and os.path.isdir(own)
+        assert sorted(os.listdir(tmp_path)) == sorted([f"pid-{running.pid}", f"pid-{os.getpid()}"])
+    finally:
+        running.kill()
+        running.wait()

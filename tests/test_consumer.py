@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from meter_stream import checker, cleaner, kafka_client, processor
-from meter_stream.consumer import ConsumerConfig, config_from_args, run, summarize
+from meter_stream.consumer import ConsumerConfig, ProgressSummary, config_from_args, run
 from meter_stream.contracts import RAW_SCHEMA
 from meter_stream.kafka_client import client_options
 from meter_stream.raw_input import CheckpointMismatchError
@@ -220,18 +220,21 @@ def test_a_properties_file_other_users_may_access_is_refused_with_how_to_fix_it(
     assert kafka_client.read_properties(str(properties)) == {"sasl.jaas.config": "secret-jaas"}
 
 
-def _progress(rows, start, end, ms=100):
+def _progress(batch, rows, start, end, ms=100, run="run-1"):
     source = SimpleNamespace(startOffset=start, endOffset=end)
-    return SimpleNamespace(numInputRows=rows, sources=[source], durationMs={"triggerExecution": ms})
+    return SimpleNamespace(
+        runId=run, batchId=batch, numInputRows=rows, sources=[source], durationMs={"triggerExecution": ms}
+    )
 
 
-def test_summary_counts_batches_with_rows_and_finds_offsets_that_went_back():
-    progress = [
-        _progress(10, None, '{"t": {"0": 10}}'),
-        _progress(0, '{"t": {"0": 10}}', '{"t": {"0": 10}}'),
-        _progress(3, '{"t": {"0": 10}}', '{"t": {"0": 3}}', ms=50),
-    ]
-    result = summarize(progress, generation=2)
+def test_summary_counts_batches_with_rows_once_and_finds_offsets_that_went_back():
+    first = _progress(0, 10, None, '{"t": {"0": 10}}')
+    second = _progress(1, 0, '{"t": {"0": 10}}', '{"t": {"0": 10}}')
+    summary = ProgressSummary()
+    summary.add([first, second])
+    # Spark's recent reports, polled again: the batches already added are not counted twice
+    summary.add([second, _progress(0, 3, '{"t": {"0": 10}}', '{"t": {"0": 3}}', ms=50, run="run-2")])
+    result = summary.result(generation=2)
     assert (result.batches, result.rows, result.end_offsets) == (2, 13, {"t": {"0": 3}})
     assert result.rewound == (("t", "0", 10, 3),)
     assert (result.generation, result.batch_seconds) == (2, 0.15)

@@ -14,7 +14,6 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from meter_stream.consumer import ConsumerConfig, run
 from meter_stream.consumer import log as consumer_log
 from meter_stream.raw_input import read_raw
-from tests.conftest import free_port
 from tests.helpers import ROOT, new_topic, produce
 
 pytestmark = pytest.mark.integration
@@ -71,27 +70,6 @@ def test_sigkill_mid_ingest_then_rerun_lands_every_offset_once(spark, kafka, pat
     run(spark, paths, ConsumerConfig(kafka, topic, max_offsets_per_trigger=5_000))
 
     assert offsets_read_as_the_processor_reads(spark, paths) == [(0, i) for i in range(20_000)]
-
-
-@pytest.fixture
-def own_broker(tmp_path):
-    """A broker of this test's own, which the test may stop and start."""
-    env = {
-        **os.environ,
-        "KAFKA_PORT": str(free_port()),
-        "KAFKA_CONTROLLER_PORT": str(free_port()),
-        "KAFKA_DATA_DIR": str(tmp_path / "kafka"),
-    }
-    script = os.path.join(ROOT, "scripts", "kafka-local")
-
-    def control(action):
-        subprocess.run([script, action], env=env, check=True, timeout=180, capture_output=True)
-
-    control("start")
-    try:
-        yield f"127.0.0.1:{env['KAFKA_PORT']}", control
-    finally:
-        control("stop")
 
 
 def test_broker_restarted_between_runs_resumes_from_the_checkpoint(spark, own_broker, paths):

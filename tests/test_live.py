@@ -33,6 +33,7 @@ from tests.helpers import (
     epoch,
     message,
     new_topic,
+    produce,
     run_python,
     stop_runner,
     utc,
@@ -249,6 +250,58 @@ def test_live_runner_killed_mid_cycle_repairs_then_stops_on_sigterm_leaving_what
     assert_same_outputs(spark, paths, batch)
 
 
+def _measurements(series_count, start, rounds):
+    """Kafka messages of ``series_count`` series, a round every 10 s from epoch ``start``: (series, slot) unique."""
+    return [
+        {"value": message(start + 10 * r, start + 10 * r + 1, f"device{d}", "energy import", value=r)}
+        for r in range(rounds)
+        for d in range(series_count)
+    ]
+
+
+@pytest.mark.integration
+def test_live_runner_waits_out_a_broker_outage_and_one_with_a_limit_exits_1(spark, own_broker, tmp_path):
+    kafka, control = own_broker
+    env = {**os.environ, kafka_client.ENV_BOOTSTRAP_SERVERS: kafka, kafka_client.ENV_TOPIC: new_topic(kafka)}
+    start = (time.time() // 10) * 10 - 600
+    produce(kafka, env[kafka_client.ENV_TOPIC], _measurements(4, start, 6))
+
+    def runner(name, *options):
+        command = [sys.executable, "exercises/pipeline.py", "--watch", "1", "--datastore", str(tmp_path / name)]
+        log = open(tmp_path / f"{name}.log", "w")  # a file: the Kafka client logs much while the broker is away
+        return subprocess.Popen([*command, *options], cwd=ROOT, env=env, stderr=log, text=True), log
+
+    waiting, waiting_log = runner("waiting")
+    limited, limited_log = runner("limited", "--max-broker-outage", "5")
+    try:
+        for name, process in (("waiting", waiting), ("limited", limited)):
+            wait_for_cycles(str(tmp_path / name / "reports" / "live_cycles.json"), 1, process)
+        control("stop")
+        # the limited one gives up once the outage is noticed and has lasted 5 s; the other one waits
+        assert limited.wait(timeout=400) == 1
+        log_of = lambda name: (tmp_path / f"{name}.log").read_text()  # noqa: E731
+        assert "longer than --max-broker-outage (5 s)" in log_of("limited")
+        wait_for(lambda: "is unreachable" in log_of("waiting"), waiting, timeout=400)
+        time.sleep(5)
+        control("start")
+        produce(kafka, env[kafka_client.ENV_TOPIC], _measurements(4, start + 60, 6))
+        wait_for(lambda: _processed_count(spark, tmp_path / "waiting") == 48, waiting, timeout=300)
+    finally:
+        waiting.send_signal(signal.SIGTERM)
+        assert waiting.wait(timeout=180) == 0
+        waiting_log.close()
+        limited_log.close()
+    text = log_of("waiting")
+    assert text.count("is unreachable") == 1 and "is back after" in text, text[-3000:]
+    rows = spark.read.parquet(str(tmp_path / "waiting" / "processed_data")).select("device_id", "t_measurement")
+    assert rows.count() == rows.distinct().count() == 48  # nothing lost, nothing twice
+
+
+def _processed_count(spark, datastore):
+    cursors = glob.glob(str(datastore / "live_state" / "cursor-*.json"))
+    return spark.read.parquet(str(datastore / "processed_data")).count() if cursors else 0
+
+
 # --- the protocol's pieces -------------------------------------------------------------------------
 
 
@@ -275,6 +328,31 @@ def test_cursor_gives_each_committed_file_once_across_compact_log_files(spark, t
     files, after = live.new_sink_files(spark, str(folder), position)
     assert [f.rsplit("/", 1)[-1] for f in files] == ["c.parquet"] and after == live.SinkPosition(2, 300)
     assert live.new_sink_files(spark, str(folder), after) == ([], after)
+
+
+def test_a_cycle_takes_the_oldest_files_up_to_its_cap_and_the_next_cycles_the_rest(spark, tmp_path):
+    paths = config.Paths.under(str(tmp_path))
+    folder = tmp_path / "consumer_data"
+    steps = [[msg(A, 10 * (3 * step + i), float(i)) for i in range(3)] for step in range(4)]  # 3 rows a file
+    write_step_files(spark, str(folder), steps)
+    _commit_to_sink_log(folder, 0, [("step-0.parquet", 100)])
+    _commit_to_sink_log(folder, 1, [("step-1.parquet", 200), ("step-2.parquet", 200)])  # one batch, one time
+    every = [("step-0.parquet", 100), ("step-1.parquet", 200), ("step-2.parquet", 200), ("step-3.parquet", 300)]
+    _commit_to_sink_log(folder, 2, every, compact=True)
+
+    def take(since, cap):
+        files, after = live.new_raw_files(spark, paths, since, cap)
+        return [f.rsplit("/", 1)[-1] for f in files], after
+
+    position = {}
+    taken = []
+    for expected in (["step-0.parquet"], ["step-1.parquet", "step-2.parquet"], ["step-3.parquet"], []):
+        files, position = take(position, 4)  # the files of one time go together, even above the cap
+        assert files == expected
+        taken += files
+    assert position == {".": live.SinkPosition(2, 300)}
+    assert take({}, None)[0] == take({}, 100)[0] == sorted(taken)
+    assert take({".": live.SinkPosition(1, 200)}, 1)[0] == ["step-3.parquet"]  # a single batch: taken whole
 
 
 def test_cursor_round_trips_through_its_json():
@@ -332,7 +410,7 @@ def test_compaction_leaves_half_the_task_slots_to_the_cycles():
     assert [live.compaction.compaction_tasks(cores) for cores in (1, 2, 3, 16)] == [1, 1, 1, 8]
 
 
-def test_compaction_in_the_background_swaps_in_an_unchanged_hour_and_drops_a_changed_one(spark, tmp_path):
+def test_compaction_in_the_background_swaps_in_the_merged_hour_with_what_cycles_appended_meanwhile(spark, tmp_path):
     paths = config.Paths.under(str(tmp_path))
     hour, later = 2026112513, 2026112514
     newest = int((T0 + 3600) * 1_000_000)  # in the later hour: the first one is closed
@@ -351,18 +429,44 @@ def test_compaction_in_the_background_swaps_in_an_unchanged_hour_and_drops_a_cha
     assert _values(spark, paths) == [1.0, 2.0, 3.0]
     assert os.listdir(f"{paths.processed_data}{live.UNDO_SUFFIX}5") == [f"hour={hour}"]  # kept until the commit
 
-    # a file added to the hour while it is merged: the merged copy is dropped, the hour stays open
+    # a file added to the hour while it is merged goes along as it is: nothing dropped, the hour compacted
     _append(spark, paths, hour, 6, B, 40, 4.0)
     compactor.step(spark, paths, {"processed_data": [hour], "cleaned_data": []}, newest, 7)
     compactor.running.done.wait()
     _append(spark, paths, hour, 7, B, 50, 5.0)
     assert compactor.step(spark, paths, {"processed_data": [hour], "cleaned_data": []}, newest, 8) == {
-        "processed_data": [hour],
+        "processed_data": [],
         "cleaned_data": [],
     }
-    assert len([name for name in os.listdir(folder) if name.endswith(".parquet")]) == len(after) + 2
-    assert leftovers(str(tmp_path)) == [f"processed_data{live.UNDO_SUFFIX}5"]
+    names = [name for name in os.listdir(folder) if name.endswith(".parquet")]
+    assert len(names) <= spark.sparkContext.defaultParallelism + 1 and f"{live.CYCLE_TAG}00000007" in str(names)
+    assert not set(names) & set(after)
+    assert leftovers(str(tmp_path)) == [f"processed_data{live.UNDO_SUFFIX}5", f"processed_data{live.UNDO_SUFFIX}8"]
     assert _values(spark, paths) == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def test_compaction_waits_for_the_grace_after_the_hour_and_redoes_an_hour_a_late_rewrite_replaced(spark, tmp_path):
+    paths = config.Paths.under(str(tmp_path))
+    hour = 2026112513
+    for cycle in (1, 2):
+        _append(spark, paths, hour, cycle, A, 10 * cycle, float(cycle))
+    open_hours = {"processed_data": [hour], "cleaned_data": []}
+    end = int((T0 + 60) * 1_000_000)  # the end of the hour
+    compactor = live.Compactor(background=True, grace_seconds=60)
+    assert compactor.step(spark, paths, open_hours, end + 59_000_000, 3) == open_hours and compactor.running is None
+    compactor.step(spark, paths, open_hours, end + 60_000_000, 4)
+    compactor.running.done.wait()
+    # a late measurement rewrote the hour (other files) meanwhile: the merge is dropped, the hour stays open
+    folder = f"{paths.processed_data}/hour={hour}"
+    for name in os.listdir(folder):
+        if name.endswith(".parquet"):
+            os.rename(os.path.join(folder, name), os.path.join(folder, "rewritten-" + name))
+        else:
+            os.remove(os.path.join(folder, name))
+    assert compactor.step(spark, paths, open_hours, end + 70_000_000, 5) == open_hours
+    compactor.running.done.wait()
+    assert compactor.step(spark, paths, open_hours, end + 80_000_000, 6) == {"processed_data": [], "cleaned_data": []}
+    assert _values(spark, paths) == [1.0, 2.0]
 
 
 def test_cycles_quarantine_clock_faulty_meters_as_a_batch_run_does_and_report_them(spark, tmp_path):

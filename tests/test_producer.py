@@ -96,3 +96,14 @@ def test_producer_runs_with_only_the_files_its_docker_image_copies(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert re.search(r"--bootstrap-servers", result.stdout)
+
+
+def test_feed_clock_runs_faster_from_the_past_until_it_reaches_now(monkeypatch):
+    wall = {"now": 1_000_000.0}
+    monkeypatch.setattr(producer.time, "time", lambda: wall["now"])
+    clock = producer.FeedClock(since=3600, speed=20)
+    assert clock.now() == 1_000_000 - 3600 and clock.speed_now() == 20
+    wall["now"] += 90  # 30 minutes of feed time in 90 s
+    assert clock.now() == 1_000_000 - 3600 + 1800 and clock.speed_now() == 20
+    wall["now"] += 100  # caught up: real time from here on
+    assert clock.now() == wall["now"] and clock.speed_now() == 1

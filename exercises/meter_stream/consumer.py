@@ -63,6 +63,10 @@ class ConsumerError(Exception):
     """The run cannot go on; the message says why and what to do."""
 
 
+class AccessError(ConsumerError):
+    """The broker refuses this client (TLS, authentication, rights): retrying does not heal it."""
+
+
 @dataclass(frozen=True)
 class ConsumerConfig:
     """Where and how the consumer reads.
@@ -200,9 +204,14 @@ def stop_after_batch(query: StreamingQuery, wait_seconds: float = 300.0) -> None
 
 
 def await_stream(
-    stream: Stream, spark: SparkSession, config_: ConsumerConfig, should_stop: Callable[[], bool] = lambda: False
-) -> list[StreamingQueryProgress]:
-    """Wait until the query ends (or ``should_stop()``, then stop it after its batch); return its progress.
+    stream: Stream,
+    spark: SparkSession,
+    config_: ConsumerConfig,
+    should_stop: Callable[[], bool],
+    progress: ProgressSummary,
+) -> None:
+    """Wait until the query ends (or ``should_stop()``, then stop it after its batch), adding its batches'
+    reports to ``progress`` as they come.
 
     While it runs, the topic's id is checked now and then: a recreated topic stops the query.
 
@@ -215,6 +224,7 @@ def await_stream(
     try:
         # Spark takes the seconds as a float; its type hint says int.
         while not query.awaitTermination(0.5):  # type: ignore[arg-type]
+            progress.add(query.recentProgress)
             if should_stop():
                 stop_after_batch(query)
                 break
@@ -231,11 +241,10 @@ def await_stream(
         if "less than end offset" in cause and stream.topic_id:
             raise TopicRecreatedError(f"topic {topic} went back while it was read: {cause}") from error
         raise ConsumerError(f"reading {topic} from {bootstrap_servers} failed: {cause}") from error
-    return query.recentProgress
 
 
-def access_failure(error: Exception, bootstrap_servers: str, topic: str) -> ConsumerError | None:
-    """Return a ConsumerError that names the cause when a Kafka client error is one of access; else None.
+def access_failure(error: Exception, bootstrap_servers: str, topic: str) -> AccessError | None:
+    """Return an AccessError that names the cause when a Kafka client error is one of access; else None.
 
     Failed TLS handshakes, failed authentication and missing rights are not healed by retrying. The
     cause may sit deep in the Java stack trace, so the whole text is searched.
@@ -247,23 +256,23 @@ def access_failure(error: Exception, bootstrap_servers: str, topic: str) -> Cons
 
     if line_with("SslAuthenticationException", "SSLHandshakeException"):
         if detail := line_with("No subject alternative", "No name matching"):
-            return ConsumerError(
+            return AccessError(
                 f"TLS hostname mismatch: the certificate of the broker at {bootstrap_servers} does not name the "
                 f"host connected to; connect with a name the certificate holds ({detail})"
             )
         if detail := line_with("PKIX path", "unable to find valid certification path"):
-            return ConsumerError(
+            return AccessError(
                 f"TLS: the certificate of the broker at {bootstrap_servers} is not trusted; set "
                 f"KAFKA_SSL_CA_LOCATION (or ssl.truststore.location) to the CA that signed it ({detail})"
             )
-        return ConsumerError(f"TLS handshake with the broker at {bootstrap_servers} failed ({_first_line(error)})")
+        return AccessError(f"TLS handshake with the broker at {bootstrap_servers} failed ({_first_line(error)})")
     if detail := line_with("SaslAuthenticationException", "Authentication failed"):
-        return ConsumerError(
+        return AccessError(
             f"authentication to the Kafka broker at {bootstrap_servers} failed: check "
             f"KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD and KAFKA_SASL_MECHANISM ({detail})"
         )
     if detail := line_with("AuthorizationException", "Not authorized", "not authorized"):
-        return ConsumerError(
+        return AccessError(
             f"not authorized to read topic {topic} at {bootstrap_servers}: the user needs Read and Describe on "
             f"the topic and Read on the consumer groups of its --group-id-prefix ({detail})"
         )
@@ -298,16 +307,17 @@ def run(
             else "",
             f", a batch every {config_.interval_seconds:g} s until stopped" if config_.interval_seconds else "",
         )
-        progress: list[StreamingQueryProgress] = []
+        progress = ProgressSummary()
         while True:
             stream = start_stream(spark, paths, config_)
             try:
-                progress += await_stream(stream, spark, config_, should_stop)
+                await_stream(stream, spark, config_, should_stop, progress)
                 break
             except TopicRecreatedError as error:
-                progress += stream.query.recentProgress
                 log.warning("%s; going on with the recreated topic", error)
-        result = summarize(progress, stream.generation)
+            finally:
+                progress.add(stream.query.recentProgress)
+        result = progress.result(stream.generation)
         _warn_rewound(result, stream)
         log.info(
             "%d batches, %d rows written to %s; end offsets %s (%.1f s)",
@@ -336,7 +346,7 @@ def check_tls(config_: ConsumerConfig) -> None:
         return
     problem = kafka_client.tls_problem(config_.bootstrap_servers, options["kafka.ssl.truststore.location"])
     if problem:
-        raise ConsumerError(problem)
+        raise AccessError(problem)
 
 
 def _warn_rewound(result: IngestResult, stream: Stream) -> None:
@@ -365,27 +375,43 @@ def _first_line(error: Exception) -> str:
     return (causes[-1] if causes else lines[0] if lines else type(error).__name__)[:500]
 
 
-def summarize(progress: Sequence[StreamingQueryProgress], generation: int = 0) -> IngestResult:
-    """Return batches, rows, end offsets and offset regressions from a query's progress reports."""
-    with_rows = [p for p in progress if p.numInputRows > 0]
-    end_offsets: dict[str, dict[str, int]] = {}
-    rewound = []
-    for report in progress:
-        for source in report.sources:
-            end = _offsets(source.endOffset)
-            if not end:
+class ProgressSummary:
+    """A run's batch reports summed up as they come: bounded however long the run, while Spark keeps only
+    its last few reports (``spark.sql.streaming.numRecentProgressUpdates``)."""
+
+    def __init__(self) -> None:
+        self.batches, self.rows, self.milliseconds = 0, 0, 0
+        self.end_offsets: dict[str, dict[str, int]] = {}
+        self.rewound: list[tuple[str, str, int, int]] = []
+        self._last_batch: dict[str, int] = {}  # per query run: the last batch added
+
+    def add(self, reports: Sequence[StreamingQueryProgress]) -> None:
+        """Add the reports not added before (a query run's batch ids grow)."""
+        for report in reports:
+            if report.batchId <= self._last_batch.get(str(report.runId), -1):
                 continue
-            start = _offsets(source.startOffset)
-            rewound += [
-                (topic, partition, start[topic][partition], offset)
-                for topic, partitions in end.items()
-                for partition, offset in partitions.items()
-                if start.get(topic, {}).get(partition, -1) > offset
-            ]
-            end_offsets = end
-    rows = sum(p.numInputRows for p in with_rows)
-    batch_seconds = sum(p.durationMs.get("triggerExecution", 0) for p in with_rows) / 1000
-    return IngestResult(len(with_rows), rows, end_offsets, tuple(rewound), generation, batch_seconds)
+            self._last_batch[str(report.runId)] = report.batchId
+            if report.numInputRows > 0:
+                self.batches += 1
+                self.rows += report.numInputRows
+                self.milliseconds += report.durationMs.get("triggerExecution", 0)
+            for source in report.sources:
+                end = _offsets(source.endOffset)
+                if not end:
+                    continue
+                start = _offsets(source.startOffset)
+                self.rewound += [
+                    (topic, partition, start[topic][partition], offset)
+                    for topic, partitions in end.items()
+                    for partition, offset in partitions.items()
+                    if start.get(topic, {}).get(partition, -1) > offset
+                ]
+                self.end_offsets = end
+
+    def result(self, generation: int = 0) -> IngestResult:
+        return IngestResult(
+            self.batches, self.rows, self.end_offsets, tuple(self.rewound), generation, self.milliseconds / 1000
+        )
 
 
 def _offsets(text: str | None) -> dict[str, dict[str, int]]:

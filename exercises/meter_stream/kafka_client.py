@@ -218,6 +218,17 @@ def client_options(env_security: dict[str, str], properties: dict[str, str]) -> 
     return options
 
 
+def reachable(bootstrap_servers: str) -> bool:
+    """Whether one bootstrap server accepts TCP connections now."""
+    for host, port in _servers(bootstrap_servers):
+        try:
+            with socket.create_connection((host, port), timeout=3):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def wait_until_reachable(bootstrap_servers: str, wait_seconds: float = REACHABLE_WAIT_SECONDS) -> None:
     """Return once one bootstrap server accepts TCP connections.
 
@@ -225,13 +236,7 @@ def wait_until_reachable(bootstrap_servers: str, wait_seconds: float = REACHABLE
         ConnectionError: when none does within ``wait_seconds``.
     """
     deadline = time.monotonic() + wait_seconds
-    while True:
-        for host, port in _servers(bootstrap_servers):
-            try:
-                with socket.create_connection((host, port), timeout=3):
-                    return
-            except OSError:
-                continue
+    while not reachable(bootstrap_servers):
         if time.monotonic() >= deadline:
             raise ConnectionError(
                 f"cannot reach the Kafka broker at {bootstrap_servers} (tried for {wait_seconds:.0f} s); "

@@ -39,8 +39,8 @@ def parse_args(
     """Parse the options of all four stages into (args, paths, clock limits, cleaner config, checker config)."""
     parser = config.make_parser(__doc__)
     parser.add_argument("--skip-consumer", action="store_true", help="start from consumer_data as it is")
-    live = parser.add_argument_group("live mode")
-    live.add_argument(
+    watching = parser.add_argument_group("live mode")
+    watching.add_argument(
         "--watch",
         type=float,
         metavar="INTERVAL",
@@ -48,12 +48,28 @@ def parse_args(
         help="keep every output fresh: read the topic every INTERVAL seconds and fold the new data in, "
         "until SIGTERM or Ctrl-C [env METER_WATCH_SECONDS]",
     )
-    live.add_argument(
+    watching.add_argument(
         "--report-window",
         type=float,
         default=config.env_default("METER_REPORT_WINDOW_SECONDS", str(DEFAULT_REPORT_WINDOW_SECONDS)),
         help="with --watch, the check report covers the hours of this many seconds before the newest slot "
         "[env METER_REPORT_WINDOW_SECONDS]",
+    )
+    watching.add_argument(
+        "--max-rows-per-cycle",
+        type=int,
+        default=config.env_default("METER_MAX_ROWS_PER_CYCLE", str(live.DEFAULT_MAX_ROWS_PER_CYCLE)),
+        help="with --watch, a cycle takes at most this many raw rows, oldest first, so a backlog after downtime "
+        "is absorbed in bounded cycles; the consumer's micro-batches are capped at it too unless "
+        "--max-offsets-per-trigger is given [env METER_MAX_ROWS_PER_CYCLE] (default %(default)s)",
+    )
+    watching.add_argument(
+        "--max-broker-outage",
+        type=float,
+        metavar="SECONDS",
+        default=config.env_default("METER_MAX_BROKER_OUTAGE_SECONDS", None),
+        help="with --watch, exit 1 when the broker has been unreachable for this long; by default the runner "
+        "waits for it as long as it takes, cycles going on [env METER_MAX_BROKER_OUTAGE_SECONDS]",
     )
     config.add_datastore_options(parser, tuple(config.FOLDERS))
     consumer.add_arguments(parser)
@@ -117,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.watch is not None and float(args.watch) <= 0:
         log.error("--watch needs a positive number of seconds")
         return 1
+    try:
+        limits = live.RunnerLimits(args.max_rows_per_cycle, args.max_broker_outage)
+    except ValueError as error:
+        log.error("%s", error)
+        return 1
     started = time.monotonic()
     try:
         # Bad Kafka settings fail here, before Spark starts.
@@ -131,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         should_stop = config.StopRequest(log)
         settings = live.Settings(cleaner_config, checker_config, args.report_window, clock)
         consumer_live = None if consumer_config is None else consumer_config.continuous(float(args.watch))
-        code = exit_code_of(lambda: live.watch(spark, paths, settings, consumer_live, should_stop), log)
+        code = exit_code_of(lambda: live.watch(spark, paths, settings, consumer_live, should_stop, limits), log)
     else:
         code = run(spark, paths, consumer_config, cleaner_config, checker_config, clock)
     log.info("pipeline %s in %.1f s", "done" if code == 0 else "stopped", time.monotonic() - started)

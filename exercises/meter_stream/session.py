@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -42,10 +44,8 @@ QUERY_OVERHEAD = {
 #: no setting while the session runs, as the live mode's threads (consumer, compaction) share it.
 #: - Caches are kept uncompressed: compression cost more time than the smaller blocks saved
 #:   (BENCHMARKS.md, "Settings": the processor's cache).
-#: - A consumer run keeps every batch's progress for its summary, not only the last 100.
 SESSION_SETTINGS = {
     "spark.sql.inMemoryColumnarStorage.compressed": "false",
-    "spark.sql.streaming.numRecentProgressUpdates": "100000",
 }
 #: The settings a stage uses unless spark-submit (or spark-defaults) gives its own.
 STAGE_DEFAULTS = {
@@ -101,6 +101,10 @@ def build_session(app_name: str, verbose: bool = False, jars: list[str] | None =
         builder = builder.config("spark.master", "local[*]").config(
             "spark.driver.memory", os.environ.get(ENV_LOCAL_DRIVER_MEMORY) or DEFAULT_LOCAL_DRIVER_MEMORY
         )
+        inherited = os.environ.get("SPARK_LOCAL_DIRS", "")
+        if not submitted.contains("spark.local.dir") and (not inherited or inherited.startswith(LOCAL_DIR_ROOT)):
+            # Read when this process starts the JVM (as the setting, Spark warns that a cluster overrides it).
+            os.environ["SPARK_LOCAL_DIRS"] = own_local_dir(LOCAL_DIR_ROOT)
         # Spark's UI listens where SPARK_LOCAL_IP says, on every interface without it: in local mode
         # nothing outside this machine needs it (nor the driver). Read when this process starts the JVM.
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
@@ -117,6 +121,35 @@ def build_session(app_name: str, verbose: bool = False, jars: list[str] | None =
     spark.sparkContext.setLogLevel("INFO" if verbose else "WARN")
     get_logger("session").info("Spark %s, master %s", spark.version, spark.sparkContext.master)
     return spark
+
+
+#: Where a local stage's Spark keeps its scratch files (shuffle, spilled blocks): a folder per process, so
+#: that what a killed process left is found and removed by the next start (``own_local_dir``).
+LOCAL_DIR_ROOT = os.path.join(tempfile.gettempdir(), f"meter-stream-spark-{os.getuid()}")
+
+
+def own_local_dir(root: str) -> str:
+    """Return a scratch folder for this process under ``root``, after removing those of processes gone.
+
+    Spark removes its scratch folders when its JVM exits normally; a SIGKILL leaves them behind.
+    """
+    for folder in glob.glob(os.path.join(root, "pid-*")):
+        pid = folder.rsplit("pid-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+    own = os.path.join(root, f"pid-{os.getpid()}")
+    os.makedirs(own, mode=0o700, exist_ok=True)
+    return own
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def submitted_conf() -> SparkConf:

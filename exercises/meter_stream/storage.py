@@ -164,6 +164,20 @@ def rename_path(spark: SparkSession, source: str, target: str) -> None:
         raise OSError(f"could not rename {source} to {target}")
 
 
+def copy_file(spark: SparkSession, source: str, target: str) -> None:
+    """Copy a file (the target is written in place: copy only into a folder no reader sees yet).
+
+    Raises:
+        OSError: when the file system refuses.
+    """
+    source_fs, source_path = _fs_path(spark, source)
+    target_fs, target_path = _fs_path(spark, target)
+    _mutation("copy", f"{source} -> {target}")
+    file_util = jvm.gateway(spark).org.apache.hadoop.fs.FileUtil
+    if not file_util.copy(source_fs, source_path, target_fs, target_path, False, jvm.hadoop_configuration(spark)):
+        raise OSError(f"could not copy {source} to {target}")
+
+
 _RENAME_EXCHANGE, _AT_FDCWD = 2, -100
 _libc = ctypes.CDLL(None, use_errno=True)
 

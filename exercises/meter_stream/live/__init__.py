@@ -41,7 +41,7 @@ here is a small parquet table (one row per series) joined in Spark with native f
 
 from meter_stream.live.compaction import Compactor
 from meter_stream.live.cycle import CycleResult, run_cycle
-from meter_stream.live.runner import LIVE_CYCLES, percentile, start, watch
+from meter_stream.live.runner import DEFAULT_MAX_ROWS_PER_CYCLE, LIVE_CYCLES, RunnerLimits, percentile, start, watch
 from meter_stream.live.store import (
     CYCLE_TAG,
     UNDO_SUFFIX,
@@ -50,6 +50,7 @@ from meter_stream.live.store import (
     SinkPosition,
     append_files,
     cursor_files,
+    new_raw_files,
     new_sink_files,
     read_cursor,
     read_figures,
@@ -57,15 +58,18 @@ from meter_stream.live.store import (
 
 __all__ = [
     "CYCLE_TAG",
+    "DEFAULT_MAX_ROWS_PER_CYCLE",
     "LIVE_CYCLES",
     "UNDO_SUFFIX",
     "Compactor",
     "Cursor",
     "CycleResult",
+    "RunnerLimits",
     "Settings",
     "SinkPosition",
     "append_files",
     "cursor_files",
+    "new_raw_files",
     "new_sink_files",
     "percentile",
     "read_cursor",

@@ -13,9 +13,11 @@ from meter_stream.contracts import (
     CLEANED_SCHEMA,
     PARTITION,
     PROCESSED_SCHEMA,
+    to_micros,
 )
 from meter_stream.live.store import STAGING_SUFFIX, hour_of_micros, swap_hours
 from meter_stream.storage import (
+    copy_file,
     delete_path,
     list_files,
     parquet_writer,
@@ -52,10 +54,11 @@ class Compactor:
 
     A compaction reads the files of the oldest closed hour (of either output) as they are when it
     starts and writes them, merged into a few files (``compaction_tasks``), to a staging folder. A later cycle's
-    commit swaps that folder in, undo-protected like any rewritten hour, if the hour still has
-    exactly those files; otherwise (a late measurement rewrote the hour meanwhile) the merged copy
-    is dropped and the hour compacted again later. An hour is closed once the newest slot is in a
-    later hour.
+    commit swaps that folder in, undo-protected like any rewritten hour, with copies of the files
+    that cycles appended to the hour meanwhile (stragglers: a few small files). Only when a late
+    measurement rewrote the hour meanwhile (its files are not there any more) is the merged copy
+    dropped and the hour compacted again later. An hour is closed once the newest slot less
+    ``grace_seconds`` is in a later hour: most stragglers come before that.
 
     In the background (the runner), the merge runs in a thread of the session while cycles go on: an
     hour of 100,000 series is 36 M grid rows, which held a cycle up as long as it took when it ran
@@ -63,8 +66,9 @@ class Compactor:
     it and swaps it in itself.
     """
 
-    def __init__(self, background: bool) -> None:
+    def __init__(self, background: bool, grace_seconds: float = 0.0) -> None:
         self.background = background
+        self.grace_micros = to_micros(grace_seconds)
         self.running: _Compaction | None = None
 
     def step(
@@ -73,7 +77,7 @@ class Compactor:
         """In a cycle's commit: swap in a finished compaction, start the next one; return the hours still open."""
         open_hours = self._finish(spark, paths, open_hours, cycle)
         if self.running is None and newest is not None:
-            self.running = self._start(spark, paths, open_hours, hour_of_micros(newest))
+            self.running = self._start(spark, paths, open_hours, hour_of_micros(newest - self.grace_micros))
             if self.running is not None and not self.background:
                 self.running.done.wait()
                 open_hours = self._finish(spark, paths, open_hours, cycle)
@@ -125,13 +129,21 @@ class Compactor:
             return open_hours
         self.running = None
         path = getattr(paths, job.output)
-        if job.error is not None or data_files(spark, path, job.hour) != job.files:
-            reason = job.error or "the hour changed meanwhile"
-            log.info("compaction of %s hour %d dropped: %s", job.output, job.hour, reason)
+        current = data_files(spark, path, job.hour)
+        if job.error is not None or not set(job.files) <= set(current):
+            reason = job.error or "a late measurement rewrote the hour meanwhile"
+            log.info("compaction of %s hour %d dropped, to be done again: %s", job.output, job.hour, reason)
             delete_path(spark, job.staging)
             return open_hours
+        # Files that cycles appended since the merge started go along as they are (a few small files).
+        folder = f"{job.staging}/{PARTITION}={job.hour}"
+        added = [file for file in current if file not in job.files]
+        for file in added:
+            copy_file(spark, file, f"{folder}/{file.rsplit('/', 1)[-1]}")
         swap_hours(spark, path, job.staging, [job.hour], cycle)
-        log.info("compacted %s hour %d (%d files)", job.output, job.hour, len(job.files))
+        log.info(
+            "compacted %s hour %d (%d files, %d appended meanwhile)", job.output, job.hour, len(job.files), len(added)
+        )
         return {name: [h for h in hours if (h, name) != (job.hour, job.output)] for name, hours in open_hours.items()}
 
 

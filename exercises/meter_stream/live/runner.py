@@ -8,13 +8,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from meter_stream import check_figures, checker, cleaner, config, consumer, processor
+from meter_stream import check_figures, checker, cleaner, config, consumer, kafka_client, processor
 from meter_stream import message as m
 from meter_stream.contracts import (
     CLEANED_SCHEMA,
@@ -64,6 +65,31 @@ log = config.get_logger("live")
 #: In reports: the live runner's recent cycles with their latency histograms.
 LIVE_CYCLES = "live_cycles.json"
 KEPT_CYCLES = 2000
+
+#: A cycle takes at most this many raw rows (oldest first), so a backlog of any size is absorbed in bounded
+#: cycles; the live consumer's micro-batches are capped at it too. Chosen in BENCHMARKS.md, "Catch-up".
+DEFAULT_MAX_ROWS_PER_CYCLE = 2_000_000
+#: While the broker is away: seconds between reachability checks, doubling up to the last (a return is
+#: noticed within it), and the first outage report repeated after this many seconds, then at doubling intervals.
+OUTAGE_RETRY_SECONDS = (1.0, 15.0)
+OUTAGE_REPORT_SECONDS = 60.0
+#: An hour is compacted once the newest slot is this far past its end: the stragglers of a fleet's last
+#: round of the hour have come by then, and a merge is not redone for each of them.
+COMPACTION_GRACE_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class RunnerLimits:
+    """How much a cycle takes at most, and how long a broker outage is waited out (None: no limit)."""
+
+    max_rows_per_cycle: int | None = DEFAULT_MAX_ROWS_PER_CYCLE
+    max_broker_outage_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_rows_per_cycle is not None and self.max_rows_per_cycle <= 0:
+            raise ValueError("--max-rows-per-cycle must be positive")
+        if self.max_broker_outage_seconds is not None and self.max_broker_outage_seconds <= 0:
+            raise ValueError("--max-broker-outage must be positive")
 
 
 def percentile(histogram: dict[float, int], share: float) -> float | None:
@@ -193,20 +219,25 @@ class LiveRunner:
     """The live mode behind ``--watch``: a continuous consumer and a cycle whenever it committed new files."""
 
     def __init__(
-        self, spark: SparkSession, paths: config.Paths, settings: Settings, should_stop: Callable[[], bool]
+        self,
+        spark: SparkSession,
+        paths: config.Paths,
+        settings: Settings,
+        should_stop: Callable[[], bool],
+        limits: RunnerLimits = RunnerLimits(),
     ) -> None:
-        self.spark, self.paths, self.settings = spark, paths, settings
+        self.spark, self.paths, self.settings, self.limits = spark, paths, settings, limits
         self.should_stop = should_stop
         self.cycles: list[dict[str, Any]] = []
         self.consumer_errors: list[Exception] = []
-        self.compactor = Compactor(background=True)
+        self.compactor = Compactor(background=True, grace_seconds=COMPACTION_GRACE_SECONDS)
 
     def start_consumer(self, config_: consumer.ConsumerConfig) -> threading.Thread:
         """Run the consumer (continuous: a batch every ``config_.interval_seconds``) in a thread of this session."""
 
         def consume() -> None:
             try:
-                consumer.run(self.spark, self.paths, config_, self.should_stop)
+                self._consume_through_outages(config_)
             except Exception as error:  # reported by the main loop, which then stops
                 consumer.log.error("%s", error)
                 self.consumer_errors.append(error)
@@ -214,6 +245,57 @@ class LiveRunner:
         thread = threading.Thread(target=consume, name="consumer", daemon=True)
         thread.start()
         return thread
+
+    def _consume_through_outages(self, config_: consumer.ConsumerConfig) -> None:
+        """Run the consumer; when the broker goes away, wait for it with backoff and go on from the checkpoint.
+
+        The outage is logged when it starts, again after ``OUTAGE_REPORT_SECONDS`` and then at doubling
+        intervals, and when the broker is back. Cycles go on meanwhile with what was committed.
+
+        Raises:
+            consumer.ConsumerError: on a failure that is not an outage (access refused, ...), or an outage
+                longer than ``limits.max_broker_outage_seconds``.
+        """
+        servers = config_.bootstrap_servers
+        while not self.should_stop():
+            try:
+                consumer.run(self.spark, self.paths, config_, self.should_stop)
+                return
+            except (consumer.ConsumerError, ConnectionError) as error:
+                if not broker_outage(error, servers):
+                    raise
+                cause = error
+            since, wait = time.monotonic(), OUTAGE_RETRY_SECONDS[0]
+            report = since + OUTAGE_REPORT_SECONDS
+            log.warning(
+                "live: the Kafka broker at %s is unreachable (%s); cycles go on, retrying", servers, str(cause)[:300]
+            )
+            while not kafka_client.reachable(servers):
+                away = time.monotonic() - since
+                limit = self.limits.max_broker_outage_seconds
+                if limit is not None and away > limit:
+                    raise consumer.ConsumerError(
+                        f"the Kafka broker at {servers} has been unreachable for {away:.0f} s since the consumer "
+                        f"failed (after the Kafka client's own retries), longer than --max-broker-outage ({limit:g} s)"
+                    )
+                if time.monotonic() >= report:
+                    log.warning("live: the Kafka broker at %s is still unreachable after %.0f s", servers, away)
+                    report = since + 2 * (report - since)
+                if self._sleep(wait):
+                    return
+                wait = min(2 * wait, OUTAGE_RETRY_SECONDS[1])
+            log.warning(
+                "live: the Kafka broker at %s is back after %.0f s; reading on", servers, time.monotonic() - since
+            )
+
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; return whether a stop was asked for meanwhile."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.should_stop():
+                return True
+            time.sleep(min(0.5, seconds))
+        return self.should_stop()
 
     def cycle(self, cursor: Cursor, files: list[str], positions: dict[str, SinkPosition]) -> Cursor:
         """Run one cycle under the stages' locks; log and keep its metrics; return the new cursor."""
@@ -236,6 +318,20 @@ class LiveRunner:
             *(metrics[k] for k in ("seconds", "processor_s", "cleaner_s", "checker_s", "report_s")),
         )
         return cursor
+
+
+def broker_outage(error: Exception, bootstrap_servers: str) -> bool:
+    """Whether the consumer failed because the broker is away (not because it refused access or another fault).
+
+    The Kafka client's errors for an unreachable broker are timeouts; they also come while the broker
+    is starting up again, when it accepts connections but does not answer yet.
+    """
+    if isinstance(error, consumer.AccessError):
+        return False
+    if isinstance(error, ConnectionError):
+        return True
+    text = str(error)
+    return "Timeout" in text or "timed out" in text.lower() or not kafka_client.reachable(bootstrap_servers)
 
 
 def cycle_metrics(number: int, wall: float, seconds: float, result: CycleResult) -> dict[str, Any]:
@@ -267,18 +363,23 @@ def watch(
     settings: Settings,
     consumer_config: consumer.ConsumerConfig | None,
     should_stop: Callable[[], bool],
+    limits: RunnerLimits = RunnerLimits(),
 ) -> int:
     """Run the live mode until ``should_stop()``; return the exit code.
 
     After ``start`` (a full run only when there is no usable state), the consumer runs continuously
     in a thread of this session (a batch every ``consumer_config.interval_seconds``; without
     ``consumer_config``, another process fills consumer_data). A cycle starts as soon as new raw
-    files are committed. On SIGTERM or Ctrl-C the
+    files are committed, and takes at most ``limits.max_rows_per_cycle`` of them, oldest first; the
+    consumer's micro-batches are capped at it too unless its config sets its own cap. A broker
+    outage is waited out (``LiveRunner._consume_through_outages``). On SIGTERM or Ctrl-C the
     consumer ends after its batch, a last cycle takes what it wrote, and the run exits 0. The runner
     holds ``runner_locks`` all along.
     """
+    if consumer_config is not None and consumer_config.max_offsets_per_trigger is None:
+        consumer_config = replace(consumer_config, max_offsets_per_trigger=limits.max_rows_per_cycle)
     with runner_locks(paths):
-        return _watch(spark, paths, settings, consumer_config, should_stop)
+        return _watch(spark, paths, settings, consumer_config, should_stop, limits)
 
 
 def _watch(
@@ -287,8 +388,9 @@ def _watch(
     settings: Settings,
     consumer_config: consumer.ConsumerConfig | None,
     should_stop: Callable[[], bool],
+    limits: RunnerLimits,
 ) -> int:
-    runner = LiveRunner(spark, paths, settings, should_stop)
+    runner = LiveRunner(spark, paths, settings, should_stop, limits)
     cursor = start(spark, paths, settings)
     # A cycle's data is small: one shuffle partition per core, not Spark's default of 200. Set before the
     # runner's threads start (none changes a setting while another uses the session), restored at the end.
@@ -318,7 +420,7 @@ def _cycles(
     )
     while True:
         finished = thread is None or not thread.is_alive()
-        files, after = new_raw_files(spark, paths, cursor.positions)
+        files, after = new_raw_files(spark, paths, cursor.positions, runner.limits.max_rows_per_cycle)
         if files:
             cursor = runner.cycle(cursor, files, after)
             continue

@@ -17,6 +17,7 @@ from meter_stream import message as m
 from meter_stream.contracts import (
     PARTITION,
     PARTITION_FORMAT,
+    RAW_SCHEMA,
     SERIES_KEYS,
     SERIES_KEYS_SCHEMA,
     hour_value,
@@ -104,39 +105,99 @@ class SinkPosition:
     modified_ms: int = -1
 
 
-def new_sink_files(spark: SparkSession, folder: str, since: SinkPosition) -> tuple[list[str], SinkPosition]:
-    """Return the files a file-sink output committed after ``since``, and the position after them.
+@dataclass(frozen=True)
+class SinkFile:
+    """One file a file-sink log committed: its path, its modification time (ms) and the log file naming it."""
 
-    Batch log files above ``since.batch`` hold only new files. A compact log file (every tenth
-    batch) repeats the older ones too; of those, the files modified after ``since.modified_ms`` are
-    new: the sink commits batches one after another, so a later batch's files are written after
-    every file of the batches before it.
+    path: str
+    modified_ms: int
+    batch: int
+
+
+def _new_sink_entries(spark: SparkSession, folder: str, since: SinkPosition) -> list[SinkFile]:
+    """The files a file-sink output committed after ``since``, oldest first.
+
+    Log files above ``since.batch`` are read. A compact log file (every tenth batch) repeats the
+    older files too, and a batch taken only in part (``take_rows``) is read again: of the files
+    they name, those modified after ``since.modified_ms`` are new. The sink commits batches one
+    after another, so a later batch's files are written after every file of the batches before it.
     """
-    files: set[str] = set()
-    batch, modified = since.batch, since.modified_ms
+    files: dict[str, SinkFile] = {}
     for log_file in list_files(spark, f"{folder.rstrip('/')}/{SINK_LOG}/*"):
         match = re.fullmatch(r"(\d+)(\.compact)?", log_file.rsplit("/", 1)[-1])
         if not match or int(match.group(1)) <= since.batch:
             continue
-        batch = max(batch, int(match.group(1)))
         for entry in sink_log_entries(spark, log_file):
-            if match.group(2) and entry["modificationTime"] <= since.modified_ms:
-                continue
-            files.add(entry["path"])
-            modified = max(modified, int(entry["modificationTime"]))
-    return sorted(files), SinkPosition(batch, modified)
+            if int(entry["modificationTime"]) > since.modified_ms and entry["path"] not in files:
+                files[entry["path"]] = SinkFile(entry["path"], int(entry["modificationTime"]), int(match.group(1)))
+    return sorted(files.values(), key=lambda f: (f.modified_ms, f.batch, f.path))
+
+
+def _position_after(since: SinkPosition, new: list[SinkFile], taken: int) -> SinkPosition:
+    """The position after the first ``taken`` of ``new`` (oldest first): the newest log batch whose new
+    files were all taken, and the newest file time taken."""
+    if not taken:
+        return since
+    left = {f.batch for f in new[taken:]}
+    whole = [f.batch for f in new[:taken] if not left or f.batch < min(left)]
+    return SinkPosition(max([since.batch, *whole]), new[taken - 1].modified_ms)
+
+
+def new_sink_files(spark: SparkSession, folder: str, since: SinkPosition) -> tuple[list[str], SinkPosition]:
+    """Return the files a file-sink output committed after ``since``, and the position after them."""
+    new = _new_sink_entries(spark, folder, since)
+    return [f.path for f in new], _position_after(since, new, len(new))
 
 
 def new_raw_files(
-    spark: SparkSession, paths: config.Paths, since: dict[str, SinkPosition]
+    spark: SparkSession, paths: config.Paths, since: dict[str, SinkPosition], max_rows: int | None = None
 ) -> tuple[list[str], dict[str, SinkPosition]]:
-    """Return (new raw files, positions after them) over every generation of consumer_data."""
-    files, positions = [], {}
+    """Return (new raw files, positions after them) over every generation of consumer_data, oldest first.
+
+    With ``max_rows``, only the oldest files up to that many rows are taken when the new files come
+    from more than one consumer batch (``take_rows``); a single batch is taken whole, as the live
+    runner's consumer writes batches of at most ``max_rows`` (``ConsumerConfig.max_offsets_per_trigger``).
+    """
+    by_folder = []
     for folder in generation_folders(spark, paths.consumer_data):
         key = "." if folder == paths.consumer_data else folder.rsplit("/", 1)[-1]
-        new, positions[key] = new_sink_files(spark, folder, since.get(key, SinkPosition()))
-        files += new
+        position = since.get(key, SinkPosition())
+        by_folder.append((key, position, _new_sink_entries(spark, folder, position)))
+    new = [f for _key, _position, entries in by_folder for f in entries]
+    batches = {(key, f.batch) for key, _position, entries in by_folder for f in entries}
+    taken = take_rows(spark, new, max_rows) if max_rows and len(batches) > 1 else len(new)
+    positions, files = {}, []
+    for key, position, entries in by_folder:
+        share = min(taken, len(entries))
+        positions[key] = _position_after(position, entries, share)
+        files += [f.path for f in entries[:share]]
+        taken -= share
     return files, positions
+
+
+def take_rows(spark: SparkSession, files: list[SinkFile], max_rows: int) -> int:
+    """How many of ``files`` (oldest first) a cycle takes: as many as hold at most ``max_rows`` rows, at
+    least one, and never only some of the files with one modification time (``_position_after``
+    could not tell them apart).
+
+    The rows are counted from the files' parquet footers (one Spark job, no data read).
+    """
+    counts = {
+        row.name: row["count"]
+        for row in spark.read.schema(RAW_SCHEMA)
+        .parquet(*[f.path for f in files])
+        .groupBy(F.element_at(F.split(F.input_file_name(), "/"), -1).alias("name"))
+        .count()
+        .collect()  # one row per file: a summary, not the data
+    }
+    rows, taken = 0, 0
+    for index, file in enumerate(files):
+        rows += counts.get(file.path.rsplit("/", 1)[-1], 0)
+        if rows > max_rows and taken:
+            break
+        if index + 1 == len(files) or files[index + 1].modified_ms != file.modified_ms:
+            taken = index + 1
+    return taken
 
 
 @dataclass
