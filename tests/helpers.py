@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from confluent_kafka import Producer
@@ -16,6 +18,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from pyspark.sql import DataFrame, SparkSession
 
 from make_sample_data import raw_rows
+from meter_stream import storage
 from meter_stream.contracts import RAW_SCHEMA
 from meter_stream.session import local_frame
 
@@ -123,3 +126,33 @@ def stop_runner(runner):
     _out, err = runner.communicate(timeout=180)
     assert runner.returncode == 0, err[-3000:]
     return err
+
+
+# --- crash injection ---------------------------------------------------------------------------
+
+
+class Crash(BaseException):
+    """A simulated kill: not an ``Exception``, so no handler in the project catches it."""
+
+
+class Mutations:
+    """The storage mutation hook: counts the mutations; crashes at the ``crash_at``-th one; or, given a
+    ``snapshots`` folder, copies the datastore as it is before each one (all that a kill there leaves)."""
+
+    def __init__(self, crash_at: int | None = None, root: str = "", snapshots: str = "") -> None:
+        self.crash_at, self.root, self.snapshots, self.seen = crash_at, root, snapshots, []
+
+    def __call__(self, kind: str, path: str) -> None:
+        self.seen.append(f"{kind} {path}")
+        if self.snapshots:
+            shutil.copytree(self.root, os.path.join(self.snapshots, str(len(self.seen))))
+        if len(self.seen) == self.crash_at:
+            raise Crash(f"killed before mutation {self.crash_at}: {self.seen[-1]}")
+
+
+def with_hook(hook: Mutations, action: Callable):
+    storage.mutation_hook = hook
+    try:
+        return action()
+    finally:
+        storage.mutation_hook = None

@@ -27,7 +27,7 @@ from meter_stream.contracts import (
     UNKNOWN_SERIES_SCHEMA,
 )
 from meter_stream.storage import read_output
-from tests.helpers import epoch, message, write_step_files
+from tests.helpers import Crash, Mutations, epoch, message, with_hook, write_step_files
 
 T0 = epoch("2026-11-25 13:58:00")  # the steps cross from hour 13 into hour 14 at T0 + 120 s
 A = ("device1", "energy import")
@@ -64,33 +64,6 @@ OUTPUTS = (
     ("quarantine_data", QUARANTINE_SCHEMA),
     ("unknown_series", UNKNOWN_SERIES_SCHEMA),
 )
-
-
-class Crash(BaseException):
-    """A simulated kill: not an ``Exception``, so no handler in the project catches it."""
-
-
-class Mutations:
-    """The storage mutation hook: counts the mutations; crashes at the ``crash_at``-th one; or, given a
-    ``snapshots`` folder, copies the datastore as it is before each one (all that a kill there leaves)."""
-
-    def __init__(self, crash_at: int | None = None, root: str = "", snapshots: str = "") -> None:
-        self.crash_at, self.root, self.snapshots, self.seen = crash_at, root, snapshots, []
-
-    def __call__(self, kind: str, path: str) -> None:
-        self.seen.append(f"{kind} {path}")
-        if self.snapshots:
-            shutil.copytree(self.root, os.path.join(self.snapshots, str(len(self.seen))))
-        if len(self.seen) == self.crash_at:
-            raise Crash(f"killed before mutation {self.crash_at}: {self.seen[-1]}")
-
-
-def with_hook(hook: Mutations, action: Callable):
-    storage.mutation_hook = hook
-    try:
-        return action()
-    finally:
-        storage.mutation_hook = None
 
 
 @dataclasses.dataclass(frozen=True)

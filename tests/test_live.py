@@ -30,6 +30,8 @@ from meter_stream.session import local_frame
 from meter_stream.storage import StageBusyError, read_output, stage_lock
 from tests.helpers import (
     ROOT,
+    Crash,
+    Mutations,
     epoch,
     message,
     new_topic,
@@ -38,6 +40,7 @@ from tests.helpers import (
     stop_runner,
     utc,
     wait_for_cycles,
+    with_hook,
     write_step_files,
 )
 
@@ -467,6 +470,39 @@ def test_compaction_waits_for_the_grace_after_the_hour_and_redoes_an_hour_a_late
     compactor.running.done.wait()
     assert compactor.step(spark, paths, open_hours, end + 80_000_000, 6) == {"processed_data": [], "cleaned_data": []}
     assert _values(spark, paths) == [1.0, 2.0]
+
+
+def test_a_kill_at_each_mutation_of_a_compaction_swap_with_stragglers_then_recovery_loses_and_doubles_nothing(
+    spark, tmp_path
+):
+    hour, newest = 2026112513, int((T0 + 3600) * 1_000_000)
+    open_hours = {"processed_data": [hour], "cleaned_data": []}
+
+    def merged_with_a_straggler(root):
+        """Cycles 1-3 appended, a compaction merged them; cycle 4 appended a straggler and committed."""
+        paths = config.Paths.under(root)
+        for cycle in (1, 2, 3):
+            _append(spark, paths, hour, cycle, A, 10 * cycle, float(cycle))
+        compactor = live.Compactor(background=True)
+        compactor.step(spark, paths, open_hours, newest, 4)
+        compactor.running.done.wait()
+        _append(spark, paths, hour, 4, B, 40, 4.0)
+        return paths, compactor
+
+    def swap(paths, compactor):  # in cycle 5's commit
+        return lambda: compactor.step(spark, paths, open_hours, newest, 5)
+
+    counted = Mutations()
+    with_hook(counted, swap(*merged_with_a_straggler(str(tmp_path / "counted"))))
+    assert any(seen.startswith("copy ") for seen in counted.seen)
+    for crash_at in range(1, len(counted.seen) + 1):
+        root = str(tmp_path / f"killed-{crash_at}")
+        paths, compactor = merged_with_a_straggler(root)
+        with pytest.raises(Crash):
+            with_hook(Mutations(crash_at), swap(paths, compactor))
+        assert _values(spark, paths) == [1.0, 2.0, 3.0, 4.0], counted.seen[crash_at - 1]  # what a reader sees
+        live.store.recover(spark, paths, live.Cursor(4, {}, "settings"))  # cycle 5 never committed
+        assert _values(spark, paths) == [1.0, 2.0, 3.0, 4.0] and not leftovers(root), counted.seen[crash_at - 1]
 
 
 def test_cycles_quarantine_clock_faulty_meters_as_a_batch_run_does_and_report_them(spark, tmp_path):
