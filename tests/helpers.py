@@ -140,7 +140,8 @@ class Mutations:
     ``snapshots`` folder, copies the datastore as it is before each one (all that a kill there leaves)."""
 
     def __init__(self, crash_at: int | None = None, root: str = "", snapshots: str = "") -> None:
-        self.crash_at, self.root, self.snapshots, self.seen = crash_at, root, snapshots, []
+        self.crash_at, self.root, self.snapshots = crash_at, root, snapshots
+        self.seen: list[str] = []
 
     def __call__(self, kind: str, path: str) -> None:
         self.seen.append(f"{kind} {path}")

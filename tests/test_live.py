@@ -17,7 +17,7 @@ import pytest
 from pyspark.sql import types as T
 
 from make_sample_data import raw_rows
-from meter_stream import check_figures, checker, cleaner, config, kafka_client, live, processor
+from meter_stream import check_figures, checker, cleaner, config, kafka_client, live, processor, raw_input
 from meter_stream.contracts import (
     CLEANED_SCHEMA,
     PROCESSED_SCHEMA,
@@ -27,7 +27,7 @@ from meter_stream.contracts import (
     hour_value,
 )
 from meter_stream.session import local_frame
-from meter_stream.storage import StageBusyError, read_output, stage_lock
+from meter_stream.storage import StageBusyError, read_output, read_text_tail, stage_lock
 from tests.helpers import (
     ROOT,
     Crash,
@@ -331,6 +331,20 @@ def test_cursor_gives_each_committed_file_once_across_compact_log_files(spark, t
     files, after = live.new_sink_files(spark, str(folder), position)
     assert [f.rsplit("/", 1)[-1] for f in files] == ["c.parquet"] and after == live.SinkPosition(2, 300)
     assert live.new_sink_files(spark, str(folder), after) == ([], after)
+
+
+def test_a_long_compact_log_file_is_read_from_its_end_as_far_as_new_files_go(spark, tmp_path, monkeypatch):
+    folder = tmp_path / "consumer_data"
+    names = [(f"part-{i:05d}.parquet", 1000 + i) for i in range(3000)]
+    _commit_to_sink_log(folder, 9, names, compact=True)
+    monkeypatch.setattr(raw_input, "COMPACT_TAIL_BYTES", 1000)  # a few lines: the tail grows until far enough
+    read = []
+    monkeypatch.setattr(raw_input, "read_text_tail", lambda *args: read.append(args[2]) or read_text_tail(*args))
+    for since in (3990, 2000, -1):
+        files, after = live.new_sink_files(spark, str(folder), live.SinkPosition(8, since))
+        assert [f.rsplit("/", 1)[-1] for f in files] == [name for name, modified in names if modified > since]
+        assert after == live.SinkPosition(9, 3999)
+    assert read[0] == 1000 and max(read) >= (tmp_path / "consumer_data/_spark_metadata/9.compact").stat().st_size
 
 
 def test_a_cycle_takes_the_oldest_files_up_to_its_cap_and_the_next_cycles_the_rest(spark, tmp_path):

@@ -17,7 +17,16 @@ from pyspark.sql import DataFrame, SparkSession
 from meter_stream import config
 from meter_stream.contracts import RAW_SCHEMA
 from meter_stream.session import local_frame
-from meter_stream.storage import SINK_LOG, StageInputError, list_files, local_path, path_exists, read_text, write_text
+from meter_stream.storage import (
+    SINK_LOG,
+    StageInputError,
+    list_files,
+    local_path,
+    path_exists,
+    read_text,
+    read_text_tail,
+    write_text,
+)
 
 GENERATION_PREFIX = "generation-"
 #: In the consumer's checkpoint folder: the topic's id and the current generation (``choose_generation``).
@@ -122,13 +131,38 @@ def sink_log_entries(spark: SparkSession, log_file: str) -> list[dict[str, Any]]
     Read in the driver through Hadoop: the log is metadata (a line per file written), and Spark's
     own readers skip folders whose names start with an underscore.
     """
+    return _add_entries((read_text(spark, log_file) or "").splitlines())
+
+
+def _add_entries(lines: list[str]) -> list[dict[str, Any]]:
     entries = []
-    for line in (read_text(spark, log_file) or "").splitlines():
+    for line in lines:
         if line.startswith("{"):
             entry = json.loads(line)
             if entry.get("action") == "add" and entry.get("path"):
                 entries.append(entry)
     return entries
+
+
+#: The tail of a compact sink log file read first for the files after a position (``sink_log_entries_after``).
+COMPACT_TAIL_BYTES = 1 << 20
+
+
+def sink_log_entries_after(spark: SparkSession, log_file: str, modified_ms: int) -> list[dict[str, Any]]:
+    """The ``add`` entries of a sink log file whose files were modified after ``modified_ms``.
+
+    A compact log file lists every file the sink ever wrote, oldest batch first, and grows with the
+    output (about 17,000 lines a day for the live consumer): it is read from its end, a growing
+    tail at a time, until the tail reaches back to files of ``modified_ms`` or before.
+    """
+    size = COMPACT_TAIL_BYTES
+    while True:
+        text, whole = read_text_tail(spark, log_file, size)
+        lines = text.splitlines()
+        entries = _add_entries(lines if whole else lines[1:])
+        if whole or (entries and int(entries[0]["modificationTime"]) <= modified_ms):
+            return [entry for entry in entries if int(entry["modificationTime"]) > modified_ms]
+        size *= 4
 
 
 # --- the consumer's side ------------------------------------------------------------------------

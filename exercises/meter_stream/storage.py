@@ -330,6 +330,20 @@ def read_text(spark: SparkSession, path: str) -> str | None:
         stream.close()
 
 
+def read_text_tail(spark: SparkSession, path: str, size: int) -> tuple[str, bool]:
+    """Read the last ``size`` bytes of a UTF-8 text file through Hadoop; return them and whether that is the
+    whole file. The first line may be cut (the caller drops it unless it has the whole file)."""
+    fs, hadoop_path = _fs_path(spark, path)
+    start = max(0, int(fs.getFileStatus(hadoop_path).getLen()) - size)
+    stream = fs.open(hadoop_path)
+    try:
+        stream.seek(start)
+        data = bytes(jvm.gateway(spark).org.apache.commons.io.IOUtils.toByteArray(stream))
+    finally:
+        stream.close()
+    return data.decode("utf-8", errors="replace"), start == 0
+
+
 def write_bytes(spark: SparkSession, path: str, data: bytes) -> None:
     """Write a small file (a report, a chart), replacing the old one in one step: never absent, never partial.
 

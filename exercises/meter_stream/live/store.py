@@ -23,7 +23,7 @@ from meter_stream.contracts import (
     hour_value,
     utc_datetime,
 )
-from meter_stream.raw_input import generation_folders, sink_log_entries
+from meter_stream.raw_input import generation_folders, sink_log_entries_after
 from meter_stream.storage import (
     SINK_LOG,
     create_empty_file,
@@ -127,8 +127,8 @@ def _new_sink_entries(spark: SparkSession, folder: str, since: SinkPosition) -> 
         match = re.fullmatch(r"(\d+)(\.compact)?", log_file.rsplit("/", 1)[-1])
         if not match or int(match.group(1)) <= since.batch:
             continue
-        for entry in sink_log_entries(spark, log_file):
-            if int(entry["modificationTime"]) > since.modified_ms and entry["path"] not in files:
+        for entry in sink_log_entries_after(spark, log_file, since.modified_ms):
+            if entry["path"] not in files:
                 files[entry["path"]] = SinkFile(entry["path"], int(entry["modificationTime"]), int(match.group(1)))
     return sorted(files.values(), key=lambda f: (f.modified_ms, f.batch, f.path))
 
