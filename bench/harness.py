@@ -689,12 +689,22 @@ MEANINGS = {
     "live_catch_up_s_<n>": "<n> series: seconds from the runner's start to a 10-minute backlog absorbed",
     "live_settle_s_<n>": "<n> series: seconds from the live producer's start to the first settled cycle "
     "(one that took in at most 1.5 rounds of the feed: the runner caught up with it)",
+    "live_restart_s_<n>": "<n> series: seconds from a SIGKILL of the runner while a cycle was in flight to the "
+    "next committed cycle of the restarted runner",
+    "live_outage_recovery_s_<n>": "<n> series: seconds from the broker's return after a 2-minute outage to the end "
+    "of the first cycle whose latency p95 is back within 1.5× the settled cycles' before the outage",
+    "live_catch_up_ratio_<n>_<h>": "<n> series, the runner down for <h> while the producer went on: hours of "
+    "backlog absorbed per hour of wall time, up to the first settled cycle",
+    "live_catch_up_heap_mib_<n>_<h>": "the same run: the runner JVM's peak used heap (jstat, every 2 s) while it "
+    "caught up",
+    "live_steady_heap_mib_<n>_<h>": "the same run: the runner JVM's peak used heap over the six settled cycles after",
 }
 
 
 def meaning(metric: str) -> str:
     """The line of ``MEANINGS`` for a metric, its series count or history length generalised."""
     for pattern, general in (
+        (r"^(live_\w+)_\d+_\d+[smhd]$", r"\1_<n>_<h>"),
         (r"^(.*)_\d+$", r"\1_<n>"),
         (r"^live_cycle_\w+_over_\w+$", "live_cycle_<h>_over_<h>"),
         (r"^live_cycle_s_\w+$", "live_cycle_s_<h>"),
@@ -714,8 +724,8 @@ def write_report(path: str, results: list[dict], host: dict, stages: str | None 
         "every figure of a size comes from the same run on the same files, so ratios compare like with like.",
         "",
         "Reproduce: `make bench` (about 1 M and 10 M measurements, 1 M Kafka messages) and `make bench-live` "
-        "(the live runner after 1 h and 24 h of history of four series, and at 4, 10,000 and 100,000 series; "
-        "about 45 minutes).",
+        "(the live runner after 1 h and 24 h of history of four series, and at 4, 10,000 and 100,000 series; a "
+        "kill and restart, a catch-up after downtime, a broker outage; `bench/live_bench.py --help` runs parts).",
         "",
         "| metric | rows | value | unit |",
         "|---|---:|---:|---|",

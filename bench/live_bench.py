@@ -377,7 +377,7 @@ def run_outage(work: str, series: int, outage: float) -> list[dict]:
 
 
 def jvm_of(pid: int) -> int | None:
-    """The Java process among ``pid``'s descendants (the runner's JVM), or None."""
+    """The runner's JVM among ``pid``'s descendants (not the short-lived launcher JVM before it), or None."""
     children: dict[int, list[int]] = {}
     for entry in _names("/proc"):
         try:
@@ -391,7 +391,8 @@ def jvm_of(pid: int) -> int | None:
         child = todo.pop()
         try:
             with open(f"/proc/{child}/cmdline", "rb") as handle:
-                if handle.read().split(b"\0", 1)[0].endswith(b"java"):
+                command = handle.read().split(b"\0")
+                if command[0].endswith(b"java") and b"org.apache.spark.deploy.SparkSubmit" in command:
                     return child
         except OSError:
             pass
