@@ -27,7 +27,7 @@ help:
 	@echo "make setup   create .venv, install requirements.txt, fetch the jars, make the JVM class archive"
 	@echo "make live    like make run, then keep every output fresh while a producer sends live; Ctrl-C stops"
 	@echo "make bench   benchmarks (bench/results.json, BENCHMARKS.md); not part of make test"
-	@echo "make bench-live  the live runner's latency, cycle time and catch-up up to 100,000 series (about 45 minutes)"
+	@echo "make bench-live  the live runner up to 100,000 series: latency, cycles, catch-up after downtime, a kill, a broker outage, a compressed day (hours; bench/live_bench.py --help runs parts)"
 	@echo "make lint    ruff check, ruff format check and the type check (mypy)"
 	@echo "make package  dist/meter_stream.zip: the package that spark-submit ships with --py-files"
 

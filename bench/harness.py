@@ -698,6 +698,27 @@ MEANINGS = {
     "live_catch_up_heap_mib_<n>_<h>": "the same run: the runner JVM's peak used heap (jstat, every 2 s) while it "
     "caught up",
     "live_steady_heap_mib_<n>_<h>": "the same run: the runner JVM's peak used heap over the six settled cycles after",
+    "live_soak_cycle_s_start_<n>": "<n> series, a producer clock a day in the past running 20× faster until now: "
+    "the median of the first 10 cycles",
+    "live_soak_cycle_s_end_<n>": "the same soak: the median of the last 10 cycles of the compressed day",
+    "live_soak_cycle_end_over_start_<n>": "the same soak: the last cycles' median over the first ones'",
+    "live_soak_heap_mib_start_<n>": "the same soak: the runner JVM's peak used heap over the first 10 cycles",
+    "live_soak_heap_mib_end_<n>": "the same soak: the same over the last 10 cycles",
+    "live_soak_files_consumer_data_start_<n>": "the same soak: parquet files in consumer_data after the first cycles",
+    "live_soak_files_consumer_data_end_<n>": "the same, at the end of the compressed day",
+    "live_soak_files_processed_data_start_<n>": "the same soak: parquet files in processed_data after the first cycles",
+    "live_soak_files_processed_data_end_<n>": "the same, at the end of the compressed day",
+    "live_soak_files_cleaned_data_start_<n>": "the same soak: parquet files in cleaned_data after the first cycles",
+    "live_soak_files_cleaned_data_end_<n>": "the same, at the end of the compressed day",
+    "live_soak_files_quarantine_data_start_<n>": "the same soak: parquet files in quarantine_data after the first "
+    "cycles",
+    "live_soak_files_quarantine_data_end_<n>": "the same, at the end of the compressed day",
+    "live_soak_files_per_closed_hour_max_start_<n>": "the same soak: the most files in a closed hour of cleaned_data "
+    "(the newest two hours left out), after the first cycles",
+    "live_soak_files_per_closed_hour_max_end_<n>": "the same, at the end of the compressed day",
+    "live_soak_sink_log_mib_start_<n>": "the same soak: consumer_data's sink log (_spark_metadata) after the first "
+    "cycles",
+    "live_soak_sink_log_mib_end_<n>": "the same, at the end of the compressed day",
 }
 
 
@@ -725,7 +746,8 @@ def write_report(path: str, results: list[dict], host: dict, stages: str | None 
         "",
         "Reproduce: `make bench` (about 1 M and 10 M measurements, 1 M Kafka messages) and `make bench-live` "
         "(the live runner after 1 h and 24 h of history of four series, and at 4, 10,000 and 100,000 series; a "
-        "kill and restart, a catch-up after downtime, a broker outage; `bench/live_bench.py --help` runs parts).",
+        "kill and restart, a catch-up after downtime, a broker outage, a compressed day; `bench/live_bench.py --help` "
+        "runs parts).",
         "",
         "| metric | rows | value | unit |",
         "|---|---:|---:|---|",

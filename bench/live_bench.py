@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -108,9 +109,13 @@ class Feed:
         self.delivered += count
         return count
 
-    def start_producer(self) -> subprocess.Popen:
+    def start_producer(self, *options: str) -> subprocess.Popen:
         return subprocess.Popen(
-            [PYTHON, "producer.py", "--quiet", *self.fleet], cwd=ROOT, env=self.env, stderr=subprocess.PIPE, text=True
+            [PYTHON, "producer.py", "--quiet", *self.fleet, *options],
+            cwd=ROOT,
+            env=self.env,
+            stderr=subprocess.PIPE,
+            text=True,
         )
 
     def stop_producer(self, process: subprocess.Popen) -> None:
@@ -135,8 +140,8 @@ class Feed:
 
 
 def delivered(stderr: str) -> int:
-    """The producer's count of delivered messages, from its last line."""
-    return int(stderr.rsplit("producer: ", 1)[1].split()[0])
+    """The producer's count of delivered messages, from its summary line (delivery errors may follow it)."""
+    return int(re.findall(r"producer: (\d+) delivered", stderr)[-1])
 
 
 def stop(process: subprocess.Popen, what: str) -> None:
@@ -392,7 +397,9 @@ def jvm_of(pid: int) -> int | None:
         try:
             with open(f"/proc/{child}/cmdline", "rb") as handle:
                 command = handle.read().split(b"\0")
-                if command[0].endswith(b"java") and b"org.apache.spark.deploy.SparkSubmit" in command:
+                # The launcher names SparkSubmit too, after its own main class; it exits at once.
+                launcher = b"org.apache.spark.launcher.Main" in command
+                if command[0].endswith(b"java") and b"org.apache.spark.deploy.SparkSubmit" in command and not launcher:
                     return child
         except OSError:
             pass
@@ -401,17 +408,20 @@ def jvm_of(pid: int) -> int | None:
 
 
 class HeapSampler:
-    """Samples a JVM's used heap (``jstat -gc``: survivor, eden and old generation) every few seconds."""
+    """Samples the used heap (``jstat -gc``: survivor, eden and old generation) of ``runner``'s JVM every 2 s."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
+    def __init__(self, runner: int) -> None:
+        self.runner = runner
         self.samples: list[tuple[float, float]] = []  # (epoch seconds, used MiB)
         self.done = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
         while not self.done.wait(2.0):
-            out = subprocess.run(["jstat", "-gc", str(self.pid)], capture_output=True, text=True).stdout.split()
+            pid = jvm_of(self.runner)
+            if pid is None:
+                continue
+            out = subprocess.run(["jstat", "-gc", str(pid)], capture_output=True, text=True).stdout.split()
             if len(out) > 2 and "EU" in out:
                 header, values = out[: len(out) // 2], out[len(out) // 2 :]
                 used = sum(float(values[header.index(name)]) for name in ("S0U", "S1U", "EU", "OU"))
@@ -432,8 +442,7 @@ def run_catch_up(bootstrap: str, work: str, series: int, downtime: str) -> list[
     print(f"{series} series: {backlog} messages of backlog ({downtime} down); runner started", flush=True)
     started = time.time()
     sender, runner = feed.start_producer(), feed.start_runner()
-    wait_for(lambda: jvm_of(runner.pid) is not None, runner, "the runner's JVM")
-    heap = HeapSampler(jvm_of(runner.pid) or 0)
+    heap = HeapSampler(runner.pid)
 
     def caught_up() -> list[dict]:
         cycles = with_measurements(feed.cycles())
@@ -465,6 +474,64 @@ def run_catch_up(bootstrap: str, work: str, series: int, downtime: str) -> list[
         },
         {"metric": f"live_steady_heap_mib_{name}", "rows": series, "value": steady_heap, "unit": "MiB"},
     ]
+
+
+#: The soak's figures at its start and end come from this many cycles each.
+SOAK_CYCLES = 10
+
+
+def run_soak(bootstrap: str, work: str, series: int, span: str, speed: float) -> list[dict]:
+    """``live_soak_*_<n>``: a producer whose clock starts ``span`` ago and runs ``speed`` times faster until it
+    reaches now, and the runner from an empty datastore: how cycles, files, the sink log and the heap
+    look at the start and at the end of the compressed span."""
+    feed = Feed(bootstrap, work, series, f"soak-{series}")
+    sender, runner = feed.start_producer("--since", span, "--speed", str(speed)), feed.start_runner()
+    reached_now = time.time() + config.parse_duration(span) / (speed - 1)
+    heap = HeapSampler(runner.pid)
+    wait_for(lambda: len(with_measurements(feed.cycles())) >= SOAK_CYCLES, runner, "the first cycles")
+    start = with_measurements(feed.cycles())[:SOAK_CYCLES]
+    at_start = growth(feed.datastore)
+    wait_for(lambda: time.time() >= reached_now, runner, "the end of the compressed span", timeout=48 * 3600, poll=5)
+    end = with_measurements(feed.cycles())[-SOAK_CYCLES:]
+    at_end = growth(feed.datastore)
+    heap.done.set()
+    finish(feed, runner, sender, series)
+    start_s, end_s = (statistics.median(c["seconds"] for c in cycles) for cycles in (start, end))
+    start_heap = heap.peak(datetime.fromisoformat(start[0]["at"]).timestamp(), end_of(start[-1]))
+    end_heap = heap.peak(datetime.fromisoformat(end[0]["at"]).timestamp(), end_of(end[-1]))
+    print(f"{series} series, soak: cycles {start_s:.1f} s -> {end_s:.1f} s; {at_start} -> {at_end}", flush=True)
+    figures = [
+        ("live_soak_cycle_s_start", start_s, "s"),
+        ("live_soak_cycle_s_end", end_s, "s"),
+        ("live_soak_cycle_end_over_start", round(end_s / start_s, 2), "ratio"),
+        ("live_soak_heap_mib_start", start_heap, "MiB"),
+        ("live_soak_heap_mib_end", end_heap, "MiB"),
+        *[(f"live_soak_{name}_start", value, unit) for name, (value, unit) in at_start.items()],
+        *[(f"live_soak_{name}_end", value, unit) for name, (value, unit) in at_end.items()],
+    ]
+    return [
+        {"metric": f"{name}_{series}", "rows": series, "value": value, "unit": unit} for name, value, unit in figures
+    ]
+
+
+def growth(datastore: str) -> dict[str, tuple[float, str]]:
+    """What grows with a run: parquet files per output, the most in one closed hour folder, the sink log's size."""
+    found: dict[str, tuple[float, str]] = {}
+    hours: dict[str, int] = {}
+    for output in ("consumer_data", "processed_data", "cleaned_data", "quarantine_data"):
+        count = 0
+        for folder, _folders, names in os.walk(os.path.join(datastore, output)):
+            files = [name for name in names if name.endswith(".parquet")]
+            count += len(files)
+            if output == "cleaned_data" and os.path.basename(folder).startswith("hour="):
+                hours[os.path.basename(folder)] = len(files)
+        found[f"files_{output}"] = (count, "files")
+    # the newest two hours may still be open or compacting
+    found["files_per_closed_hour_max"] = (max([hours[h] for h in sorted(hours)[:-2]] or [0]), "files")
+    sink_log = os.path.join(datastore, "consumer_data", "_spark_metadata")
+    size = sum(os.path.getsize(os.path.join(sink_log, name)) for name in _names(sink_log))
+    found["sink_log_mib"] = (round(size / 2**20, 2), "MiB")
+    return found
 
 
 def take_in_history(feed: Feed, series: int, history: str, backlog: str) -> int:
@@ -579,6 +646,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--catch-up", default="100000=1h,100000=3h", help="SIZE=DOWNTIME runs of the catch-up after downtime ('' skips)"
     )
+    parser.add_argument("--soak-sizes", default="10000", help="fleet sizes of the compressed-time soak ('' skips)")
+    parser.add_argument("--soak-span", default="1d", help="how far in the past the soak's producer clock starts")
+    parser.add_argument("--soak-speed", type=float, default=20.0, help="how much faster its clock runs")
     parser.add_argument(
         "--only",
         action="store_true",
@@ -605,6 +675,8 @@ def main(argv: list[str] | None = None) -> int:
             results += run_catch_up(bootstrap, work, int(size), downtime)
         for size in _sizes(args.outage_sizes):  # on a broker of its own
             results += run_outage(work, size, args.outage_seconds)
+        for size in _sizes(args.soak_sizes):
+            results += run_soak(bootstrap, work, size, args.soak_span, args.soak_speed)
         return results
 
     harness.save_results(

@@ -75,7 +75,8 @@ def test_live_benchmark_smoke_run_writes_its_metrics(kafka, tmp_path):
     # One history run (a second one is the same run again, ~50 s; the ratio of two is tested below).
     args = ["--histories", "10m=0.2", "--trigger", "2", "--bootstrap-servers", kafka]
     fleet = ["--sizes", "40", "--history", "10m", "--backlog", "2m", "--live-minutes", "0.2", "--settled-cycles", "1"]
-    assert live_bench.main([*args, *fleet, "--results", str(results), "--report", str(report)]) == 0
+    skipped = [f"--{name}=" for name in ("restart-sizes", "catch-up", "outage-sizes", "soak-sizes")]
+    assert live_bench.main([*args, *fleet, *skipped, "--results", str(results), "--report", str(report)]) == 0
     metrics = {r["metric"]: r["value"] for r in json.loads(results.read_text())}
     expected = {"live_cycle_s_10m", "live_latency_p50_s"}
     fleet_metrics = {f"live_{name}_40" for name in ("latency_p50_s", "latency_p95_s", "cycle_s", "msgs_per_s")}
@@ -85,6 +86,26 @@ def test_live_benchmark_smoke_run_writes_its_metrics(kafka, tmp_path):
     assert 0 < metrics["live_latency_p50_s_40"] <= metrics["live_latency_p95_s_40"]
     assert metrics["live_catch_up_s_40"] > 0 and metrics["live_msgs_per_s_40"] > 0
     assert "| live_latency_p95_s |" in report.read_text()
+
+
+@pytest.mark.integration
+def test_live_benchmark_fault_runs_at_a_small_size_write_their_metrics(kafka, tmp_path):
+    """The kill and restart, the catch-up after downtime, the broker outage (on a broker of its own) and the
+    compressed-time soak, each at 40 series and short, with their completeness checks."""
+    import live_bench  # bench/live_bench.py
+
+    results = tmp_path / "results.json"
+    results.write_text('[{"metric": "live_cycle_s_1h", "rows": 1, "value": 5.0, "unit": "s"}]')
+    args = ["--histories=", "--sizes=", "--trigger", "2", "--settled-cycles", "1", "--bootstrap-servers", kafka]
+    faults = ["--restart-sizes", "40", "--catch-up", "40=2m", "--outage-sizes", "40", "--outage-seconds", "10"]
+    soak = ["--soak-sizes", "40", "--soak-span", "10m", "--soak-speed", "20", "--only"]
+    assert live_bench.main([*args, *faults, *soak, "--results", str(results), "--report", ""]) == 0
+    metrics = {r["metric"]: r["value"] for r in json.loads(results.read_text())}
+    assert metrics["live_cycle_s_1h"] == 5.0  # --only: the metrics it did not measure are kept
+    assert 0 < metrics["live_restart_s_40"] < 600 and 0 < metrics["live_outage_recovery_s_40"] < 600
+    assert metrics["live_catch_up_ratio_40_2m"] > 0 and metrics["live_catch_up_heap_mib_40_2m"] > 0
+    assert metrics["live_soak_cycle_s_start_40"] > 0 and metrics["live_soak_files_cleaned_data_end_40"] > 0
+    assert metrics["live_soak_sink_log_mib_end_40"] >= metrics["live_soak_sink_log_mib_start_40"]
 
 
 def test_history_figures_give_each_run_its_median_cycle_the_ratio_and_the_longest_run_latencies():
