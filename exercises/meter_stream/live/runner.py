@@ -67,7 +67,7 @@ LIVE_CYCLES = "live_cycles.json"
 KEPT_CYCLES = 2000
 
 #: A cycle takes at most this many raw rows (oldest first), so a backlog of any size is absorbed in bounded
-#: cycles; the live consumer's micro-batches are capped at it too. Chosen in BENCHMARKS.md, "Catch-up".
+#: cycles; the live consumer's micro-batches are capped at it too (BENCHMARKS.md, "Catch-up after downtime").
 DEFAULT_MAX_ROWS_PER_CYCLE = 2_000_000
 #: While the broker is away: seconds between reachability checks, doubling up to the last (a return is
 #: noticed within it), and the first outage report repeated after this many seconds, then at doubling intervals.
