@@ -8,7 +8,7 @@ import os
 from tests.helpers import ROOT
 
 PACKAGE = os.path.join(ROOT, "exercises", "meter_stream")
-SHARED = {"config", "contracts", "jvm", "kafka_client", "message", "raw_input", "session", "storage"}
+SHARED = {"config", "contracts", "jvm", "kafka_client", "locks", "message", "raw_input", "session", "storage"}
 STAGES = {"consumer", "processor", "cleaner", "checker"}
 
 

@@ -26,8 +26,9 @@ from meter_stream.contracts import (
     UNKNOWN_SERIES_SCHEMA,
     hour_value,
 )
+from meter_stream.locks import stage_lock
 from meter_stream.session import local_frame
-from meter_stream.storage import StageBusyError, read_output, read_text_tail, stage_lock
+from meter_stream.storage import StageBusyError, read_output, read_text_tail
 from tests.helpers import (
     ROOT,
     Crash,

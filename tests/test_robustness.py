@@ -22,8 +22,9 @@ from make_sample_data import sample_payloads
 from meter_stream import checker, cleaner, config, processor
 from meter_stream import message as m
 from meter_stream.contracts import PROCESSED_SCHEMA, RAW_SCHEMA
+from meter_stream.locks import stage_lock
 from meter_stream.session import local_frame
-from meter_stream.storage import StageBusyError, read_output, stage_lock
+from meter_stream.storage import StageBusyError, read_output
 from tests.helpers import ROOT, raw_frame, run_command, run_python
 
 T = 1716369246.734911

@@ -44,13 +44,13 @@ from meter_stream.contracts import (
     UNKNOWN_SERIES_SCHEMA,
     series_catalog,
 )
+from meter_stream.locks import stage_lock
 from meter_stream.session import build_session, one_row
 from meter_stream.storage import (
     StageInputError,
     exit_code_of,
     path_exists,
     recover_output,
-    stage_lock,
     write_text,
 )
 
@@ -254,7 +254,7 @@ def run(spark: SparkSession, paths: config.Paths, config_: CheckerConfig, show: 
     Args:
         show: print the summary and results tables and draw the chart.
     """
-    with stage_lock(paths.reports, STAGE, log):
+    with stage_lock(paths.reports, STAGE, log, spark):
         started = time.monotonic()
         recover_output(spark, paths.cleaned_data, log)
         if not path_exists(spark, paths.cleaned_data):

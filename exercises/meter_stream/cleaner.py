@@ -54,8 +54,9 @@ from meter_stream.contracts import (
     utc_datetime,
     with_hour,
 )
+from meter_stream.locks import stage_lock
 from meter_stream.session import build_session, local_frame
-from meter_stream.storage import exit_code_of, read_output, replace_output, stage_lock
+from meter_stream.storage import exit_code_of, read_output, replace_output
 
 STAGE = "cleaner"
 log = config.get_logger(STAGE)
@@ -270,7 +271,7 @@ def catalog_frame(spark: SparkSession, config_: CleanerConfig) -> DataFrame | No
 
 def run(spark: SparkSession, paths: config.Paths, config_: CleanerConfig) -> dict[str, int]:
     """Read processed_data, write cleaned_data and unknown_series; return counts by quality flag."""
-    with stage_lock(paths.cleaned_data, STAGE, log):
+    with stage_lock(paths.cleaned_data, STAGE, log, spark):
         started = time.monotonic()
         processed = read_output(spark, paths.processed_data, PROCESSED_SCHEMA, log, "processor")
         flags = Observation("flags")

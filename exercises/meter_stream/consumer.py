@@ -42,9 +42,10 @@ from pyspark.sql.streaming.query import StreamingQuery
 from meter_stream import config, jvm, kafka_client
 from meter_stream import message as m
 from meter_stream.contracts import RAW_SCHEMA
+from meter_stream.locks import stage_lock
 from meter_stream.raw_input import check_sink_matches_checkpoint, choose_generation, generation_folder
 from meter_stream.session import build_session, kafka_connector_jars
-from meter_stream.storage import exit_code_of, stage_lock
+from meter_stream.storage import exit_code_of
 
 STAGE = "consumer"
 log = config.get_logger(STAGE)
@@ -294,7 +295,7 @@ def run(
         ConsumerError: when the query fails.
         ConnectionError: when the broker cannot be reached.
     """
-    with stage_lock(paths.checkpoint_consumer, STAGE, log):
+    with stage_lock(paths.checkpoint_consumer, STAGE, log, spark):
         started = time.monotonic()
         kafka_client.wait_until_reachable(config_.bootstrap_servers)
         check_tls(config_)

@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import astuple
 
 import pyspark
 from pyspark.sql import SparkSession
 
 from meter_stream import check_figures, checker, cleaner, config, consumer, live, processor
 from meter_stream.session import build_session, kafka_connector_jars
-from meter_stream.storage import exit_code_of
+from meter_stream.storage import EXIT_INPUT_MISSING, exit_code_of, without_atomic_rename
 
 log = config.get_logger("pipeline")
 
@@ -133,6 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.watch is not None and float(args.watch) <= 0:
         log.error("--watch needs a positive number of seconds")
         return 1
+    unsafe = sorted({f"{scheme}://" for scheme in map(without_atomic_rename, astuple(paths)) if scheme})
+    if args.watch is not None and unsafe:
+        log.error(
+            "the live mode needs a file system with atomic rename and create-if-absent, and %s has neither: a "
+            "cycle's commit would be a copy, not one step, and no lock could keep a second runner out. Put the "
+            "datastore on HDFS (hdfs://), ADLS Gen2 (abfss://, hierarchical namespace) or a local or mounted "
+            "disk (README: File systems)",
+            " and ".join(unsafe),
+        )
+        return EXIT_INPUT_MISSING
     try:
         limits = live.RunnerLimits(args.max_rows_per_cycle, args.max_broker_outage)
     except ValueError as error:

@@ -40,9 +40,10 @@ from meter_stream.contracts import (
     epoch_seconds,
     with_hour,
 )
+from meter_stream.locks import stage_lock
 from meter_stream.raw_input import read_raw
 from meter_stream.session import build_session
-from meter_stream.storage import exit_code_of, replace_output, stage_lock
+from meter_stream.storage import exit_code_of, replace_output
 
 STAGE = "processor"
 log = config.get_logger(STAGE)
@@ -310,7 +311,7 @@ def run(spark: SparkSession, paths: config.Paths, clock: ClockLimits = DEFAULT_C
     Args:
         clock: the clock-fault limits (``ClockLimits``).
     """
-    with stage_lock(paths.processed_data, STAGE, log):
+    with stage_lock(paths.processed_data, STAGE, log, spark):
         started = time.monotonic()
         raw = read_raw(spark, paths.consumer_data, log)
         parse_counts = Observation("parse")

@@ -1,19 +1,14 @@
-"""Safe stage I/O on any Hadoop file system: errors and exit codes, locks, atomic replace, partitions, small files."""
+"""Safe stage I/O on any Hadoop file system: errors and exit codes, atomic replace, partitions, small files."""
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import logging
 import os
 import re
-import socket
-import threading
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from datetime import UTC, datetime
-from typing import IO, Any
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from pyspark.sql import DataFrame, DataFrameWriter, SparkSession
 from pyspark.sql import types as T
@@ -60,66 +55,15 @@ def local_path(path: str) -> str | None:
     return re.sub(r"^file:(//)?", "", path)
 
 
-class _HeldLocks(threading.local):
-    """The lock files (absolute paths) that this thread holds (``stage_lock``)."""
-
-    def __init__(self) -> None:
-        self.files: set[str] = set()
+#: Schemes of object stores whose rename is a copy and a delete, and whose create-if-absent is not a lock.
+NON_ATOMIC_SCHEMES = ("s3a", "s3", "s3n", "gs")
 
 
-_held_locks = _HeldLocks()
-
-
-@contextmanager
-def stage_lock(path: str, stage: str, log: logging.Logger) -> Iterator[None]:
-    """Hold an exclusive lock on ``PATH.lock`` while a stage writes ``path``.
-
-    The lock is an OS file lock (flock): the kernel releases it when its process ends, also on
-    SIGKILL, so a lock left by a killed run never blocks the next one.
-
-    A thread that holds the lock already (a stage's ``main`` takes it before Spark starts, so that
-    a second run is refused at once, then calls ``run``, which takes it again) goes on under it.
-
-    Raises:
-        StageBusyError: when another process holds the lock.
-    """
-    local = local_path(path)
-    lock_file = path if local is None else local.rstrip("/") + ".lock"
-    key, held = os.path.abspath(lock_file), _held_locks.files
-    if key in held:
-        yield
-        return
-    if local is None:
-        log.warning("%s is not on a local file system: running without a lock against concurrent runs", path)
-    handle = None if local is None else _take_lock(lock_file, stage)
-    held.add(key)
-    try:
-        yield
-    finally:
-        held.discard(key)
-        if handle is not None:
-            handle.close()  # closing releases the lock
-
-
-def _take_lock(lock_file: str, stage: str) -> IO[str]:
-    """Take the flock on ``lock_file`` and write who holds it; return the open file that holds it."""
-    os.makedirs(os.path.dirname(os.path.abspath(lock_file)), exist_ok=True)
-    handle = open(lock_file, "a+", encoding="utf-8")  # noqa: SIM115 (held until the stage ends)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise StageBusyError(
-            f"{stage} is already running: {lock_file} is held by {holder}; wait for that run to end"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    handle.write(f"{stage} (pid {os.getpid()} on {socket.gethostname()}, since {started})\n")
-    handle.flush()
-    return handle
+def without_atomic_rename(path: str) -> str | None:
+    """The scheme of ``path`` when its file system has no atomic rename (S3, GCS); None otherwise."""
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", path)
+    scheme = match.group(1).lower() if match else ""
+    return scheme if scheme in NON_ATOMIC_SCHEMES else None
 
 
 #: Called before each file-system mutation the stages make (write, rename, exchange, delete, mkdir) with its

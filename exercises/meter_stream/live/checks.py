@@ -28,11 +28,11 @@ from meter_stream.live.store import (
     read_figures,
     write_state,
 )
+from meter_stream.locks import stage_lock
 from meter_stream.session import local_frame
 from meter_stream.storage import (
     path_exists,
     replace_output,
-    stage_lock,
 )
 
 log = config.get_logger("live")
@@ -178,7 +178,7 @@ def write_report(
             run's checker checked the files before them).
         clock_faults: quarantine_data's rows per clock-fault reason.
     """
-    with stage_lock(paths.reports, checker.STAGE, checker.log):
+    with stage_lock(paths.reports, checker.STAGE, checker.log, spark):
         started = time.monotonic()
         problems = checker.schema_problems(written)
         observed = problems or "as declared (the rows this cycle wrote)"

@@ -48,6 +48,7 @@ from meter_stream.live.store import (
     state_folder,
     write_state,
 )
+from meter_stream.locks import stage_lock
 from meter_stream.session import local_frame, one_row
 from meter_stream.storage import (
     delete_path,
@@ -55,7 +56,6 @@ from meter_stream.storage import (
     path_exists,
     read_partitioned,
     replace_output,
-    stage_lock,
     write_text,
 )
 
@@ -106,12 +106,12 @@ def percentile(histogram: dict[float, int], share: float) -> float | None:
 
 
 @contextmanager
-def runner_locks(paths: config.Paths) -> Iterator[None]:
+def runner_locks(spark: SparkSession, paths: config.Paths) -> Iterator[None]:
     """Hold the processor's, the cleaner's and the checker's locks: one runner per datastore, and no batch
     stage beside it (both refused with exit 3, naming the holder). Re-entrant within the thread."""
     with ExitStack() as stack:
         for path, stage in ((paths.processed_data, processor), (paths.cleaned_data, cleaner), (paths.reports, checker)):
-            stack.enter_context(stage_lock(path, stage.STAGE, stage.log))
+            stack.enter_context(stage_lock(path, stage.STAGE, stage.log, spark))
         yield
 
 
@@ -123,7 +123,7 @@ def start(spark: SparkSession, paths: config.Paths, settings: Settings) -> Curso
     batch stages, then the state and the figures built from their outputs. Runs under
     ``runner_locks``, so a second runner never repairs the first one's cycle in flight.
     """
-    with runner_locks(paths):
+    with runner_locks(spark, paths):
         return _start(spark, paths, settings)
 
 
@@ -300,8 +300,8 @@ class LiveRunner:
     def cycle(self, cursor: Cursor, files: list[str], positions: dict[str, SinkPosition]) -> Cursor:
         """Run one cycle under the stages' locks; log and keep its metrics; return the new cursor."""
         started, wall = time.monotonic(), time.time()
-        with stage_lock(self.paths.processed_data, "processor", processor.log):
-            with stage_lock(self.paths.cleaned_data, "cleaner", cleaner.log):
+        with stage_lock(self.paths.processed_data, "processor", processor.log, self.spark):
+            with stage_lock(self.paths.cleaned_data, "cleaner", cleaner.log, self.spark):
                 cursor, result = run_cycle(
                     self.spark, self.paths, self.settings, cursor, files, positions, self.compactor
                 )
@@ -378,7 +378,7 @@ def watch(
     """
     if consumer_config is not None and consumer_config.max_offsets_per_trigger is None:
         consumer_config = replace(consumer_config, max_offsets_per_trigger=limits.max_rows_per_cycle)
-    with runner_locks(paths):
+    with runner_locks(spark, paths):
         return _watch(spark, paths, settings, consumer_config, should_stop, limits)
 
 
