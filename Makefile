@@ -18,16 +18,18 @@ KAFKA_PORT ?= 9093
 WATCH ?= 10
 export BACKFILL DATASTORE KAFKA_PORT KAFKA_BOOTSTRAP_SERVERS SEED WATCH
 
-.PHONY: run live bench bench-live setup test test-fast lint format clean-data package help
+.PHONY: run run-cluster live bench bench-live bench-cluster setup test test-fast lint format clean-data package help
 
 help:
 	@echo "make run     set up, start a local Kafka broker, backfill, run the four stages, stop it"
 	@echo "make test    set up, check lint, format and types, and run the whole test suite (what CI runs)"
 	@echo "make test-fast  the tests that need no broker, no subprocess and no SIGKILL; stops at the first failure"
 	@echo "make setup   create .venv, install requirements.txt, fetch the jars, make the JVM class archive"
+	@echo "make run-cluster  the pipeline on a local Spark standalone cluster and HDFS, compared with a local run (scripts/run-cluster)"
 	@echo "make live    like make run, then keep every output fresh while a producer sends live; Ctrl-C stops"
 	@echo "make bench   benchmarks (bench/results.json, BENCHMARKS.md); not part of make test"
 	@echo "make bench-live  the live runner up to 100,000 series: latency, cycles, catch-up after downtime, a kill, a broker outage, a compressed day (hours; bench/live_bench.py --help runs parts)"
+	@echo "make bench-cluster  the full run of 1 h at 100,000 series on a local standalone cluster of 1 and 2 workers with HDFS, against local[2] (~30 min)"
 	@echo "make lint    ruff check, ruff format check and the type check (mypy)"
 	@echo "make package  dist/meter_stream.zip: the package that spark-submit ships with --py-files"
 
@@ -48,11 +50,19 @@ run: setup
 live: setup
 	scripts/run-pipeline --watch
 
+# Knobs: BACKFILL, SEED, KAFKA_TOPIC, CLUSTER_DATASTORE, LOCAL_DATASTORE, EXECUTOR_MEMORY, and the
+# variables of scripts/hdfs-local and scripts/spark-cluster (README: On a cluster).
+run-cluster: setup
+	scripts/run-cluster
+
 bench: setup $(VENV)/.bench-installed
 	$(PY) bench/harness.py
 
 bench-live: setup $(VENV)/.bench-installed
 	$(PY) bench/live_bench.py
+
+bench-cluster: setup $(VENV)/.bench-installed
+	$(PY) bench/cluster_bench.py
 
 $(VENV)/.bench-installed: bench/requirements.txt $(VENV)/.installed
 	$(PY) -m pip install --quiet -r bench/requirements.txt

@@ -601,8 +601,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def owns(metric: str) -> bool:
-    """Whether a metric is this benchmark's (the live ones are bench/live_bench.py's)."""
-    return not metric.startswith("live_")
+    """Whether a metric is this benchmark's (the live ones are bench/live_bench.py's, the cluster ones
+    bench/cluster_bench.py's)."""
+    return not metric.startswith(("live_", "cluster_"))
 
 
 def stages_file(results: str) -> str:
@@ -680,6 +681,13 @@ MEANINGS = {
     "consumer_over_kafka_tool": "consumer_msgs_per_s / kafka_tool_msgs_per_s",
     "live_cycle_s_<h>": "four series, the live runner's median cycle after <h> of history",
     "live_cycle_<h>_over_<h>": "the median cycle after the longer history / after the shorter",
+    "cluster_full_run_s_local2": "the pipeline's full run (processor, cleaner, checker; `exercises/pipeline.py "
+    "--skip-consumer` under spark-submit, JVM start included) of 1 h at 100,000 series, `--master local[2]`, "
+    "datastore on the local disk",
+    "cluster_full_run_s_1w": "the same on the standalone cluster with 1 worker of 1 core, datastore on HDFS",
+    "cluster_full_run_s_2w": "the same with 2 workers of 1 core each",
+    "cluster_speedup_2w": "cluster_full_run_s_1w / cluster_full_run_s_2w",
+    "cluster_<stage>_s_<run>": "the stage's seconds within the full run of <run> (`pipeline.py`'s log line)",
     "live_latency_p50_s": "four series: median seconds from t_measurement to its slot in cleaned_data",
     "live_latency_p95_s": "four series: 95th percentile of the same",
     "live_latency_p50_s_<n>": "<n> series, settled cycles: median seconds from t_measurement to cleaned_data",
@@ -725,6 +733,7 @@ MEANINGS = {
 def meaning(metric: str) -> str:
     """The line of ``MEANINGS`` for a metric, its series count or history length generalised."""
     for pattern, general in (
+        (r"^cluster_(processor|cleaner|checker)_s_\w+$", "cluster_<stage>_s_<run>"),
         (r"^(live_\w+)_\d+_\d+[smhd]$", r"\1_<n>_<h>"),
         (r"^(.*)_\d+$", r"\1_<n>"),
         (r"^live_cycle_\w+_over_\w+$", "live_cycle_<h>_over_<h>"),
@@ -747,7 +756,8 @@ def write_report(path: str, results: list[dict], host: dict, stages: str | None 
         "Reproduce: `make bench` (about 1 M and 10 M measurements, 1 M Kafka messages) and `make bench-live` "
         "(the live runner after 1 h and 24 h of history of four series, and at 4, 10,000 and 100,000 series; a "
         "kill and restart, a catch-up after downtime, a broker outage, a compressed day; `bench/live_bench.py --help` "
-        "runs parts).",
+        "runs parts), and `make bench-cluster` (the full run of 1 h at 100,000 series on a local Spark standalone "
+        "cluster of 1 and of 2 one-core workers with HDFS, and locally on the same two cores).",
         "",
         "| metric | rows | value | unit |",
         "|---|---:|---:|---|",

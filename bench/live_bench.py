@@ -54,7 +54,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, *(os.path.join(ROOT, folder) for folder in ("exercises", "scripts", "bench"))]
 
 import harness  # noqa: E402
-
 import producer  # noqa: E402
 from meter_stream import (  # noqa: E402
     config,

@@ -15,6 +15,7 @@ from pyspark.sql import SparkSession
 from meter_stream import config
 from meter_stream.session import (
     CODEGEN_CACHE,
+    LOCAL_MODE_DEFAULTS,
     QUERY_OVERHEAD,
     SESSION_SETTINGS,
     class_archive_options,
@@ -57,6 +58,7 @@ def spark() -> Iterator[SparkSession]:
             map={
                 **QUERY_OVERHEAD,
                 **SESSION_SETTINGS,
+                **LOCAL_MODE_DEFAULTS,
                 **INTERPRETED,
                 **{k: v for k, v in (item.split("=", 1) for item in os.environ.get("XTEST_CONF", "").split() if item)},
             }

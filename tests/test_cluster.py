@@ -13,8 +13,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
+import pyspark
 import pytest
 
 from meter_stream import cleaner, config, kafka_client, locks, pipeline, storage
@@ -131,12 +133,12 @@ def test_the_stages_and_the_one_jvm_runner_on_a_cluster_and_hdfs_give_the_output
     for script in ("consumer.py", "processor.py", "cleaner.py", "checker.py"):
         command = submit_command(cluster, package, script, "--datastore", f"{hdfs}/stages")
         result = run_command(*command, env=env, timeout=600)
-        assert result.returncode == baseline.returncode, (script, result.stderr[-3000:])
-        assert f"master {cluster}" in result.stderr
+        assert result.returncode == baseline.returncode, (script, result.stdout[-3000:], result.stderr[-3000:])
+        assert f"meter_stream.session INFO Spark {pyspark.__version__}, master {cluster}" in result.stdout
     one_jvm = config.Paths.under(f"{hdfs}/pipeline")
     result = run_command(*submit_command(cluster, package, "pipeline.py", "--datastore", f"{hdfs}/pipeline"), env=env)
-    assert result.returncode == baseline.returncode, result.stderr[-3000:]
-    assert "quarantined 0" not in result.stderr  # the feed's broken records reached the quarantine
+    assert result.returncode == baseline.returncode, result.stdout[-3000:]
+    assert " + quarantined 0 " not in result.stdout and " + quarantined " in result.stdout  # broken records too
 
     for on_cluster in (stages, one_jvm):
         assert_same_outputs(spark, on_cluster, local)
@@ -181,7 +183,10 @@ def test_the_live_mode_on_a_cluster_and_hdfs_ends_as_a_batch_run_of_what_it_cons
     command = submit_command(cluster, package, "pipeline.py", "--watch", "2", "--datastore", f"{hdfs}/live")
     log_file = tmp_path / "live.log"
     with open(log_file, "w") as log:
-        runner = subprocess.Popen([*command, "--expected-series", "all"], cwd=ROOT, env=env, stderr=log, text=True)
+        # spark-submit prints its Python driver's output (the stages' log lines) on its stdout
+        runner = subprocess.Popen(
+            [*command, "--expected-series", "all"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
         try:
             _wait(lambda: len(_live_cycles(spark, paths)) >= 3, runner, log_file)
         finally:
@@ -200,28 +205,39 @@ def test_the_live_mode_on_a_cluster_and_hdfs_ends_as_a_batch_run_of_what_it_cons
 # --- locks on HDFS ---------------------------------------------------------------------------------
 
 
-def _runner(hdfs: str, name: str, env: dict, log_file) -> subprocess.Popen:
-    """A live runner (local master) on the datastore ``hdfs``/``name``, in a process group of its own."""
-    command = [sys.executable, "exercises/pipeline.py", "--watch", "1", "--datastore", f"{hdfs}/{name}"]
-    log = open(log_file, "w")  # noqa: SIM115 (the child writes to it; closed with the test's tmp_path)
-    return subprocess.Popen(command, cwd=ROOT, env=env, stderr=log, text=True, start_new_session=True)
+@pytest.fixture
+def runners() -> Iterator[Callable[[str, dict, Any], subprocess.Popen]]:
+    """Start live runners (local master) on a datastore, each in a process group of its own; kill what is left."""
+    started: list[subprocess.Popen] = []
+
+    def start(datastore: str, env: dict, log_file) -> subprocess.Popen:
+        command = [sys.executable, "exercises/pipeline.py", "--watch", "1", "--datastore", datastore]
+        with open(log_file, "w") as log:
+            started.append(subprocess.Popen(command, cwd=ROOT, env=env, stderr=log, start_new_session=True))
+        return started[-1]
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 @pytest.mark.integration
 def test_runners_on_hdfs_are_kept_apart_by_a_lease_that_a_killed_holder_loses_when_it_expires(
-    spark, kafka, hdfs, tmp_path
+    spark, kafka, hdfs, runners, tmp_path
 ):
     topic = new_topic(kafka)
     lease = 30
     env = {**submit_env(kafka, topic), locks.ENV_LEASE_SECONDS: str(lease)}
     assert run_python("producer.py", "--backfill", "3m", "--seed", "2", "--quiet", env=env).returncode == 0
     paths = config.Paths.under(f"{hdfs}/locks")
-    holder = _runner(hdfs, "locks", env, tmp_path / "holder.log")
+    holder = runners(f"{hdfs}/locks", env, tmp_path / "holder.log")
     _wait(lambda: len(_live_cycles(spark, paths)) >= 1, holder, tmp_path / "holder.log")
 
     second = run_python("exercises/pipeline.py", "--watch", "1", "--datastore", f"{hdfs}/locks", env=env)
     assert second.returncode == storage.EXIT_BUSY, second.stderr[-3000:]
-    assert f"processor.lock is held by processor (pid {holder.pid} on" in second.stderr
+    assert f"processed_data.lock is held by processor (pid {holder.pid} on" in second.stderr, second.stderr[-3000:]
     assert "renewed" in second.stderr
 
     os.killpg(holder.pid, signal.SIGKILL)  # no release: the lock files stay until their lease runs out
@@ -231,13 +247,14 @@ def test_runners_on_hdfs_are_kept_apart_by_a_lease_that_a_killed_holder_loses_wh
     assert time.monotonic() - killed < lease, "the check came after the lease: raise the lease"
     assert soon.returncode == storage.EXIT_BUSY and f"pid {holder.pid} on" in soon.stderr, soon.stderr[-3000:]
 
+    assert run_python("producer.py", "--backfill", "1m", "--seed", "3", "--quiet", env=env).returncode == 0
     time.sleep(max(0.0, lease + 1 - (time.monotonic() - killed)))
-    successor = _runner(hdfs, "locks", env, tmp_path / "successor.log")
-    count = len(_live_cycles(spark, paths))
-    _wait(lambda: len(_live_cycles(spark, paths)) > count, successor, tmp_path / "successor.log")
+    log_file = tmp_path / "successor.log"
+    successor = runners(f"{hdfs}/locks", env, log_file)
+    _wait(lambda: "cycle 1: " in log_file.read_text(), successor, log_file)  # a cycle of its own, on the new rows
     successor.send_signal(signal.SIGTERM)
     assert successor.wait(timeout=180) == 0
-    text = (tmp_path / "successor.log").read_text()
+    text = log_file.read_text()
     assert f"taking over {paths.processed_data}.lock: its holder, processor (pid {holder.pid} on" in text
     assert "live: going on after cycle" in text
     assert not storage.list_files(spark, f"{hdfs}/locks/*.lock*")  # released, and no stale copy left

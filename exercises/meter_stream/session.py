@@ -57,6 +57,10 @@ STAGE_DEFAULTS = {
     CACHED_PLAN_PARTITIONING: "true",
     **QUERY_OVERHEAD,
 }
+#: In local mode (one executor) no wait for data locality: a local backend offers its cores again only
+#: when a task ends, so a task that prefers another host (a cached frame over HDFS blocks, whose
+#: locations name the DataNode's host) waited for an offer that never came, and the job hung (SPARK-37488).
+LOCAL_MODE_DEFAULTS = {"spark.locality.wait": "0s"}
 DEFAULT_JAR_CACHE = os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "jars")
 #: A class-data-sharing archive of the classes a stage's JVM loads (``scripts/make_class_archive.py``,
 #: run by ``make setup``): the JVM maps them ready-parsed instead of reading Spark's ~250 jars, a few
@@ -108,7 +112,8 @@ def build_session(app_name: str, verbose: bool = False, jars: list[str] | None =
         # Spark's UI listens where SPARK_LOCAL_IP says, on every interface without it: in local mode
         # nothing outside this machine needs it (nor the driver). Read when this process starts the JVM.
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    for key, value in STAGE_DEFAULTS.items():
+    local_mode = submitted.get("spark.master", "local[*]").startswith("local")
+    for key, value in {**STAGE_DEFAULTS, **(LOCAL_MODE_DEFAULTS if local_mode else {})}.items():
         if not submitted.contains(key):
             builder = builder.config(key, value)
     if not submitted.contains("spark.driver.extraJavaOptions"):
