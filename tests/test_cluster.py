@@ -35,14 +35,16 @@ def _service(script: str, env: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def hdfs(tmp_path_factory) -> Iterator[str]:
+def hdfs_env(tmp_path_factory) -> dict[str, str]:
+    """The ports and folder of this module's HDFS (scripts/hdfs-local's variables)."""
+    folder = str(tmp_path_factory.mktemp("hdfs"))
+    return {"HDFS_PORT": str(free_port()), "HDFS_HTTP_PORT": str(free_port()), "HDFS_DATA_DIR": folder}
+
+
+@pytest.fixture(scope="module")
+def hdfs(hdfs_env) -> Iterator[str]:
     """A real HDFS (NameNode and DataNode) of this module's own; yields its root URI."""
-    env = {
-        **os.environ,
-        "HDFS_PORT": str(free_port()),
-        "HDFS_HTTP_PORT": str(free_port()),
-        "HDFS_DATA_DIR": str(tmp_path_factory.mktemp("hdfs")),
-    }
+    env = {**os.environ, **hdfs_env}
     _service("hdfs-local", env)
     try:
         yield f"hdfs://127.0.0.1:{env['HDFS_PORT']}"
@@ -51,10 +53,9 @@ def hdfs(tmp_path_factory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> Iterator[str]:
-    """A Spark standalone master and two workers of 1 core and 1 GiB each; yields the master URL."""
-    env = {
-        **os.environ,
+def cluster_env(tmp_path_factory) -> dict[str, str]:
+    """The shape, ports and folder of this module's cluster (scripts/spark-cluster's variables)."""
+    return {
         "SPARK_CLUSTER_PORT": str(free_port()),
         "SPARK_CLUSTER_WEBUI_PORT": str(free_port()),
         "SPARK_CLUSTER_WORKERS": "2",
@@ -62,6 +63,12 @@ def cluster(tmp_path_factory) -> Iterator[str]:
         "SPARK_CLUSTER_WORKER_MEMORY": "1g",
         "SPARK_CLUSTER_DIR": str(tmp_path_factory.mktemp("cluster")),
     }
+
+
+@pytest.fixture(scope="module")
+def cluster(cluster_env) -> Iterator[str]:
+    """A Spark standalone master and two workers of 1 core and 1 GiB each; yields the master URL."""
+    env = {**os.environ, **cluster_env}
     _service("spark-cluster", env)
     try:
         yield f"spark://127.0.0.1:{env['SPARK_CLUSTER_PORT']}"
@@ -119,28 +126,38 @@ def report_entries(spark, reports: str) -> list[tuple]:
 
 
 @pytest.mark.integration
-def test_the_stages_and_the_one_jvm_runner_on_a_cluster_and_hdfs_give_the_outputs_of_a_local_run(
-    spark, kafka, hdfs, cluster, package, tmp_path
+def test_the_stages_and_make_run_cluster_on_a_cluster_and_hdfs_give_the_outputs_of_a_local_run(
+    spark, kafka, hdfs, hdfs_env, cluster, cluster_env, package, tmp_path
 ):
     topic = new_topic(kafka)
     env = submit_env(kafka, topic)
     feed = ["--backfill", "20m", "--seed", "7", "--quiet", "--malformed-share", "0.03", "--replay-share", "0.05"]
     assert run_python("producer.py", *feed, env=env).returncode == 0
+    # make run-cluster on the running services: it starts none, backfills 10 more minutes, runs the one-JVM
+    # runner on the cluster and locally, and compares the two
     local = config.Paths.under(str(tmp_path / "local"))
-    baseline = run_python("exercises/pipeline.py", "--datastore", str(tmp_path / "local"), env=env, timeout=600)
+    overrides = {
+        "BACKFILL": "10m",
+        "SEED": "8",
+        "CLUSTER_DATASTORE": f"{hdfs}/pipeline",
+        "LOCAL_DATASTORE": str(tmp_path / "local"),
+    }
+    script = os.path.join(ROOT, "scripts", "run-cluster")
+    result = run_command(script, env={**env, **hdfs_env, **cluster_env, **overrides}, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "exit codes: cluster 0, local 0" in result.stdout
+    assert "the same outputs" in result.stdout and "check report: the same" in result.stdout
+    assert f"meter_stream.session INFO Spark {pyspark.__version__}, master {cluster}" in result.stdout
+    assert " + quarantined 0 " not in result.stdout and " + quarantined " in result.stdout  # broken records too
+    assert ": running " not in result.stdout  # it started nothing (and so stops nothing)
 
     stages = config.Paths.under(f"{hdfs}/stages")
     for script in ("consumer.py", "processor.py", "cleaner.py", "checker.py"):
         command = submit_command(cluster, package, script, "--datastore", f"{hdfs}/stages")
         result = run_command(*command, env=env, timeout=600)
-        assert result.returncode == baseline.returncode, (script, result.stdout[-3000:], result.stderr[-3000:])
-        assert f"meter_stream.session INFO Spark {pyspark.__version__}, master {cluster}" in result.stdout
-    one_jvm = config.Paths.under(f"{hdfs}/pipeline")
-    result = run_command(*submit_command(cluster, package, "pipeline.py", "--datastore", f"{hdfs}/pipeline"), env=env)
-    assert result.returncode == baseline.returncode, result.stdout[-3000:]
-    assert " + quarantined 0 " not in result.stdout and " + quarantined " in result.stdout  # broken records too
-
-    for on_cluster in (stages, one_jvm):
+        assert result.returncode == 0, (script, result.stdout[-3000:], result.stderr[-3000:])
+        assert f"master {cluster}" in result.stdout
+    for on_cluster in (stages, config.Paths.under(f"{hdfs}/pipeline")):
         assert_same_outputs(spark, on_cluster, local)
         assert report_entries(spark, on_cluster.reports) == report_entries(spark, local.reports)
         assert not storage.list_files(spark, on_cluster.processed_data + ".lock")  # locks released
