@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pyspark
@@ -29,9 +30,16 @@ from tests.test_live import SETTINGS, assert_same_outputs, run_batch
 SPARK_SUBMIT = os.path.join(os.path.dirname(sys.executable), "spark-submit")
 
 
-def _service(script: str, env: dict) -> None:
-    result = run_command(os.path.join(ROOT, "scripts", script), "start", env=env, timeout=300)
+@contextmanager
+def _running(script: str, variables: dict[str, str]) -> Iterator[None]:
+    """One of the project's local services (scripts/hdfs-local, scripts/spark-cluster), started and stopped."""
+    env, command = {**os.environ, **variables}, os.path.join(ROOT, "scripts", script)
+    result = run_command(command, "start", env=env, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+    try:
+        yield
+    finally:
+        run_command(command, "stop", env=env, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +52,8 @@ def hdfs_env(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def hdfs(hdfs_env) -> Iterator[str]:
     """A real HDFS (NameNode and DataNode) of this module's own; yields its root URI."""
-    env = {**os.environ, **hdfs_env}
-    _service("hdfs-local", env)
-    try:
-        yield f"hdfs://127.0.0.1:{env['HDFS_PORT']}"
-    finally:
-        run_command(os.path.join(ROOT, "scripts", "hdfs-local"), "stop", env=env, timeout=120)
+    with _running("hdfs-local", hdfs_env):
+        yield f"hdfs://127.0.0.1:{hdfs_env['HDFS_PORT']}"
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +72,8 @@ def cluster_env(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def cluster(cluster_env) -> Iterator[str]:
     """A Spark standalone master and two workers of 1 core and 1 GiB each; yields the master URL."""
-    env = {**os.environ, **cluster_env}
-    _service("spark-cluster", env)
-    try:
-        yield f"spark://127.0.0.1:{env['SPARK_CLUSTER_PORT']}"
-    finally:
-        run_command(os.path.join(ROOT, "scripts", "spark-cluster"), "stop", env=env, timeout=120)
+    with _running("spark-cluster", cluster_env):
+        yield f"spark://127.0.0.1:{cluster_env['SPARK_CLUSTER_PORT']}"
 
 
 @pytest.fixture(scope="module")
