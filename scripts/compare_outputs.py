@@ -49,14 +49,14 @@ def _compare(spark: SparkSession, first: config.Paths, second: config.Paths) -> 
         counts = [a.count(), b.count(), a.exceptAll(b).count(), b.exceptAll(a).count()]
         same = same and counts[2] == counts[3] == 0
         print(f"{name:<16} {counts[0]:>10} {counts[1]:>10} {counts[2]:>12} {counts[3]:>12}")
-    reports = [_report_entries(spark, paths.reports) for paths in (first, second)]
+    reports = [report_entries(spark, paths.reports) for paths in (first, second)]
     print(f"check report: {'the same' if reports[0] == reports[1] else 'DIFFERENT'} ({len(reports[0])} checks)")
     same = same and reports[0] == reports[1]
     print("the same outputs" if same else "the outputs DIFFER")
     return 0 if same else 1
 
 
-def _report_entries(spark: SparkSession, reports: str) -> list[tuple[str, bool, str]]:
+def report_entries(spark: SparkSession, reports: str) -> list[tuple[str, bool, str]]:
     """The check report's entries (name, passed, observed figures), in order; none without a report."""
     text = storage.read_text(spark, config.join_path(reports, "check_report.json"))
     checks = json.loads(text) if text else []

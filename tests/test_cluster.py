@@ -19,6 +19,7 @@ from typing import Any
 
 import pyspark
 import pytest
+from compare_outputs import report_entries
 
 from meter_stream import cleaner, config, kafka_client, locks, pipeline, storage
 from meter_stream.locks import stage_lock
@@ -117,12 +118,6 @@ def submit_env(kafka: str, topic: str) -> dict:
         kafka_client.ENV_BOOTSTRAP_SERVERS: kafka,
         kafka_client.ENV_TOPIC: topic,
     }
-
-
-def report_entries(spark, reports: str) -> list[tuple]:
-    text = storage.read_text(spark, reports + "/check_report.json")
-    assert text is not None
-    return sorted((c["name"], c["passed"], json.dumps(c["observed"], sort_keys=True)) for c in json.loads(text))
 
 
 @pytest.mark.integration
