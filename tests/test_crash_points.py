@@ -51,8 +51,10 @@ STEPS = [
     [msg(A, 130, 20), msg(B, 25, 40), msg(B, 140, 70), msg(C, 20, 6), msg(X, 5, 2)],
     # appending in hour 14 while the closed hour 13 is compacted
     [msg(A, 140, 21), msg(B, 150, 71), msg(C, 130, 9)],
-    # appending once more (the remaining cycle after every crash), and nothing usable
+    # appending once more (the remaining cycle after most crashes), and nothing usable: quarantine files rolled
     [msg(A, 150, 22), msg(C, 140, 10), b"not json"],
+    # a last bad record (the remaining cycle after the roll)
+    [msg(A, 160, 23), b"[]"],
 ]
 
 SETTINGS = live.Settings(cleaner.CleanerConfig(max_gap_seconds=60), checker.CheckerConfig(), 3600.0)
@@ -79,6 +81,7 @@ class Scenario:
             folders left behind), and consumer_data gets every step so far, as the consumer wrote them.
         exchange: folders are exchanged in one step; else by renames, as on a file system without an
             exchange (HDFS).
+        roll_fanout: quarantine files of one level merged once this many are there (``live.store.ROLL_FANOUT``).
     """
 
     name: str
@@ -87,6 +90,7 @@ class Scenario:
     start: bool = False
     interrupted_before: bool = False
     exchange: bool = True
+    roll_fanout: int = live.store.ROLL_FANOUT
 
     @property
     def steps_read(self) -> int:
@@ -105,6 +109,7 @@ SCENARIOS = [
     Scenario("a cycle into a new hour with late data for the previous one", 1, 2),
     Scenario("a cycle into a new hour, its hours swapped by renames (HDFS)", 1, 2, exchange=False),
     Scenario("a cycle that compacts a closed hour", 1, 3),
+    Scenario("a cycle that rolls quarantine files", 1, 4, roll_fanout=2),
     Scenario("the start-up full run", 2, 0, start=True),
     Scenario("a full run after a killed cycle left its undo folders", 1, 2, start=True, interrupted_before=True),
 ]
@@ -280,6 +285,7 @@ def test_a_kill_at_every_mutation_then_a_restart_gives_what_an_uninterrupted_run
     if not scenario.exchange:
         for module in (storage, live.store):
             monkeypatch.setattr(module, "exchange_paths", lambda *_paths: False)
+    monkeypatch.setattr(live.store, "ROLL_FANOUT", scenario.roll_fanout)
     root, snapshots = str(tmp_path / "live"), str(tmp_path / "crash-points")
     paths = config.Paths.under(root)
     cursor = reach(spark, paths, scenario, inputs_)

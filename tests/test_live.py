@@ -6,6 +6,7 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -518,6 +519,31 @@ def test_a_kill_at_each_mutation_of_a_compaction_swap_with_stragglers_then_recov
         assert _values(spark, paths) == [1.0, 2.0, 3.0, 4.0], counted.seen[crash_at - 1]  # what a reader sees
         live.store.recover(spark, paths, live.Cursor(4, {}, "settings"))  # cycle 5 never committed
         assert _values(spark, paths) == [1.0, 2.0, 3.0, 4.0] and not leftovers(root), counted.seen[crash_at - 1]
+
+
+def test_quarantine_files_are_rolled_by_levels_keeping_every_row_once_and_the_file_count_bounded(
+    spark, tmp_path, monkeypatch
+):
+    """Cycles that each append a quarantine file: fewer than the fan-out of each level stays, merged files carry
+    the next level, the top level is not merged further, the merged files wait in the cycle's undo folder."""
+    monkeypatch.setattr(live.store, "ROLL_FANOUT", 2)
+    monkeypatch.setattr(live.store, "ROLL_TOP_LEVEL", 2)
+    output = str(tmp_path / "quarantine_data")
+    for cycle in range(1, 10):
+        row = [(f"bad {cycle}", "not_json", "meters", 0, cycle)]
+        frame = local_frame(spark, row, QUARANTINE_SCHEMA).coalesce(1)
+        live.store.append_files(frame, output, cycle, partitioned=False)
+        live.store.roll_files(spark, output, QUARANTINE_SCHEMA, cycle)
+        undo = f"{output}{live.store.UNDO_SUFFIX}{cycle}"
+        # a roll moved what it merged aside: two level-0 files at every even cycle, two level-1 ones every fourth
+        assert len(glob.glob(f"{undo}/rolled-*.parquet")) == (2 if cycle % 2 == 0 else 0) + (2 if cycle % 4 == 0 else 0)
+        shutil.rmtree(undo, ignore_errors=True)  # the commit's cleanup
+        names = sorted(os.path.basename(f) for f in glob.glob(f"{output}/*.parquet"))
+        levels = [live.store._level_of(name) for name in names]
+        assert levels.count(0) == cycle % 2 and levels.count(1) == (cycle // 2) % 2 and levels.count(2) == cycle // 4
+        offsets = [r.offset for r in spark.read.schema(QUARANTINE_SCHEMA).parquet(output).collect()]
+        assert sorted(offsets) == list(range(1, cycle + 1))
+    assert len(names) == 3  # of nine cycles' files: one level 0, two at the top
 
 
 def test_cycles_quarantine_clock_faulty_meters_as_a_batch_run_does_and_report_them(spark, tmp_path):

@@ -16,6 +16,7 @@ from meter_stream.contracts import (
     CLEANED_SCHEMA,
     CLOCK_FAULT_REASONS,
     PARTITION,
+    QUARANTINE_SCHEMA,
     RAW_SCHEMA,
     SERIES_KEYS_SCHEMA,
     epoch_seconds,
@@ -36,6 +37,7 @@ from meter_stream.live.store import (
     cleanup,
     commit_cursor,
     read_series_state,
+    roll_files,
     write_state,
 )
 from meter_stream.session import cached_for_the_block, local_frame, one_row
@@ -137,6 +139,7 @@ def _processor_part(
     processed = _process(spark, paths, marked.where(F.col("reason").isNull()), counts["late_hours"], cycle)
     if counts["quarantined"]:
         append_files(processor.select_quarantine(parsed), paths.quarantine_data, cycle, partitioned=False)
+        roll_files(spark, paths.quarantine_data, QUARANTINE_SCHEMA, cycle)
     return counts, valid, processed
 
 

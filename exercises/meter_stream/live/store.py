@@ -308,6 +308,56 @@ def append_files(frame: DataFrame, output: str, cycle: int, partitioned: bool = 
     return sorted(hours)
 
 
+#: Files of an unpartitioned output (quarantine_data) merged into one once this many of one level are there.
+ROLL_FANOUT = 16
+#: Files of this level are not merged further: each holds the rows of ROLL_FANOUT ** ROLL_TOP_LEVEL cycles.
+ROLL_TOP_LEVEL = 3
+#: In a rolled file's name after the cycle tag: its level (a cycle's own file is level 0).
+LEVEL_TAG = "L"
+#: In an undo folder: a file a roll put aside (``roll_files``), put back by ``recover``.
+ROLLED_PREFIX = "rolled-"
+
+
+def _level_of(name: str) -> int | None:
+    """The roll level of a file a cycle wrote (``append_files``, ``roll_files``); None for other files."""
+    match = re.match(rf"{CYCLE_TAG}\d+-(?:{LEVEL_TAG}(\d+)-)?", name)
+    return (int(match.group(1) or 0)) if match else None
+
+
+def roll_files(spark: SparkSession, output: str, schema: T.StructType, cycle: int) -> None:
+    """Merge the files cycles appended to the unpartitioned ``output``, so that their number stays bounded.
+
+    Levels, as in a log-structured merge: once ``ROLL_FANOUT`` files of one level are there, they are
+    merged into one file of the next level, named for this cycle; up to ``ROLL_TOP_LEVEL``. So the folder
+    holds fewer than ``ROLL_FANOUT`` files per level below the top, a row is rewritten at most
+    ``ROLL_TOP_LEVEL`` times, and a top-level file is added once per ``ROLL_FANOUT ** ROLL_TOP_LEVEL`` cycles
+    that appended. The merged file is renamed in first, then the merged ones are moved into the cycle's
+    undo folder: if the cycle is not committed, ``recover`` deletes the merged file (it is the cycle's) and
+    moves them back; after the commit, ``cleanup`` deletes them. A reader listing the folder between those
+    renames may see the merged rows twice; never a row missing.
+    """
+    by_level: dict[int, list[str]] = {}
+    for file in list_files(spark, f"{output}/{CYCLE_TAG}*.parquet"):
+        level = _level_of(file.rsplit("/", 1)[-1])
+        if level is not None and level < ROLL_TOP_LEVEL:
+            by_level.setdefault(level, []).append(file)
+    undo, staging = f"{output}{UNDO_SUFFIX}{cycle}", f"{output}{STAGING_SUFFIX}{cycle}"
+    for level in range(ROLL_TOP_LEVEL):
+        files = sorted(by_level.get(level, []))
+        if len(files) < ROLL_FANOUT:
+            continue
+        delete_path(spark, staging)
+        write_parquet(parquet_writer(spark.read.schema(schema).parquet(*files).coalesce(1)).mode("overwrite"), staging)
+        for merged in list_files(spark, f"{staging}/*.parquet"):
+            name = f"{CYCLE_TAG}{cycle:08d}-{LEVEL_TAG}{level + 1}-{merged.rsplit('/', 1)[-1]}"
+            rename_path(spark, merged, f"{output}/{name}")
+            by_level.setdefault(level + 1, []).append(f"{output}/{name}")
+        make_folder(spark, undo)
+        for file in files:
+            rename_path(spark, file, f"{undo}/{ROLLED_PREFIX}{file.rsplit('/', 1)[-1]}")
+        delete_path(spark, staging)
+
+
 def rewrite_hours(frame: DataFrame, output: str, hours: list[int], cycle: int) -> None:
     """Replace the ``hours`` folders of ``output`` with ``frame``'s rows (which have the hour column).
 
@@ -413,6 +463,8 @@ def recover(spark: SparkSession, paths: config.Paths, cursor: Cursor) -> None:
             cycle = _cycle_of(folder, UNDO_SUFFIX)
             if cycle is not None and cycle > cursor.cycle:
                 _restore_hours(spark, output, folder, cycle)
+                for file in list_files(spark, f"{folder}/{ROLLED_PREFIX}*"):
+                    rename_path(spark, file, f"{output}/{file.rsplit('/', 1)[-1][len(ROLLED_PREFIX) :]}")
             delete_path(spark, folder)
         for folder in list_files(spark, f"{parent}/{name}{STAGING_SUFFIX}*", folders=True):
             delete_path(spark, folder)
