@@ -706,6 +706,14 @@ MEANINGS = {
     "live_catch_up_heap_mib_<n>_<h>": "the same run: the runner JVM's peak used heap (jstat, every 2 s) while it "
     "caught up",
     "live_steady_heap_mib_<n>_<h>": "the same run: the runner JVM's peak used heap over the six settled cycles after",
+    "live_latency_p95_s_hour_close_<n>": "<n> series, live from an empty datastore until two closed hours were "
+    "compacted in both outputs: latency p95 over the settled cycles up to the last swap",
+    "live_latency_max_s_hour_close_<n>": "the same run: the largest latency of those cycles",
+    "live_cycle_s_hour_close_<n>": "the same run: the median of those cycles",
+    "live_hour_compacted_s_<n>": "the same run: the most seconds from the end of a closed hour to the commit that "
+    "swapped it in compacted (either output)",
+    "live_compactions_dropped_<n>": "the same run: merges of a closed hour dropped (a late measurement rewrote it "
+    "meanwhile)",
     "live_soak_cycle_s_start_<n>": "<n> series, a producer clock a day in the past running 20× faster until now: "
     "the median of the first 10 cycles",
     "live_soak_cycle_s_end_<n>": "the same soak: the median of the last 10 cycles of the compressed day",
@@ -755,7 +763,8 @@ def write_report(path: str, results: list[dict], host: dict, stages: str | None 
         "",
         "Reproduce: `make bench` (about 1 M and 10 M measurements, 1 M Kafka messages) and `make bench-live` "
         "(the live runner after 1 h and 24 h of history of four series, and at 4, 10,000 and 100,000 series; a "
-        "kill and restart, a catch-up after downtime, a broker outage, a compressed day; `bench/live_bench.py --help` "
+        "kill and restart, a catch-up after downtime, a broker outage, two hours closing, a compressed day; "
+        "`bench/live_bench.py --help` "
         "runs parts), and `make bench-cluster` (the full run of 1 h at 100,000 series on a local Spark standalone "
         "cluster of 1 and of 2 one-core workers with HDFS, and locally on the same two cores).",
         "",

@@ -25,6 +25,11 @@ Finally every measurement sent is looked for in the outputs (DuckDB): each one i
 the first of each slot in cleaned_data as measured with its value, no (series, slot) twice; the
 benchmark fails otherwise.
 
+Faults and time (each part's options in ``--help``): a kill mid-cycle and the restart, a catch-up after
+hours of downtime, a broker outage, a run across closing hours (``live_*_hour_close_<n>``: latency
+while closed hours are compacted, how long after its end each was swapped in, merges dropped) and a
+compressed day (``live_soak_*``).
+
 Results replace the live_* entries of ``bench/results.json`` (the others are kept) and the table of
 ``BENCHMARKS.md``.
 
@@ -48,7 +53,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, *(os.path.join(ROOT, folder) for folder in ("exercises", "scripts", "bench"))]
@@ -513,6 +518,59 @@ def run_soak(bootstrap: str, work: str, series: int, span: str, speed: float) ->
     ]
 
 
+def run_hour_close(bootstrap: str, work: str, series: int, hours: int, clock: list[str]) -> list[dict]:
+    """``live_*_hour_close_<n>``: the runner from an empty datastore with a live producer (its clock set by
+    ``clock``: producer options, none for real time) until ``hours`` closed hours were compacted in both
+    outputs; latency over the settled cycles meanwhile, and when and how each closed hour was compacted."""
+    feed = Feed(bootstrap, work, series, f"hour-close-{series}")
+    sender, runner = feed.start_producer(*clock), feed.start_runner()
+
+    def compacted() -> dict[str, dict[int, dict]]:
+        """Per output, the hours compacted and the cycle whose commit swapped each in."""
+        found: dict[str, dict[int, dict]] = {"processed_data": {}, "cleaned_data": {}}
+        for cycle in feed.cycles():
+            for entry in cycle.get("compacted", []):
+                output, hour = entry.split()
+                found[output].setdefault(int(hour), cycle)
+        return found
+
+    def closed() -> list[int]:
+        both = compacted()
+        return sorted(set(both["processed_data"]) & set(both["cleaned_data"]))[:hours]
+
+    print(f"{series} series: live until {hours} closed hours are compacted", flush=True)
+    wait_for(lambda: len(closed()) >= hours, runner, "closed hours compacted", timeout=(hours + 1) * 3600, poll=5)
+    cycles = with_measurements(feed.cycles())
+    last = max(end_of(cycle) for hour in closed() for cycle in (compacted()[o][hour] for o in compacted()))
+    # up to the last swap; the settled ones (none with a producer clock running fast: all of them)
+    upto = [c for c in cycles[1:] if end_of(c) <= last] or cycles[1:]
+    steady = settled(upto, series) or upto
+    histogram = merged_histogram(steady)
+    delays = [
+        end_of(compacted()[output][hour]) - (hour_start(hour) + 3600) for hour in closed() for output in compacted()
+    ]
+    dropped = sum(c.get("compactions_dropped", 0) for c in feed.cycles())
+    finish(feed, runner, sender, series)
+    results = [
+        ("live_latency_p95_s_hour_close", sum(histogram.values()), live.percentile(histogram, 0.95), "s"),
+        ("live_latency_max_s_hour_close", sum(histogram.values()), max(c["latency_max_s"] for c in steady), "s"),
+        ("live_cycle_s_hour_close", len(steady), round(statistics.median(c["seconds"] for c in steady), 2), "s"),
+        ("live_hour_compacted_s", len(delays), round(max(delays), 1), "s"),
+        ("live_compactions_dropped", len(delays), dropped, "merges"),
+    ]
+    for name, _count, value, unit in results:
+        print(f"{series} series: {name} = {value} {unit}", flush=True)
+    return [
+        {"metric": f"{name}_{series}", "rows": count, "value": value, "unit": unit}
+        for name, count, value, unit in results
+    ]
+
+
+def hour_start(hour: int) -> float:
+    """The epoch seconds at which an hour partition (``yyyyMMddHH``, UTC) begins."""
+    return datetime.strptime(str(hour), "%Y%m%d%H").replace(tzinfo=UTC).timestamp()
+
+
 def growth(datastore: str) -> dict[str, tuple[float, str]]:
     """What grows with a run: parquet files per output, the most in one closed hour folder, the sink log's size."""
     found: dict[str, tuple[float, str]] = {}
@@ -645,6 +703,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--catch-up", default="100000=1h,100000=3h", help="SIZE=DOWNTIME runs of the catch-up after downtime ('' skips)"
     )
+    parser.add_argument(
+        "--hour-close-sizes", default="100000", help="fleet sizes of the run across closing hours ('' skips)"
+    )
+    parser.add_argument("--hour-closes", type=int, default=2, help="how many closed hours it waits for")
+    parser.add_argument(
+        "--hour-close-clock",
+        default="",
+        help="producer options for its clock, e.g. '--since 2h --speed 60' (default: real time)",
+    )
     parser.add_argument("--soak-sizes", default="10000", help="fleet sizes of the compressed-time soak ('' skips)")
     parser.add_argument("--soak-span", default="1d", help="how far in the past the soak's producer clock starts")
     parser.add_argument("--soak-speed", type=float, default=20.0, help="how much faster its clock runs")
@@ -674,6 +741,8 @@ def main(argv: list[str] | None = None) -> int:
             results += run_catch_up(bootstrap, work, int(size), downtime)
         for size in _sizes(args.outage_sizes):  # on a broker of its own
             results += run_outage(work, size, args.outage_seconds)
+        for size in _sizes(args.hour_close_sizes):
+            results += run_hour_close(bootstrap, work, size, args.hour_closes, args.hour_close_clock.split())
         for size in _sizes(args.soak_sizes):
             results += run_soak(bootstrap, work, size, args.soak_span, args.soak_speed)
         return results

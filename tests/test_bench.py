@@ -64,6 +64,21 @@ def test_stale_metrics_of_a_benchmark_go_and_the_other_benchmarks_stay(tmp_path)
     assert [r["metric"] for r in json.loads(results.read_text())] == ["live_cycle_s_4", "cleaner_seconds"]
 
 
+#: The fault runs of bench/live_bench.py at 40 series, short, each a test of its own (xdist spreads them).
+FAULT_RUNS = {
+    "restart": ["--restart-sizes", "40"],
+    "catch-up": ["--catch-up", "40=2m"],
+    "outage": ["--outage-sizes", "40", "--outage-seconds", "10"],
+    "soak": ["--soak-sizes", "40", "--soak-span", "10m", "--soak-speed", "20"],
+    # hours close every minute of the producer's fast clock
+    "hour-close": ["--hour-close-sizes", "40", "--hour-close-clock=--since 2h --speed 60"],
+}
+#: The options that skip every fault run (each test turns its own back on).
+NO_FAULT_RUNS = [
+    f"--{name}=" for name in ("restart-sizes", "catch-up", "outage-sizes", "soak-sizes", "hour-close-sizes")
+]
+
+
 @pytest.mark.integration
 def test_live_benchmark_smoke_run_writes_its_metrics(kafka, tmp_path):
     import live_bench  # bench/live_bench.py
@@ -75,8 +90,7 @@ def test_live_benchmark_smoke_run_writes_its_metrics(kafka, tmp_path):
     # One history run (a second one is the same run again, ~50 s; the ratio of two is tested below).
     args = ["--histories", "10m=0.2", "--trigger", "2", "--bootstrap-servers", kafka]
     fleet = ["--sizes", "40", "--history", "10m", "--backlog", "2m", "--live-minutes", "0.2", "--settled-cycles", "1"]
-    skipped = [f"--{name}=" for name in ("restart-sizes", "catch-up", "outage-sizes", "soak-sizes")]
-    assert live_bench.main([*args, *fleet, *skipped, "--results", str(results), "--report", str(report)]) == 0
+    assert live_bench.main([*args, *fleet, *NO_FAULT_RUNS, "--results", str(results), "--report", str(report)]) == 0
     metrics = {r["metric"]: r["value"] for r in json.loads(results.read_text())}
     expected = {"live_cycle_s_10m", "live_latency_p50_s"}
     fleet_metrics = {f"live_{name}_40" for name in ("latency_p50_s", "latency_p95_s", "cycle_s", "msgs_per_s")}
@@ -88,28 +102,19 @@ def test_live_benchmark_smoke_run_writes_its_metrics(kafka, tmp_path):
     assert "| live_latency_p95_s |" in report.read_text()
 
 
-#: The fault runs of bench/live_bench.py at 40 series, short, each a test of its own (xdist spreads them).
-FAULT_RUNS = {
-    "restart": ["--restart-sizes", "40"],
-    "catch-up": ["--catch-up", "40=2m"],
-    "outage": ["--outage-sizes", "40", "--outage-seconds", "10"],
-    "soak": ["--soak-sizes", "40", "--soak-span", "10m", "--soak-speed", "20"],
-}
-
-
 @pytest.mark.integration
 @pytest.mark.parametrize("run", FAULT_RUNS)
 def test_live_benchmark_fault_runs_at_a_small_size_write_their_metrics(kafka, tmp_path, run):
-    """The kill and restart, the catch-up after downtime, the broker outage (on a broker of its own) and the
-    compressed-time soak, each at 40 series and short, with their completeness checks."""
+    """The kill and restart, the catch-up after downtime, the broker outage (on a broker of its own), the run
+    across closing hours and the compressed-time soak, each at 40 series and short, with their completeness
+    checks."""
     import live_bench  # bench/live_bench.py
 
     results = tmp_path / "results.json"
     results.write_text('[{"metric": "live_cycle_s_1h", "rows": 1, "value": 5.0, "unit": "s"}]')
     args = ["--histories=", "--sizes=", "--trigger", "2", "--settled-cycles", "1", "--bootstrap-servers", kafka]
-    skipped = [f"--{name}=" for name in ("restart-sizes", "catch-up", "outage-sizes", "soak-sizes")]
     output = ["--only", "--results", str(results), "--report", ""]
-    assert live_bench.main([*args, *skipped, *FAULT_RUNS[run], *output]) == 0
+    assert live_bench.main([*args, *NO_FAULT_RUNS, *FAULT_RUNS[run], *output]) == 0
     metrics = {r["metric"]: r["value"] for r in json.loads(results.read_text())}
     assert metrics.pop("live_cycle_s_1h") == 5.0  # --only: the metrics it did not measure are kept
     if run == "restart":
@@ -118,6 +123,9 @@ def test_live_benchmark_fault_runs_at_a_small_size_write_their_metrics(kafka, tm
         assert 0 < metrics["live_outage_recovery_s_40"] < 600
     elif run == "catch-up":
         assert metrics["live_catch_up_ratio_40_2m"] > 0 and metrics["live_catch_up_heap_mib_40_2m"] > 0
+    elif run == "hour-close":
+        assert 0 < metrics["live_latency_p95_s_hour_close_40"] <= metrics["live_latency_max_s_hour_close_40"]
+        assert metrics["live_hour_compacted_s_40"] > 0 and metrics["live_compactions_dropped_40"] >= 0
     else:
         assert metrics["live_soak_cycle_s_start_40"] > 0 and metrics["live_soak_files_cleaned_data_end_40"] > 0
         assert metrics["live_soak_sink_log_mib_end_40"] >= metrics["live_soak_sink_log_mib_start_40"]

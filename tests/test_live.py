@@ -462,6 +462,10 @@ def test_compaction_in_the_background_swaps_in_the_merged_hour_with_what_cycles_
     assert not set(names) & set(after)
     assert leftovers(str(tmp_path)) == [f"processed_data{live.UNDO_SUFFIX}5", f"processed_data{live.UNDO_SUFFIX}8"]
     assert _values(spark, paths) == [1.0, 2.0, 3.0, 4.0, 5.0]
+    # what a cycle's entry of live_cycles.json says, and then nothing until the next compaction
+    events = {"compacted": [f"processed_data {hour}"] * 2, "compactions_dropped": 0}
+    assert compactor.take_events() == events
+    assert compactor.take_events() == {"compacted": [], "compactions_dropped": 0}
 
 
 def test_compaction_waits_for_the_grace_after_the_hour_and_redoes_an_hour_a_late_rewrite_replaced(spark, tmp_path):
@@ -486,6 +490,7 @@ def test_compaction_waits_for_the_grace_after_the_hour_and_redoes_an_hour_a_late
     compactor.running.done.wait()
     assert compactor.step(spark, paths, open_hours, end + 80_000_000, 6) == {"processed_data": [], "cleaned_data": []}
     assert _values(spark, paths) == [1.0, 2.0]
+    assert compactor.take_events() == {"compacted": [f"processed_data {hour}"], "compactions_dropped": 1}
 
 
 def test_a_kill_at_each_mutation_of_a_compaction_swap_with_stragglers_then_recovery_loses_and_doubles_nothing(

@@ -70,6 +70,15 @@ class Compactor:
         self.background = background
         self.grace_micros = to_micros(grace_seconds)
         self.running: _Compaction | None = None
+        #: What the commits since ``take_events`` swapped in ("output hour") and how many merges they dropped.
+        self.compacted: list[str] = []
+        self.dropped = 0
+
+    def take_events(self) -> dict[str, object]:
+        """The hours compacted and the merges dropped since the last call (a cycle's ``live_cycles.json`` entry)."""
+        events: dict[str, object] = {"compacted": self.compacted, "compactions_dropped": self.dropped}
+        self.compacted, self.dropped = [], 0
+        return events
 
     def step(
         self, spark: SparkSession, paths: config.Paths, open_hours: dict[str, list[int]], newest: int | None, cycle: int
@@ -134,6 +143,7 @@ class Compactor:
             reason = job.error or "a late measurement rewrote the hour meanwhile"
             log.info("compaction of %s hour %d dropped, to be done again: %s", job.output, job.hour, reason)
             delete_path(spark, job.staging)
+            self.dropped += 1
             return open_hours
         # Files that cycles appended since the merge started go along as they are (a few small files).
         folder = f"{job.staging}/{PARTITION}={job.hour}"
@@ -144,6 +154,7 @@ class Compactor:
         log.info(
             "compacted %s hour %d (%d files, %d appended meanwhile)", job.output, job.hour, len(job.files), len(added)
         )
+        self.compacted.append(f"{job.output} {job.hour}")
         return {name: [h for h in hours if (h, name) != (job.hour, job.output)] for name, hours in open_hours.items()}
 
 

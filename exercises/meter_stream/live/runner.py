@@ -306,6 +306,7 @@ class LiveRunner:
                     self.spark, self.paths, self.settings, cursor, files, positions, self.compactor
                 )
         metrics = cycle_metrics(len(self.cycles) + 1, wall, time.monotonic() - started, result)
+        metrics.update(self.compactor.take_events())
         self.cycles = [*self.cycles, metrics][-KEPT_CYCLES:]
         write_text(self.spark, config.join_path(self.paths.reports, LIVE_CYCLES), json.dumps(self.cycles) + "\n")
         log.info(
