@@ -500,7 +500,7 @@ def run_soak(bootstrap: str, work: str, series: int, span: str, speed: float) ->
     at_end = growth(feed.datastore)
     heap.done.set()
     finish(feed, runner, sender, series)
-    start_s, end_s = (statistics.median(c["seconds"] for c in cycles) for cycles in (start, end))
+    start_s, end_s = (round(statistics.median(c["seconds"] for c in cycles), 2) for cycles in (start, end))
     start_heap = heap.peak(datetime.fromisoformat(start[0]["at"]).timestamp(), end_of(start[-1]))
     end_heap = heap.peak(datetime.fromisoformat(end[0]["at"]).timestamp(), end_of(end[-1]))
     print(f"{series} series, soak: cycles {start_s:.1f} s -> {end_s:.1f} s; {at_start} -> {at_end}", flush=True)
