@@ -240,7 +240,7 @@ def test_runners_on_hdfs_are_kept_apart_by_a_lease_that_a_killed_holder_loses_wh
     spark, kafka, hdfs, runners, tmp_path
 ):
     topic = new_topic(kafka)
-    lease = 30
+    lease = 60  # a second runner's Spark start must fit in it, on a machine busy with other tests
     env = {**submit_env(kafka, topic), locks.ENV_LEASE_SECONDS: str(lease)}
     assert run_python("producer.py", "--backfill", "3m", "--seed", "2", "--quiet", env=env).returncode == 0
     paths = config.Paths.under(f"{hdfs}/locks")
@@ -255,7 +255,12 @@ def test_runners_on_hdfs_are_kept_apart_by_a_lease_that_a_killed_holder_loses_wh
     os.killpg(holder.pid, signal.SIGKILL)  # no release: the lock files stay until their lease runs out
     holder.wait()
     killed = time.monotonic()
-    soon = run_python("exercises/pipeline.py", "--watch", "1", "--datastore", f"{hdfs}/locks", env=env)
+    try:  # refused while the lease runs; one that came after it would take over and run on
+        soon = run_python(
+            "exercises/pipeline.py", "--watch", "1", "--datastore", f"{hdfs}/locks", env=env, timeout=lease
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the check came after the lease: raise the lease")
     assert time.monotonic() - killed < lease, "the check came after the lease: raise the lease"
     assert soon.returncode == storage.EXIT_BUSY and f"pid {holder.pid} on" in soon.stderr, soon.stderr[-3000:]
 
