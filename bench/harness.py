@@ -735,6 +735,14 @@ MEANINGS = {
     "live_soak_sink_log_mib_start_<n>": "the same soak: consumer_data's sink log (_spark_metadata) after the first "
     "cycles",
     "live_soak_sink_log_mib_end_<n>": "the same, at the end of the compressed day",
+    "live_compaction_s_spark_<n>": "a closed hour of cleaned_data at <n> series as cycles leave it (360 slots, 720 "
+    "files) merged by Spark's read and write of its rows on half the task slots (the compactor where schemas differ); "
+    "the faster of two runs, alternated with those of the copy",
+    "live_compaction_s_copy_<n>": "the same hour merged by copying its files' row groups (`concatenate_parquet`, the "
+    "compactor's way)",
+    "live_compaction_cpu_s_spark_<n>": "the JVM's CPU seconds (user and system) of the Spark merge",
+    "live_compaction_cpu_s_copy_<n>": "the JVM's CPU seconds of the copy",
+    "live_compaction_copy_over_spark_<n>": "live_compaction_s_copy_<n> / live_compaction_s_spark_<n>",
 }
 
 

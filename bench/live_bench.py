@@ -28,7 +28,8 @@ benchmark fails otherwise.
 Faults and time (each part's options in ``--help``): a kill mid-cycle and the restart, a catch-up after
 hours of downtime, a broker outage, a run across closing hours (``live_*_hour_close_<n>``: latency
 while closed hours are compacted, how long after its end each was swapped in, merges dropped) and a
-compressed day (``live_soak_*``).
+compressed day (``live_soak_*``); and the compaction of a closed hour at 100,000 series, Spark's merge
+against the row groups copied, side by side (``live_compaction_*``).
 
 Results replace the live_* entries of ``bench/results.json`` (the others are kept) and the table of
 ``BENCHMARKS.md``.
@@ -40,6 +41,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -58,13 +60,20 @@ from datetime import UTC, datetime
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, *(os.path.join(ROOT, folder) for folder in ("exercises", "scripts", "bench"))]
 
+from pyspark.sql import functions as F  # noqa: E402
+
 import harness  # noqa: E402
 import producer  # noqa: E402
 from meter_stream import (  # noqa: E402
     config,
+    jvm,
     kafka_client,
-    live,  # noqa: E402
+    live,
+    session,
+    storage,
 )
+from meter_stream import message as m  # noqa: E402
+from meter_stream.contracts import CLEANED_SCHEMA, QUALITY  # noqa: E402
 
 PYTHON = sys.executable
 #: The --watch interval of the runs (--trigger).
@@ -566,6 +575,75 @@ def run_hour_close(bootstrap: str, work: str, series: int, hours: int, clock: li
     ]
 
 
+#: The compaction's two ways are each measured this often, alternated.
+COMPACTION_ROUNDS = 2
+
+
+def run_compaction(work: str, series: int, files: int) -> list[dict]:
+    """``live_compaction_*_<n>``: a closed hour of cleaned_data as cycles leave it (``files`` files, each the
+    next slots of every series) merged both ways the compactor has, alternated on the same files: Spark's read
+    and write of the rows (on ``compaction_tasks`` tasks) and the row groups copied (``concatenate_parquet``);
+    wall and JVM CPU seconds of each, and the merged rows counted against the hour's."""
+    spark = session.build_session("meter-stream bench compaction")
+    folder = os.path.join(work, f"compaction-{series}", "hour")
+    slots = 360
+    index = spark.range(series * slots)
+    slot, series_index = F.col("id") % slots, (F.col("id") / slots).cast("long")
+    at = F.timestamp_seconds(F.lit(harness.START) + slot * 10)
+    rows = index.select(
+        at.alias(m.T_MEASUREMENT),
+        at.alias(m.T_REPORT),
+        F.concat(F.lit("bench-device-"), (series_index / 2).cast("long").cast("string")).alias(m.DEVICE_ID),
+        F.when(series_index % 2 == 0, m.SIGNAL_IMPORT).otherwise(m.SIGNAL_EXPORT).alias(m.SIGNAL_NAME),
+        F.round(F.lit(1000.0) + series_index * 37.1 + slot * 0.0025, 3).alias(m.VALUE),
+        F.when(F.abs(F.xxhash64("id")) % 3 == 0, "interpolated").otherwise("measured").alias(QUALITY),
+        slot.alias("_slot"),
+    )
+    print(f"{series} series: writing an hour of grid rows in {files} files", flush=True)
+    storage.parquet_writer(rows.repartitionByRange(files, "_slot").drop("_slot")).mode("overwrite").parquet(folder)
+    sources = sorted(glob.glob(os.path.join(folder, "*.parquet")))
+    expected = spark.read.parquet(folder).count()
+    pid = jvm.jvm_process().pid
+
+    def spark_merge(target: str) -> None:
+        merged = spark.read.schema(CLEANED_SCHEMA).parquet(*sources)
+        tasks = live.compaction.compaction_tasks(spark.sparkContext.defaultParallelism)
+        storage.parquet_writer(merged.coalesce(tasks)).mode("overwrite").parquet(target)
+
+    def copy_merge(target: str) -> None:
+        if not storage.concatenate_parquet(spark, sources, target):
+            raise RuntimeError("the generated files differ in schema")
+
+    figures: dict[str, list[tuple[float, float]]] = {"spark": [], "copy": []}
+    for round_ in range(COMPACTION_ROUNDS):
+        for way, merge in (("spark", spark_merge), ("copy", copy_merge)):
+            target = os.path.join(work, f"compaction-{series}", f"{way}-{round_}")
+            cpu, started = _cpu_seconds(pid), time.perf_counter()
+            merge(target)
+            figures[way].append((time.perf_counter() - started, _cpu_seconds(pid) - cpu))
+            if (merged := spark.read.parquet(target).count()) != expected:
+                raise RuntimeError(f"{way} merge: {merged} rows of {expected}")
+            shutil.rmtree(target)
+    shutil.rmtree(os.path.dirname(folder))
+    best = {way: (min(w for w, _ in runs), min(c for _, c in runs)) for way, runs in figures.items()}
+    print(f"{series} series: compaction of an hour ({expected} rows, {files} files): {best}", flush=True)
+    results = [
+        *[(f"live_compaction_s_{way}", round(wall, 2), "s") for way, (wall, _cpu) in best.items()],
+        *[(f"live_compaction_cpu_s_{way}", round(cpu, 2), "s") for way, (_wall, cpu) in best.items()],
+        ("live_compaction_copy_over_spark", round(best["copy"][0] / best["spark"][0], 3), "ratio"),
+    ]
+    return [
+        {"metric": f"{name}_{series}", "rows": expected, "value": value, "unit": unit} for name, value, unit in results
+    ]
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU seconds (user and system) a process has used so far."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def hour_start(hour: int) -> float:
     """The epoch seconds at which an hour partition (``yyyyMMddHH``, UTC) begins."""
     return datetime.strptime(str(hour), "%Y%m%d%H").replace(tzinfo=UTC).timestamp()
@@ -712,6 +790,12 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="producer options for its clock, e.g. '--since 2h --speed 60' (default: real time)",
     )
+    parser.add_argument(
+        "--compaction-sizes", default="100000", help="fleet sizes of the compaction of an hour, both ways ('' skips)"
+    )
+    parser.add_argument(
+        "--compaction-files", type=int, default=720, help="files of that hour (a cycle's 2 files every 10 s)"
+    )
     parser.add_argument("--soak-sizes", default="10000", help="fleet sizes of the compressed-time soak ('' skips)")
     parser.add_argument("--soak-span", default="1d", help="how far in the past the soak's producer clock starts")
     parser.add_argument("--soak-speed", type=float, default=20.0, help="how much faster its clock runs")
@@ -745,6 +829,8 @@ def main(argv: list[str] | None = None) -> int:
             results += run_hour_close(bootstrap, work, size, args.hour_closes, args.hour_close_clock.split())
         for size in _sizes(args.soak_sizes):
             results += run_soak(bootstrap, work, size, args.soak_span, args.soak_speed)
+        for size in _sizes(args.compaction_sizes):
+            results += run_compaction(work, size, args.compaction_files)
         return results
 
     harness.save_results(

@@ -72,10 +72,12 @@ FAULT_RUNS = {
     "soak": ["--soak-sizes", "40", "--soak-span", "10m", "--soak-speed", "20"],
     # hours close every minute of the producer's fast clock
     "hour-close": ["--hour-close-sizes", "40", "--hour-close-clock=--since 2h --speed 60"],
+    "compaction": ["--compaction-sizes", "40", "--compaction-files", "6"],
 }
 #: The options that skip every fault run (each test turns its own back on).
 NO_FAULT_RUNS = [
-    f"--{name}=" for name in ("restart-sizes", "catch-up", "outage-sizes", "soak-sizes", "hour-close-sizes")
+    f"--{name}="
+    for name in ("restart-sizes", "catch-up", "outage-sizes", "soak-sizes", "hour-close-sizes", "compaction-sizes")
 ]
 
 
@@ -123,6 +125,9 @@ def test_live_benchmark_fault_runs_at_a_small_size_write_their_metrics(kafka, tm
         assert 0 < metrics["live_outage_recovery_s_40"] < 600
     elif run == "catch-up":
         assert metrics["live_catch_up_ratio_40_2m"] > 0 and metrics["live_catch_up_heap_mib_40_2m"] > 0
+    elif run == "compaction":
+        assert metrics["live_compaction_s_spark_40"] > 0 and metrics["live_compaction_s_copy_40"] > 0
+        assert metrics["live_compaction_cpu_s_copy_40"] >= 0 and metrics["live_compaction_copy_over_spark_40"] > 0
     elif run == "hour-close":
         assert 0 < metrics["live_latency_p95_s_hour_close_40"] <= metrics["live_latency_max_s_hour_close_40"]
         assert metrics["live_hour_compacted_s_40"] > 0 and metrics["live_compactions_dropped_40"] >= 0

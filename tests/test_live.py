@@ -18,7 +18,7 @@ import pytest
 from pyspark.sql import types as T
 
 from make_sample_data import raw_rows
-from meter_stream import check_figures, checker, cleaner, config, kafka_client, live, processor, raw_input
+from meter_stream import check_figures, checker, cleaner, config, jvm, kafka_client, live, processor, raw_input, storage
 from meter_stream.contracts import (
     CLEANED_SCHEMA,
     PROCESSED_SCHEMA,
@@ -466,6 +466,48 @@ def test_compaction_in_the_background_swaps_in_the_merged_hour_with_what_cycles_
     events = {"compacted": [f"processed_data {hour}"] * 2, "compactions_dropped": 0}
     assert compactor.take_events() == events
     assert compactor.take_events() == {"compacted": [], "compactions_dropped": 0}
+
+
+def _row_groups(spark, path: str) -> int:
+    java = jvm.gateway(spark)
+    hadoop_path = java.org.apache.hadoop.fs.Path(path)
+    reader = java.org.apache.parquet.hadoop.ParquetFileReader.open(
+        java.org.apache.parquet.hadoop.util.HadoopInputFile.fromPath(hadoop_path, jvm.hadoop_configuration(spark))
+    )
+    try:
+        return reader.getRowGroups().size()
+    finally:
+        reader.close()
+
+
+def test_compaction_copies_the_row_groups_of_files_of_one_schema_and_merges_others_by_spark(
+    spark, tmp_path, monkeypatch
+):
+    paths = config.Paths.under(str(tmp_path))
+    hour = 2026112513
+    for cycle in (1, 2, 3):
+        _append(spark, paths, hour, cycle, A, 10 * cycle, float(cycle))
+    files = live.compaction.data_files(spark, paths.processed_data, hour)
+    monkeypatch.setattr(storage, "CONCATENATE_FILES", 2)
+    assert storage.concatenate_parquet(spark, files, str(tmp_path / "merged"))
+    merged = sorted(glob.glob(str(tmp_path / "merged" / "*.parquet")))
+    # one merged file per two sources, holding their row groups as they were: nothing rewritten
+    assert [_row_groups(spark, file) for file in merged] == [2, 1]
+    rows = spark.read.schema(PROCESSED_SCHEMA).parquet(*merged)
+    assert sorted(r.value for r in rows.collect()) == [1.0, 2.0, 3.0]
+
+    # a file of another schema (an extra column) among them: not concatenated, the hour merged by Spark
+    at = datetime.fromtimestamp(T0 + 40, UTC).replace(tzinfo=None)
+    other = T.StructType([*HOURLY.fields, T.StructField("note", T.StringType())])
+    live.append_files(local_frame(spark, [(at, at, *B, 4.0, hour, "x")], other), paths.processed_data, 4)
+    files = live.compaction.data_files(spark, paths.processed_data, hour)
+    assert not storage.concatenate_parquet(spark, files, str(tmp_path / "refused"))
+    assert not os.path.exists(tmp_path / "refused")
+    compactor, newest = live.Compactor(background=False), int((T0 + 3600) * 1_000_000)
+    open_hours = compactor.step(spark, paths, {"processed_data": [hour], "cleaned_data": []}, newest, 5)
+    assert open_hours == {"processed_data": [], "cleaned_data": []}
+    assert _values(spark, paths) == [1.0, 2.0, 3.0, 4.0]
+    assert compactor.take_events() == {"compacted": [f"processed_data {hour}"], "compactions_dropped": 0}
 
 
 def test_compaction_waits_for_the_grace_after_the_hour_and_redoes_an_hour_a_late_rewrite_replaced(spark, tmp_path):

@@ -1,9 +1,11 @@
 """What PySpark has no public form for, in one place: the session's JVM behind Py4J.
 
-The project needs the JVM for four things PySpark does not offer:
+The project needs the JVM for five things PySpark does not offer:
 
 - Hadoop's ``FileSystem`` (``storage``): atomic renames, listings and small files on any Hadoop file
   system, the same calls for a local disk, HDFS or ADLS.
+- Parquet's ``ParquetRewriter`` (``storage.concatenate_parquet``): files merged by copying their row
+  groups, for the compaction of closed hours.
 - Kafka's Java admin client (``consumer``): the topic's id, which tells a recreated topic.
 - The RDDs a block persisted (``session.cached_for_the_block``): ``localCheckpoint`` blocks are not
   dropped by ``spark.catalog.clearCache()``.

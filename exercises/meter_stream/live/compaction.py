@@ -17,6 +17,7 @@ from meter_stream.contracts import (
 )
 from meter_stream.live.store import STAGING_SUFFIX, hour_of_micros, swap_hours
 from meter_stream.storage import (
+    concatenate_parquet,
     copy_file,
     delete_path,
     list_files,
@@ -28,7 +29,8 @@ log = config.get_logger("live")
 
 
 def compaction_tasks(cores: int) -> int:
-    """A closed hour is merged by this many tasks (one file each): half the task slots, at least one.
+    """A closed hour merged by Spark (files of differing schemas) is merged by this many tasks (one file
+    each): half the task slots, at least one.
 
     Each task merges its share of the hour in one go (at 100,000 series, minutes), and a cycle's
     tasks wait for a free slot: with one task per core, a compaction held every slot and the cycles
@@ -52,8 +54,10 @@ class _Compaction:
 class Compactor:
     """Compacts the closed hours that cycles appended to, one at a time, in the background or at once.
 
-    A compaction reads the files of the oldest closed hour (of either output) as they are when it
-    starts and writes them, merged into a few files (``compaction_tasks``), to a staging folder. A later cycle's
+    A compaction takes the files of the oldest closed hour (of either output) as they are when it
+    starts and merges them into a staging folder: their row groups copied into a few files
+    (``concatenate_parquet``), or, where their schemas differ, read and written by Spark
+    (``compaction_tasks``). A later cycle's
     commit swaps that folder in, undo-protected like any rewritten hour, with copies of the files
     that cycles appended to the hour meanwhile (stragglers: a few small files). Only when a late
     measurement rewrote the hour meanwhile (its files are not there any more) is the merged copy
@@ -116,9 +120,12 @@ class Compactor:
 
         def merge() -> None:
             try:
-                rows = spark.read.schema(schema).parquet(*job.files).withColumn(PARTITION, F.lit(hour).cast("long"))
-                writer = parquet_writer(rows.coalesce(files)).mode("overwrite").partitionBy(PARTITION)
-                write_parquet(writer, job.staging)
+                # Row groups copied as they are where the files share a schema (most hours), else by Spark.
+                if not concatenate_parquet(spark, job.files, f"{job.staging}/{PARTITION}={hour}"):
+                    log.info("compaction of %s hour %d: files of differing schemas, merged by Spark", output, hour)
+                    rows = spark.read.schema(schema).parquet(*job.files).withColumn(PARTITION, F.lit(hour).cast("long"))
+                    writer = parquet_writer(rows.coalesce(files)).mode("overwrite").partitionBy(PARTITION)
+                    write_parquet(writer, job.staging)
             except Exception as error:  # a late rewrite moved the files away: dropped, compacted later
                 job.error = error
             finally:
