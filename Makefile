@@ -28,7 +28,7 @@ help:
 	@echo "make run-cluster  the pipeline on a local Spark standalone cluster and HDFS, compared with a local run (scripts/run-cluster)"
 	@echo "make live    like make run, then keep every output fresh while a producer sends live; Ctrl-C stops"
 	@echo "make bench   benchmarks (bench/results.json, BENCHMARKS.md); not part of make test"
-	@echo "make bench-live  the live runner up to 100,000 series: latency, cycles, catch-up after downtime, a kill, a broker outage, two hours closing at 100,000 series, a compressed day (hours; bench/live_bench.py --help runs parts)"
+	@echo "make bench-live  the live runner up to 100,000 series: latency, cycles, catch-up after downtime, a kill, a broker outage, two hours closing at 100,000 series, a compressed day, the compaction of an hour both ways (hours; bench/live_bench.py --help runs parts)"
 	@echo "make bench-cluster  the full run of 1 h at 100,000 series on a local standalone cluster of 1 and 2 workers with HDFS, against local[2] (~30 min)"
 	@echo "make lint    ruff check, ruff format check and the type check (mypy)"
 	@echo "make package  dist/meter_stream.zip: the package that spark-submit ships with --py-files"
