@@ -771,7 +771,8 @@ def write_report(path: str, results: list[dict], host: dict, stages: str | None 
         "",
         "Reproduce: `make bench` (about 1 M and 10 M measurements, 1 M Kafka messages) and `make bench-live` "
         "(the live runner after 1 h and 24 h of history of four series, and at 4, 10,000 and 100,000 series; a "
-        "kill and restart, a catch-up after downtime, a broker outage, two hours closing, a compressed day; "
+        "kill and restart, a catch-up after downtime, a broker outage, two hours closing, a compressed day, "
+        "the compaction of an hour both ways; "
         "`bench/live_bench.py --help` "
         "runs parts), and `make bench-cluster` (the full run of 1 h at 100,000 series on a local Spark standalone "
         "cluster of 1 and of 2 one-core workers with HDFS, and locally on the same two cores).",
