@@ -162,7 +162,10 @@ def _child_python(submit: subprocess.Popen) -> int:
     """The pid of the Python driver that spark-submit started (it handles SIGTERM; the JVM would just die)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        found = subprocess.run(["pgrep", "-P", str(submit.pid)], capture_output=True, text=True).stdout.split()
+        # by its script: the JVM starts other short-lived children too (Hadoop's shell commands)
+        found = subprocess.run(
+            ["pgrep", "-P", str(submit.pid), "-f", "pipeline.py"], capture_output=True, text=True
+        ).stdout.split()
         if found:
             return int(found[0])
         time.sleep(0.5)
@@ -180,6 +183,18 @@ def _wait(condition, process: subprocess.Popen, log_file, timeout: float = 400) 
         assert process.poll() is None, open(log_file).read()[-3000:]
         assert time.monotonic() < deadline, "the condition did not come true in time"
         time.sleep(1)
+
+
+def _exit_code(process: subprocess.Popen, log_file, timeout: float) -> int:
+    """The process's exit code; if it has not ended in time, it is killed and the test fails with its log."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split():
+            os.kill(int(pid), signal.SIGKILL)  # the Python driver, or it would outlive spark-submit
+        process.kill()
+        process.wait()
+        pytest.fail(f"did not end within {timeout:.0f} s of SIGTERM:\n" + open(log_file).read()[-6000:])
 
 
 @pytest.mark.integration
@@ -205,7 +220,7 @@ def test_the_live_mode_on_a_cluster_and_hdfs_ends_as_a_batch_run_of_what_it_cons
             producer.send_signal(signal.SIGTERM)
             assert producer.wait(timeout=60) == 0
         os.kill(_child_python(runner), signal.SIGTERM)  # finishes its cycle, then a last one takes what is left
-        assert runner.wait(timeout=300) == 0, open(log_file).read()[-3000:]
+        assert _exit_code(runner, log_file, timeout=300) == 0, open(log_file).read()[-3000:]
     text = log_file.read_text()
     assert f"master {cluster}" in text and "live: stopped after" in text
     settings = dataclasses.replace(SETTINGS, cleaner=cleaner.CleanerConfig(expected_series=None))
