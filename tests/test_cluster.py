@@ -162,7 +162,7 @@ def _child_python(submit: subprocess.Popen) -> int:
     """The pid of the Python driver that spark-submit started (it handles SIGTERM; the JVM would just die)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        # by its script: the JVM starts other short-lived children too (Hadoop's shell commands)
+        # by its script, not as any child: the JVM may start others (Hadoop runs shell commands)
         found = subprocess.run(
             ["pgrep", "-P", str(submit.pid), "-f", "pipeline.py"], capture_output=True, text=True
         ).stdout.split()
